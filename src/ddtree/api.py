@@ -1,0 +1,115 @@
+"""The Python entry points: `load` an engine, or make a new random drafter for a target."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from .drafter import Drafter, DrafterConfig, default_target_layer_ids, initialise, load_drafter, save_drafter
+from .engine import Engine, check_pair
+from .errors import DDTreeError
+from .loading import SMOLLM2_ALIAS, Target, load_target
+
+DEFAULT_TARGET = SMOLLM2_ALIAS
+BUNDLED_DRAFTERS = {SMOLLM2_ALIAS: os.path.join(os.path.dirname(__file__), "drafters", "smollm2-135m-instruct")}
+RANDOM_DRAFTER = "random"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DDTreeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise DDTreeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,
+                   target_layer_ids: list[int] | None = None, seed: int = 0) -> Drafter:
+    """A randomly initialised drafter shaped for `target` (the start of training, and a test fixture)."""
+    if num_layers < 1:
+        raise DDTreeError(f"a drafter needs at least one layer, got {num_layers}")
+    if block_size < 2:
+        raise DDTreeError(f"block size must be >= 2, got {block_size}")
+    t = target.model.cfg
+    rope = dict(getattr(target.hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
+    cfg = DrafterConfig(
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_layers=num_layers,
+        num_heads=t.num_heads,
+        num_kv_heads=t.num_kv_heads,
+        head_dim=t.head_dim,
+        rms_norm_eps=t.rms_norm_eps,
+        vocab_size=t.vocab_size,
+        max_positions=t.max_positions + block_size,
+        block_size=block_size,
+        mask_token_id=default_mask_token(target) if mask_token_id is None else mask_token_id,
+        target_layer_ids=target_layer_ids or default_target_layer_ids(t.num_layers, num_layers),
+        num_target_layers=t.num_layers,
+        rope_parameters=rope,
+    )
+    drafter = Drafter(cfg)
+    initialise(drafter, seed=seed)
+    weight = target.model.embed_tokens.weight
+    return drafter.to(device=weight.device, dtype=weight.dtype).eval()
+
+
+def default_mask_token(target: Target) -> int:
+    """The tokenizer's mask token, else its last special token that is not BOS/EOS/PAD/UNK, else the last id."""
+    tok = target.tokenizer
+    if getattr(tok, "mask_token_id", None) is not None:
+        return tok.mask_token_id
+    reserved = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id} | target.eos_token_ids
+    decoder = getattr(tok, "added_tokens_decoder", {}) or {}
+    special = [i for i, token in decoder.items() if token.special and i not in reserved and i < target.model.cfg.vocab_size]
+    return max(special) if special else target.model.cfg.vocab_size - 1
+
+
+def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
+         dtype: str | torch.dtype | None = None, quiet: bool = False) -> Engine:
+    """An engine for a target and its drafter.
+
+    target: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (the default).
+    drafter: a drafter directory (z-lab DFlash format), 'random' for an untrained one, or None for
+    the drafter bundled with the target (random where none is bundled, said on stderr).
+    """
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    target_spec = target or DEFAULT_TARGET
+    loaded = load_target(target_spec, dev, dt)
+    if drafter is None:
+        drafter = BUNDLED_DRAFTERS.get(target_spec)
+        if drafter is None or not os.path.isdir(drafter):
+            drafter = RANDOM_DRAFTER
+    if drafter == RANDOM_DRAFTER:
+        if not quiet:
+            print("ddtree: using a randomly initialised drafter (no trained drafter given): expect little speedup",
+                  file=sys.stderr)
+        draft_model = random_drafter(loaded)
+    else:
+        draft_model = load_drafter(drafter, dev, dt)
+    return Engine(loaded, draft_model, dev, dt)
+
+
+def init_drafter(target: str, out: str, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,
+                 target_layer_ids: list[int] | None = None, seed: int = 0) -> Drafter:
+    """Writes a randomly initialised drafter for `target` to `out` in the published format."""
+    loaded = load_target(target)
+    drafter = random_drafter(loaded, num_layers, block_size, mask_token_id, target_layer_ids, seed)
+
+    check_pair(loaded, drafter)
+    save_drafter(drafter, out)
+    return drafter

@@ -1,0 +1,242 @@
+"""The DFlash block-diffusion drafter, loadable from and savable to the published z-lab format.
+
+The drafter sees a block [bonus, mask, mask, ...] embedded with the target's embedding. Context
+comes from the target: the outputs of several target layers for every committed token, fused by
+`fc` and `hidden_norm`, enter every draft layer as extra keys and values placed before the
+block's own. Block attention is not causal, so one pass gives a distribution for every block
+position. The final norm's output goes through the target's LM head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import DDTreeError
+from .model import MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, rope_inverse_frequencies
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """The published default: one drafter layer reads the middle layer, else L layers spread over 1..N-3."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    first, last = 1, num_target_layers - 3
+    step = (last - first) / (num_draft_layers - 1)
+    return [int(round(first + i * step)) for i in range(num_draft_layers)]
+
+
+@dataclass
+class DrafterConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    max_positions: int
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: list[int]
+    num_target_layers: int
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "DrafterConfig":
+        """Parses a z-lab config.json (a Qwen3 config with DFlash fields)."""
+        from transformers import Qwen3Config
+
+        dflash = raw.get("dflash_config") or {}
+        block_size = raw.get("block_size", dflash.get("block_size"))
+        if block_size is None:
+            raise DDTreeError("drafter config has no block_size (top level or in dflash_config)")
+        hf = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("dflash_config", "architectures")})
+        num_layers = hf.num_hidden_layers
+        num_target_layers = raw.get("num_target_layers")
+        layer_ids = dflash.get("target_layer_ids") or raw.get("target_layer_ids")
+        if layer_ids is None:
+            if num_target_layers is None:
+                raise DDTreeError("drafter config has neither target_layer_ids nor num_target_layers")
+            layer_ids = default_target_layer_ids(num_target_layers, num_layers)
+        mask_id = dflash.get("mask_token_id", raw.get("mask_token_id"))
+        if mask_id is None:
+            raise DDTreeError("drafter config has no mask_token_id (dflash_config.mask_token_id)")
+        return cls(
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=num_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=hf.num_key_value_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            vocab_size=hf.vocab_size,
+            max_positions=hf.max_position_embeddings,
+            block_size=int(block_size),
+            mask_token_id=int(mask_id),
+            target_layer_ids=[int(i) for i in layer_ids],
+            num_target_layers=int(num_target_layers if num_target_layers is not None else max(layer_ids) + 1),
+            rope_parameters=dict(hf.rope_parameters),
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "architectures": ["DFlashDraftModel"],
+            "model_type": "qwen3",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_positions,
+            "rope_theta": self.rope_parameters.get("rope_theta", 10000.0),
+            "rope_parameters": self.rope_parameters,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "block_size": self.block_size,
+            "num_target_layers": self.num_target_layers,
+            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids},
+        }
+
+    def hf_config(self):
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**{k: v for k, v in self.to_json().items() if k not in ("dflash_config", "architectures")})
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def heads(self, x, proj, count, norm=None):
+        out = proj(x).view(x.shape[0], x.shape[1], count, self.head_dim)
+        return (norm(out) if norm is not None else out).transpose(1, 2)
+
+    def keys_values(self, x, cos, sin):
+        k = apply_rotary(self.heads(x, self.k_proj, self.num_kv_heads, self.k_norm), cos, sin)
+        return k, self.heads(x, self.v_proj, self.num_kv_heads)
+
+    def forward(self, block, context, rope_block, rope_context, mask, cache, layer, start):
+        """block: [B, S, H] normed block states; context: [B, C, H] fused context rows (new rows only with a cache)."""
+        q = apply_rotary(self.heads(block, self.q_proj, self.num_heads, self.q_norm), *rope_block)
+        k_ctx, v_ctx = self.keys_values(context, *rope_context)
+        k_blk, v_blk = self.keys_values(block, *rope_block)
+        k, v = torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)
+        if cache is not None:
+            # Context rows are kept; the block's rows land after them and are overwritten next round.
+            k, v = cache.write(layer, start, k, v)
+        out = attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(block.shape[0], block.shape[1], -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, context, rope_block, rope_context, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Drafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.cfg = cfg
+        num_features = len(cfg.target_layer_ids)
+        self.fc = nn.Linear(num_features * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        inv_freq, scaling = rope_inverse_frequencies(cfg.hf_config(), cfg.head_dim)
+        self.rotary = Rotary(inv_freq, scaling, cfg.max_positions)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        cfg, weight = self.cfg, self.fc.weight
+        capacity = min(capacity + cfg.block_size, cfg.max_positions)
+        return KVCache(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
+
+    def forward(
+        self,
+        block_embeds: torch.Tensor,
+        block_positions: torch.Tensor,
+        context_features: torch.Tensor,
+        context_positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Returns the final-normed states of the block [B, S, H]; logits come from the target's LM head.
+
+        block_embeds: [B, S, H] (target embedding of the block ids). context_features: the target's
+        tapped layer outputs [B, C, len(target_layer_ids) * H]. With a cache, the context rows are
+        appended at slot `start` and all earlier context rows are attended too; without one, `mask`
+        (bool [B or 1, 1, S, C + S], None = everything) says what each block query sees.
+        """
+        context = self.hidden_norm(self.fc(context_features))
+        dtype = block_embeds.dtype
+        rope_block = self.rotary(block_positions, dtype)
+        rope_context = self.rotary(context_positions, dtype)
+        x = block_embeds
+        for index, layer in enumerate(self.layers):
+            x = layer(x, context, rope_block, rope_context, mask, cache, index, start)
+        return self.norm(x)
+
+
+def initialise(module: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Normal(0, std) linear weights and unit norms, from a fixed seed so random drafters are reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in module.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def load_drafter(path: str, device="cpu", dtype=torch.float32) -> Drafter:
+    config_path = os.path.join(path, "config.json")
+    weights_path = os.path.join(path, WEIGHTS_NAME)
+    for needed in (config_path, weights_path):
+        if not os.path.isfile(needed):
+            raise DDTreeError(f"drafter: {needed} not found (expected a directory with config.json and {WEIGHTS_NAME})")
+    try:
+        with open(config_path) as f:
+            cfg = DrafterConfig.from_json(json.load(f))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise DDTreeError(f"drafter: cannot read {config_path}: {exc}") from exc
+    drafter = Drafter(cfg)
+    state = load_file(weights_path)
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DDTreeError(f"drafter weights do not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return drafter.to(device=device, dtype=dtype).eval()
+
+
+def save_drafter(drafter: Drafter, path: str, dtype: torch.dtype | None = None) -> None:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(drafter.cfg.to_json() | {"torch_dtype": str(dtype or drafter.fc.weight.dtype).removeprefix("torch.")}, f, indent=2)
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in drafter.state_dict().items()}
+    save_file(state, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})

