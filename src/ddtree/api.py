@@ -63,6 +63,8 @@ def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, ma
     )
     drafter = Drafter(cfg)
     initialise(drafter, seed=seed)
+    with torch.no_grad():  # its output goes through the target's LM head, which expects the target's final norm
+        drafter.norm.weight.copy_(target.model.norm.weight)
     weight = target.model.embed_tokens.weight
     return drafter.to(device=weight.device, dtype=weight.dtype).eval()
 

@@ -1,0 +1,259 @@
+"""The `ddtree` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DDTreeError
+
+TARGET_HELP = "target model: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (default)"
+DRAFTER_HELP = ("drafter directory in the z-lab DFlash format, or 'random' for an untrained one "
+                "(default: the drafter bundled with the target)")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help=TARGET_HELP)
+    parser.add_argument("--drafter", help=DRAFTER_HELP)
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
+                        help="ar: target alone; dflash: one drafted chain per round; ddtree: a draft tree (default)")
+    parser.add_argument("--budget", type=int, default=64, help="ddtree: drafted nodes per round, root not counted (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when the output contains TEXT (not included in the output); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddtree",
+        description="Lossless speculative decoding: a DFlash drafter proposes a block, DDTree verifies the best "
+                    "tree of continuations in one target pass. Output equals the target's own.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from a prompt",
+                              description="Generate from a prompt with ar, dflash or ddtree and report the speed.")
+    add_model_options(gen)
+    add_generation_options(gen)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", help="read the prompt from this file ('-' for standard input)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the target's chat template as a user message "
+                          "(always on for the default target)")
+    gen.add_argument("--raw", action="store_true", help="never apply the chat template, even for the default target")
+    gen.add_argument("--compare", action="store_true", help="also run the target alone (ar) and print both speeds")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    gen.add_argument("--stream", action="store_true", help="print text as it is generated")
+    gen.set_defaults(handler=run_generate)
+
+    init = commands.add_parser("init-drafter", help="write a randomly initialised drafter for a target",
+                               description="Write an untrained DFlash drafter shaped for a target, in the published "
+                                           "z-lab format (the starting point of training).")
+    init.add_argument("--target", required=True, help=TARGET_HELP)
+    init.add_argument("--layers", type=int, default=1, help="drafter decoder layers (default 1)")
+    init.add_argument("--block-size", type=int, default=16, help="tokens per drafted block, bonus included (default 16)")
+    init.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")],
+                      help="comma-separated target layers whose outputs feed the drafter (default: spread evenly)")
+    init.add_argument("--mask-token-id", type=int, help="token id of the mask token (default: an unused special token)")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    init.add_argument("--out", required=True, help="output directory")
+    init.set_defaults(handler=run_init_drafter)
+
+    prompts = commands.add_parser("prompts", help="collect drafter-training prompts, free of evaluation overlap",
+                                  description="Collect GSM8K-train and ShareGPT prompts, drop duplicates and any "
+                                              "prompt sharing a word 8-gram with an evaluation set, write JSONL.")
+    prompts.add_argument("--data-dir", help="benchmark directory (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
+    prompts.add_argument("--sharegpt-limit", type=int, help="use at most this many ShareGPT prompts")
+    prompts.add_argument("--out", required=True, help="output JSONL file")
+    prompts.set_defaults(handler=run_prompts)
+
+    regen = commands.add_parser("regenerate", help="answer training prompts with the target (batched greedy)",
+                                description="Regenerate responses to training prompts with the target itself, "
+                                            "through its chat template, and save prompt+response token ids (.npz).")
+    add_model_options(regen)
+    regen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line (see `ddtree prompts`)")
+    regen.add_argument("--out", required=True, help="output .npz of token sequences")
+    regen.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default 256)")
+    regen.add_argument("--batch-size", type=int, default=256, help="prompts per batch (default 256)")
+    regen.add_argument("--limit", type=int, help="only the first N prompts")
+    regen.set_defaults(handler=run_regenerate)
+
+    train = commands.add_parser("train-drafter", help="train a DFlash drafter on regenerated data",
+                                description="Train a DFlash drafter for a target: frozen target features, random "
+                                            "anchors in responses, block-sparse attention, position-decayed loss, "
+                                            "AdamW with cosine schedule. Checkpoints are drafters in the published "
+                                            "format; a held-out set reports teacher-forced acceptance.")
+    add_model_options(train)
+    train.add_argument("--data", required=True, nargs="+", help="one or more .npz files from `ddtree regenerate`")
+    train.add_argument("--out", required=True, help="output drafter directory (checkpoints, metrics.jsonl)")
+    train.add_argument("--init", help="start from this drafter instead of a random one")
+    train.add_argument("--layers", type=int, default=2, help="drafter layers for a new drafter (default 2)")
+    train.add_argument("--block-size", type=int, default=16, help="block size for a new drafter (default 16)")
+    train.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")],
+                       help="target layers feeding a new drafter (default: spread evenly)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    defaults = train_config_defaults()
+    for name, value in defaults.items():
+        if isinstance(value, tuple):
+            train.add_argument(f"--{name.replace('_', '-')}", type=lambda s: tuple(int(x) for x in s.split(",")),
+                               default=value, help=f"comma-separated (default {','.join(map(str, value))})")
+        else:
+            train.add_argument(f"--{name.replace('_', '-')}", type=float if isinstance(value, float) or value is None
+                               else int, default=value, help=f"default {value}")
+    train.set_defaults(handler=run_train)
+    return parser
+
+
+def train_config_defaults() -> dict:
+    from dataclasses import asdict
+
+    from .train import TrainConfig
+
+    return asdict(TrainConfig())
+
+
+def read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        if args.prompt_file == "-":
+            return sys.stdin.read()
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise DDTreeError(f"cannot read the prompt file: {exc}") from exc
+
+
+def run_generate(args) -> None:
+    from .api import DEFAULT_TARGET, load
+
+    prompt = read_prompt(args)
+    if not prompt.strip():
+        raise DDTreeError("the prompt is empty")
+    engine = load(args.target, args.drafter, args.device, args.dtype)
+    chat = (args.chat or (args.target in (None, DEFAULT_TARGET))) and not args.raw
+    options = dict(method=args.method, budget=args.budget, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   stop=args.stop, chat=chat)
+    if args.stream and not args.json:
+        for chunk in engine.stream(prompt, **options):
+            print(chunk.text, end="", flush=True)
+        print()
+        return
+    engine.generate(prompt, **options | dict(max_new_tokens=min(8, args.max_new_tokens)))  # warm-up
+    result = engine.generate(prompt, **options)
+    baseline = None
+    if args.compare:
+        baseline = engine.generate(prompt, **options | dict(method="ar"))
+    if args.json:
+        out = result.to_json()
+        if baseline is not None:
+            out["baseline"] = baseline.to_json() | {"speedup": speedup(result, baseline)}
+        print(json.dumps(out))
+        return
+    print(result.text)
+    print(f"\n[{result.method}{'' if result.budget is None else f' budget {result.budget}'}] "
+          f"{result.num_new_tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tok/s, "
+          f"mean acceptance {result.mean_acceptance:.2f} over {result.rounds} rounds", file=sys.stderr)
+    if baseline is not None:
+        same = "identical output" if baseline.token_ids == result.token_ids else "OUTPUTS DIFFER"
+        print(f"[ar] {baseline.num_new_tokens} tokens in {baseline.seconds:.2f} s = "
+              f"{baseline.tokens_per_second:.1f} tok/s; speedup {speedup(result, baseline):.2f}x ({same})",
+              file=sys.stderr)
+
+
+def speedup(result, baseline) -> float:
+    """Baseline time per token over the method's time per token."""
+    if not result.num_new_tokens or not baseline.num_new_tokens or result.seconds <= 0:
+        return 0.0
+    return (baseline.seconds / baseline.num_new_tokens) / (result.seconds / result.num_new_tokens)
+
+
+def run_init_drafter(args) -> None:
+    from .api import init_drafter
+
+    drafter = init_drafter(args.target, args.out, args.layers, args.block_size, args.mask_token_id,
+                           args.target_layer_ids, args.seed)
+    cfg = drafter.cfg
+    print(f"wrote a random {cfg.num_layers}-layer drafter (block {cfg.block_size}, target layers "
+          f"{cfg.target_layer_ids}, mask token {cfg.mask_token_id}) to {args.out}")
+
+
+def run_prompts(args) -> None:
+    from .data import data_dir, training_prompts
+
+    rows, report = training_prompts(data_dir(args.data_dir), args.sharegpt_limit)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(json.dumps({"prompts": len(rows), "sources": report}))
+
+
+def run_regenerate(args) -> None:
+    from .api import load
+    from .data import SequenceFile, read_jsonl
+    from .regenerate import regenerate
+
+    rows = read_jsonl(args.prompts)[: args.limit]
+    if not rows:
+        raise DDTreeError(f"no prompts in {args.prompts}")
+    engine = load(args.target, "random", args.device, args.dtype, quiet=True)
+    prompts = [engine.encode(row["prompt"], chat=True) for row in rows]
+    responses = regenerate(engine.target, prompts, args.max_new_tokens, args.batch_size)
+    SequenceFile.save(args.out, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts])
+    ended = sum(bool(r) and r[-1] in engine.target.eos_token_ids for r in responses)
+    print(json.dumps({"sequences": len(rows), "response_tokens": sum(map(len, responses)), "ended": ended}))
+
+
+def run_train(args) -> None:
+    import torch
+
+    from .api import pick_device, pick_dtype, random_drafter
+    from .data import SequenceFile
+    from .drafter import load_drafter
+    from .engine import check_pair
+    from .loading import load_target
+    from .train import TrainConfig, train
+
+    device = pick_device(args.device)
+    target = load_target(args.target or "smollm2-135m-instruct", device, pick_dtype(args.dtype, device))
+    sequences, starts = SequenceFile.load(args.data)
+    if args.init:
+        drafter = load_drafter(args.init, device, torch.float32)
+    else:
+        drafter = random_drafter(target, args.layers, args.block_size, None, args.target_layer_ids, args.seed)
+        drafter = drafter.to(dtype=torch.float32)
+    check_pair(target, drafter)
+    fields = train_config_defaults()
+    cfg = TrainConfig(**{name: getattr(args, name) for name in fields})
+    final = train(target, drafter, sequences, starts, args.out, cfg, resume=args.resume)
+    print(json.dumps(final))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except DDTreeError as exc:
+        print(f"ddtree: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddtree: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

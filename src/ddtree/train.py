@@ -1,0 +1,255 @@
+"""Training a DFlash drafter on target-regenerated sequences (the recipe in docs/training.md).
+
+Each step: the frozen target runs over a batch of prompt+response sequences once and its tapped
+layer outputs become context features. Many random anchors inside each response each make one
+block [x_a, mask, ...] whose labels are the next block_size-1 tokens. All blocks of a sequence
+train in one drafter pass under a block-sparse mask: a block sees its own tokens (both ways) and
+the context strictly before its anchor, never another block. The loss is cross-entropy per block
+position, weighted by exp(-(k-1)/gamma).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .drafter import Drafter, save_drafter
+from .loading import Target
+from .tree import best_first_tree
+
+STATE_NAME = "train_state.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 6.0
+    batch_size: int = 32  # sequences per step
+    anchors: int = 64  # blocks per sequence per step
+    max_len: int = 1024  # sequences are cut to this many tokens
+    lr: float = 6e-4
+    warmup: float = 0.04  # fraction of steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gamma: float | None = None  # loss decay over block positions (None: 7 for block 16)
+    eval_every: int = 500
+    save_every: int = 500
+    eval_sequences: int = 64
+    eval_budgets: tuple[int, ...] = (16, 64, 256)
+    seed: int = 0
+
+
+def loss_weights(block_size: int, gamma: float | None) -> torch.Tensor:
+    """exp(-(k-1)/gamma) for block positions k = 1..block_size-1 (gamma 7 for 16, 5 for 10, 4 for 8)."""
+    if gamma is None:
+        gamma = {16: 7.0, 10: 5.0, 8: 4.0}.get(block_size, block_size / 2.3)
+    return torch.exp(-torch.arange(block_size - 1, dtype=torch.float32) / gamma)
+
+
+def cosine_lr(step: int, total: int, warmup_steps: int, peak: float) -> float:
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total - warmup_steps, 1)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T] right-padded sequences
+    block_ids: torch.Tensor  # [B, A * S]
+    block_positions: torch.Tensor  # [B, A * S]
+    labels: torch.Tensor  # [B, A, S - 1], -100 where there is no label
+    mask: torch.Tensor  # bool [B, 1, A * S, T + A * S]
+
+
+def make_batch(sequences, response_starts, anchors_per_seq, block_size, mask_id, rng: np.random.Generator,
+               device, evenly: bool = False) -> Batch:
+    """Blocks at random anchors inside each response (or evenly spaced ones with `evenly`, for evaluation).
+
+    An anchor a can be any response position with at least one token after it; with `evenly` only
+    anchors whose whole block of labels exists are used, so acceptance is not capped by the data.
+    """
+    width = max(len(s) for s in sequences)
+    count, size = anchors_per_seq, block_size
+    ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    anchors = torch.zeros(len(sequences), count, dtype=torch.long)
+    live = torch.zeros(len(sequences), count, dtype=torch.bool)
+    for row, (seq, start) in enumerate(zip(sequences, response_starts)):
+        ids[row, :len(seq)] = torch.from_numpy(seq)
+        last = len(seq) - (size if evenly else 2)  # the last usable anchor
+        if last < start:
+            continue
+        choices = np.arange(start, last + 1)
+        if evenly:
+            picked = choices[np.linspace(0, len(choices) - 1, min(count, len(choices))).round().astype(int)]
+        else:
+            picked = rng.choice(choices, size=min(count, len(choices)), replace=False)
+        picked = np.unique(picked)
+        anchors[row, :len(picked)] = torch.from_numpy(picked)
+        live[row, :len(picked)] = True
+    offsets = torch.arange(size)
+    positions = anchors[:, :, None] + offsets  # [B, A, S]
+    lengths = torch.tensor([len(s) for s in sequences])
+    label_at = positions[:, :, 1:]
+    has_label = live[:, :, None] & (label_at < lengths[:, None, None])
+    labels = torch.where(has_label, ids.gather(1, label_at.clamp(max=width - 1).flatten(1)).view_as(label_at), -100)
+    block_ids = torch.full_like(positions, mask_id)
+    block_ids[:, :, 0] = ids.gather(1, anchors)
+    # Block j sees the context strictly before its anchor and its own block, nothing else.
+    context_mask = torch.arange(width)[None, None, :] < anchors[:, :, None]  # [B, A, T]
+    context_mask = context_mask.repeat_interleave(size, dim=1)
+    block_of = torch.arange(count * size) // size
+    own_block = (block_of[:, None] == block_of[None, :])[None].expand(len(sequences), -1, -1)
+    mask = torch.cat([context_mask, own_block], dim=-1)[:, None]
+    return Batch(ids.to(device), block_ids.flatten(1).to(device), positions.flatten(1).to(device),
+                 labels.to(device), mask.to(device))
+
+
+def drafter_logits(target: Target, drafter: Drafter, batch: Batch, features: torch.Tensor) -> torch.Tensor:
+    """Drafter logits [B, A, S - 1, V] for every block position after the anchor."""
+    model = target.model
+    width = batch.ids.shape[1]
+    context_positions = torch.arange(width, device=batch.ids.device)[None].expand(batch.ids.shape[0], -1)
+    with torch.no_grad():
+        block_embeds = model.embed_tokens(batch.block_ids)
+    hidden = drafter(block_embeds, batch.block_positions, features, context_positions, batch.mask)
+    size = drafter.cfg.block_size
+    hidden = hidden.view(hidden.shape[0], -1, size, hidden.shape[-1])[:, :, 1:]
+    return model.lm_head(hidden.to(model.lm_head.weight.dtype))
+
+
+def target_features(target: Target, drafter: Drafter, ids: torch.Tensor) -> torch.Tensor:
+    from .model import causal_mask
+
+    model = target.model
+    width = ids.shape[1]
+    positions = torch.arange(width, device=ids.device)[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        _, features = model(ids, positions, causal_mask(width, 0, ids.device), None, 0,
+                            tuple(drafter.cfg.target_layer_ids))
+    return features
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    valid = labels >= 0
+    ce = F.cross_entropy(logits.float().flatten(0, 2), labels.clamp(min=0).flatten(), reduction="none").view_as(labels)
+    w = weights.to(logits.device)[None, None, :] * valid
+    loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    with torch.no_grad():
+        top1 = ((logits.argmax(-1) == labels) & valid).float().sum() / valid.sum().clamp(min=1)
+    return loss, {"top1": float(top1)}
+
+
+@torch.no_grad()
+def teacher_forced_acceptance(target: Target, drafter: Drafter, sequences, response_starts, budgets,
+                              anchors_per_seq: int = 16, batch_size: int = 16) -> dict:
+    """Mean acceptance length if the target's continuation is the data: chain and best-first trees."""
+    device = target.model.embed_tokens.weight.device
+    cfg = drafter.cfg
+    chain, trees = [], {b: [] for b in budgets}
+    rng = np.random.default_rng(0)
+    for begin in range(0, len(sequences), batch_size):
+        seqs, starts = sequences[begin:begin + batch_size], response_starts[begin:begin + batch_size]
+        batch = make_batch(seqs, starts, anchors_per_seq, cfg.block_size, cfg.mask_token_id, rng, device, evenly=True)
+        features = target_features(target, drafter, batch.ids)
+        with autocast(device):
+            log_probs = torch.log_softmax(drafter_logits(target, drafter, batch, features).float(), dim=-1)
+        labels = batch.labels
+        for row, col in (labels[:, :, 0] >= 0).nonzero().tolist():
+            truth = labels[row, col].tolist()
+            matches = (log_probs[row, col].argmax(-1) == labels[row, col]).tolist()
+            chain.append(1 + next((d for d, ok in enumerate(matches) if not ok), len(matches)))
+            for budget in budgets:
+                tree = best_first_tree(log_probs[row, col], budget)
+                node, depth = 0, 0
+                while depth < len(truth) and (node := tree.children.get((node, truth[depth]), -1)) >= 0:
+                    depth += 1
+                trees[budget].append(1 + depth)
+    mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+    return {"chain_tau": mean(chain), **{f"tree_tau_{b}": mean(v) for b, v in trees.items()}, "anchors": len(chain)}
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def train(target: Target, drafter: Drafter, sequences, response_starts, out: str, cfg: TrainConfig,
+          resume: bool = False, log=print) -> dict:
+    """Trains `drafter` in place; checkpoints (published format + train_state.pt) go to `out`."""
+    device = target.model.embed_tokens.weight.device
+    target.model.requires_grad_(False)
+    drafter.train().requires_grad_(True)
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    order = list(range(len(sequences)))
+    random.Random(cfg.seed).shuffle(order)
+    held = max(1, min(cfg.eval_sequences, len(order) // 10))
+    eval_ids, train_ids = order[:held], order[held:]
+    cut = lambda i: sequences[i][:cfg.max_len]  # noqa: E731
+    eval_data = ([cut(i) for i in eval_ids], [response_starts[i] for i in eval_ids])
+    steps_per_epoch = max(1, len(train_ids) // cfg.batch_size)
+    total = max(1, int(cfg.epochs * steps_per_epoch))
+    warmup_steps = max(1, int(cfg.warmup * total))
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    weights = loss_weights(drafter.cfg.block_size, cfg.gamma)
+    step = 0
+    state_path = os.path.join(out, STATE_NAME)
+    if resume and os.path.isfile(state_path):
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        drafter.load_state_dict(state["drafter"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, rng = state["step"], state["rng"]
+        log(f"resumed from step {step}")
+    metrics_path = os.path.join(out, METRICS_NAME)
+    tokens_seen, started = 0, time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc="training", unit="step")
+    current_epoch, epoch_order = -1, None
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch != current_epoch:  # a fresh order every epoch, reproducible on resume
+            current_epoch, epoch_order = epoch, np.random.default_rng(cfg.seed + epoch).permutation(train_ids)
+        picked = epoch_order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+        batch = make_batch([cut(i) for i in picked], [response_starts[i] for i in picked], cfg.anchors,
+                           drafter.cfg.block_size, drafter.cfg.mask_token_id, rng, device)
+        lr = cosine_lr(step, total, warmup_steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        features = target_features(target, drafter, batch.ids)
+        with autocast(device):
+            logits = drafter_logits(target, drafter, batch, features)
+        loss, extra = weighted_loss(logits, batch.labels, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip))
+        optimizer.step()
+        step += 1
+        tokens_seen += int((batch.labels >= 0).sum())
+        elapsed = time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{extra['top1']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, **extra, "seconds": elapsed}
+        if step % cfg.eval_every == 0 or step == total:
+            drafter.eval()
+            record |= teacher_forced_acceptance(target, drafter, *eval_data, cfg.eval_budgets)
+            drafter.train()
+            log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if step % 50 == 0 or "chain_tau" in record:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if step % cfg.save_every == 0 or step == total:
+            save_drafter(drafter, out, dtype=torch.bfloat16)
+            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "rng": rng, "config": asdict(cfg)}, state_path)
+    bar.close()
+    return record

@@ -1,0 +1,228 @@
+"""Shared fixtures: tiny random targets of every supported family, saved as Hugging Face model
+directories with a small byte-level tokenizer, and engines built on them with random drafters.
+
+Everything heavy is session-scoped and built lazily, so a test module only pays for what it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+import pytest
+import torch
+
+import ddtree.engine as engine_module
+from ddtree.api import random_drafter
+from ddtree.engine import Engine
+from ddtree.loading import load_target
+
+torch.set_num_threads(2)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_SIZE = 256 + len(SPECIAL_TOKENS)  # 256 byte tokens + the specials (ids 256, 257, 258)
+EOS_ID = 256
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.2,  # spread-out logits, so greedy choices are far from ties
+    rms_norm_eps=1e-6,
+)
+
+# name -> (config class name, overrides). Tied embeddings both ways, a bias variant, an explicit head_dim.
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(vocab_size=TOKENIZER_SIZE, tie_word_embeddings=False, rope_theta=10000.0)),
+    "mistral": ("MistralConfig", dict(vocab_size=TOKENIZER_SIZE, tie_word_embeddings=True, rope_theta=1e6,
+                                      sliding_window=4096)),
+    "qwen2": ("Qwen2Config", dict(vocab_size=TOKENIZER_SIZE, tie_word_embeddings=False, rope_theta=1e6)),
+    "qwen3": ("Qwen3Config", dict(vocab_size=TOKENIZER_SIZE, tie_word_embeddings=True, head_dim=32,
+                                  rope_theta=1e6)),
+}
+# Used only where stated: a Llama with biases on every attention projection (o_proj included).
+EXTRA_TARGETS = {
+    "llama_bias": ("LlamaConfig", dict(vocab_size=TOKENIZER_SIZE, tie_word_embeddings=True, attention_bias=True,
+                                       mlp_bias=True)),
+    # a very small vocabulary, for statistical tests of sampling
+    "small_vocab": ("Qwen3Config", dict(vocab_size=12, tie_word_embeddings=False, num_hidden_layers=2,
+                                        initializer_range=0.5)),
+    # a short context, for the context-limit tests
+    "short_context": ("LlamaConfig", dict(vocab_size=TOKENIZER_SIZE, max_position_embeddings=48,
+                                          num_hidden_layers=2)),
+    # a different hidden size / vocabulary, to make mismatched drafters
+    "other_hidden": ("Qwen3Config", dict(vocab_size=TOKENIZER_SIZE, hidden_size=32, intermediate_size=64)),
+    "other_vocab": ("Qwen3Config", dict(vocab_size=300)),
+}
+ALL_TARGETS = FAMILIES | EXTRA_TARGETS
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: expensive CPU runs (SmolLM2 at full size); run with -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests run only when asked for with `-m slow` (or a -m expression naming it)."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+# ----- tokenizer and model directories -----------------------------------------------------------
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def save_tiny_model(name: str, path: str, tokenizer, seed: int = 0) -> str:
+    import transformers
+
+    class_name, overrides = ALL_TARGETS[name]
+    config = getattr(transformers, class_name)(**(COMMON | overrides))
+    config.eos_token_id = EOS_ID
+    config.bos_token_id = None
+    config.pad_token_id = None
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # random norms and biases too, so a missing or misplaced one would show
+        for pname, param in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif pname.endswith(".bias"):
+                param.copy_(0.2 * torch.randn_like(param))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """name -> directory, each built on first use."""
+    root = tmp_path_factory.mktemp("models")
+
+    class Dirs(dict):
+        def __missing__(self, name):
+            path = save_tiny_model(name, str(root / name), tokenizer, seed=sorted(ALL_TARGETS).index(name))
+            self[name] = path
+            return path
+
+    return Dirs()
+
+
+@pytest.fixture(scope="session")
+def targets(model_dirs):
+    """name -> ddtree Target (fp32, cpu), loaded on first use."""
+
+    class Targets(dict):
+        def __missing__(self, name):
+            target = load_target(model_dirs[name])
+            self[name] = target
+            return target
+
+    return Targets()
+
+
+@pytest.fixture(scope="session")
+def make_engine(targets):
+    """make_engine(name, layers=1, block_size=8, seed=0, **drafter_kwargs) -> Engine with a random drafter (cached)."""
+    cache = {}
+
+    def make(name, layers=1, block_size=8, seed=0, **kwargs):
+        key = (name, layers, block_size, seed, tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                            for k, v in kwargs.items())))
+        if key not in cache:
+            target = targets[name]
+            drafter = random_drafter(target, num_layers=layers, block_size=block_size, seed=seed, **kwargs)
+            cache[key] = Engine(target, drafter, torch.device("cpu"), torch.float32)
+        return cache[key]
+
+    return make
+
+
+def engine_with_eos(engine: Engine, eos_ids: set[int]) -> Engine:
+    """The same models with other end-of-sequence ids."""
+    target = dataclasses.replace(engine.target, eos_token_ids=set(eos_ids))
+    return Engine(target, engine.drafter, engine.device, engine.dtype)
+
+
+def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(count)]
+
+
+# ----- a drafter that knows the answer -------------------------------------------------------------
+
+class Oracle:
+    """Wraps Generation.draft: the real drafter still runs (so its cache is exercised), then the
+    target's true continuation is written into the log-probs at a chosen rank per depth.
+
+    `continuation(prefix_ids, n)` returns the n tokens the target will really choose after
+    prefix_ids (the prompt, the committed tokens and the bonus token), or None to leave a depth alone.
+    `rank(depth, position)` says where the true token goes: 0 = top (a chain finds it), 1 = second
+    (only a tree with a sibling at that depth finds it), None = leave the drafter's output alone.
+    """
+
+    def __init__(self, continuation, rank=lambda depth, position: 0):
+        self.continuation, self.rank = continuation, rank
+        self.calls = 0
+
+    def install(self, monkeypatch):
+        real = engine_module.Generation.draft
+        oracle = self
+
+        def draft(gen, bonus, committed, context_rows, pending, draft_cache):
+            log_probs = real(gen, bonus, committed, context_rows, pending, draft_cache).clone()
+            oracle.calls += 1
+            prefix = list(gen.ids) + list(gen.stopper.tokens)
+            assert prefix[-1] == bonus and len(prefix) == committed + 1
+            true = oracle.continuation(prefix, log_probs.shape[0])
+            for depth, token in enumerate(true or []):
+                rank = oracle.rank(depth, committed + 1 + depth)
+                if token is None or rank is None:
+                    continue
+                row = log_probs[depth]
+                order = row.argsort(descending=True)
+                if rank == 0:
+                    row[token] = row.max() + 1.0
+                else:
+                    others = order[order != token]
+                    # just below the rank-0 token, above everything else
+                    row[token] = (row[others[0]] + row[others[1]]) / 2 if others.numel() > 1 else row[others[0]] - 1
+                    row[others[0]] = row.max() + 1.0
+                log_probs[depth] = torch.log_softmax(row, dim=-1)
+            return log_probs
+
+        monkeypatch.setattr(engine_module.Generation, "draft", draft)
+        return self
+
+
+def greedy_reference(engine: Engine, prompt: list[int], max_new_tokens: int) -> list[int]:
+    return engine.generate(prompt, method="ar", max_new_tokens=max_new_tokens).token_ids
