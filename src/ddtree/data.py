@@ -134,10 +134,11 @@ def training_prompts(root: str, sharegpt_limit: int | None = None) -> tuple[list
 
 
 class SequenceFile:
-    """Token sequences (prompt + regenerated response) in two arrays: uint32 tokens and int64 offsets.
+    """Token sequences (prompt + regenerated response) in one compressed .npz.
 
-    Stored as one .npz: `tokens` (all sequences back to back), `starts` (offset of each sequence,
-    plus the end), `response_starts` (index inside each sequence where the response begins).
+    Arrays: `tokens` (all sequences back to back; uint16 when every id fits), `starts` (offset of
+    each sequence, plus the end), `response_starts` (index inside each sequence where the response
+    begins).
     """
 
     @staticmethod
@@ -145,7 +146,9 @@ class SequenceFile:
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         tokens = np.fromiter((t for s in sequences for t in s), dtype=np.uint32, count=int(starts[-1]))
-        np.savez(path, tokens=tokens, starts=starts, response_starts=np.array(response_starts, dtype=np.int64))
+        if tokens.size and tokens.max() < 2**16:
+            tokens = tokens.astype(np.uint16)
+        np.savez_compressed(path, tokens=tokens, starts=starts, response_starts=np.array(response_starts, dtype=np.int64))
 
     @staticmethod
     def load(paths: list[str]) -> tuple[list[np.ndarray], list[int]]:
