@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import DDTreeError
@@ -70,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     init.add_argument("--out", required=True, help="output directory")
     init.set_defaults(handler=run_init_drafter)
+
+    bench = commands.add_parser("bench", help="benchmark methods on prompt sets",
+                                description="Run ar, dflash and ddtree (a budget sweep) over prompt sets in one "
+                                            "engine; write a results JSON (device, versions, commit, command, every "
+                                            "response) and a markdown table next to it.")
+    add_model_options(bench)
+    comma = lambda kind: (lambda s: [kind(x) for x in s.split(",") if x])  # noqa: E731
+    bench.add_argument("--datasets", type=comma(str), default=["gsm8k", "mt-bench"],
+                       help="comma-separated: mt-bench, mt-bench-first, gsm8k, math500, humaneval, mbpp, alpaca, "
+                            "or .jsonl files with 'prompt' or 'turns' (default gsm8k,mt-bench)")
+    bench.add_argument("--methods", type=comma(str), default=["ar", "dflash", "ddtree"],
+                       help="comma-separated subset of ar,dflash,ddtree (default all)")
+    bench.add_argument("--budgets", type=comma(int), default=[16, 64, 256], help="ddtree budgets (default 16,64,256)")
+    bench.add_argument("--temperatures", type=comma(float), default=[0.0], help="comma-separated (default 0)")
+    bench.add_argument("--limit", type=int, help="only the first N prompts of each dataset")
+    bench.add_argument("--max-new-tokens", type=int, default=256, help="per response (default 256)")
+    bench.add_argument("--repeats", type=int, default=1, help="time every response this many times; median (default 1)")
+    bench.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0 (default 0)")
+    bench.add_argument("--data-dir", help="benchmark files (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
+    bench.add_argument("--out", required=True, help="results JSON path (the table goes to the same name with .md)")
+    bench.set_defaults(handler=run_bench)
 
     prompts = commands.add_parser("prompts", help="collect drafter-training prompts, free of evaluation overlap",
                                   description="Collect GSM8K-train and ShareGPT prompts, drop duplicates and any "
@@ -189,6 +211,29 @@ def run_init_drafter(args) -> None:
     cfg = drafter.cfg
     print(f"wrote a random {cfg.num_layers}-layer drafter (block {cfg.block_size}, target layers "
           f"{cfg.target_layer_ids}, mask token {cfg.mask_token_id}) to {args.out}")
+
+
+def run_bench(args) -> None:
+    from .api import load
+    from .bench import MethodSpec, bench, markdown_table
+
+    specs = []
+    for method in args.methods:
+        if method not in ("ar", "dflash", "ddtree"):
+            raise DDTreeError(f"unknown method {method!r} in --methods")
+        specs += [MethodSpec(method, b) for b in args.budgets] if method == "ddtree" else [MethodSpec(method, None)]
+    if args.repeats < 1:
+        raise DDTreeError("--repeats must be >= 1")
+    engine = load(args.target, args.drafter, args.device, args.dtype)
+    result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens, args.repeats,
+                   args.seed, args.data_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    table = markdown_table(result)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(table)
+    print(table)
 
 
 def run_prompts(args) -> None:

@@ -159,5 +159,5 @@ def load_target(spec: str, device="cpu", dtype=torch.float32) -> Target:
     except (OSError, ValueError) as exc:
         raise DDTreeError(f"target: cannot load the tokenizer in {model_dir}: {exc}") from exc
     tokenizer.clean_up_tokenization_spaces = False  # BPE text must decode exactly as generated
-    name = os.path.basename(model_dir.rstrip("/"))
+    name = os.path.basename(spec.rstrip("/"))
     return Target(model, tokenizer, eos_ids(model_dir, hf_config, tokenizer), name, hf_config)
