@@ -7,7 +7,7 @@ Everything heavy is session-scoped and built lazily, so a test module only pays 
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import random
 
 import pytest
@@ -19,6 +19,12 @@ from ddtree.engine import Engine
 from ddtree.loading import load_target
 
 torch.set_num_threads(2)
+try:  # no "Writing model shards" bars on stderr while fixtures save models
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:  # pragma: no cover
+    pass
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TOKENIZER_SIZE = 256 + len(SPECIAL_TOKENS)  # 256 byte tokens + the specials (ids 256, 257, 258)
@@ -54,7 +60,7 @@ EXTRA_TARGETS = {
                                        mlp_bias=True)),
     # a very small vocabulary, for statistical tests of sampling
     "small_vocab": ("Qwen3Config", dict(vocab_size=12, tie_word_embeddings=False, num_hidden_layers=2,
-                                        initializer_range=0.5)),
+                                        initializer_range=0.3)),
     # a short context, for the context-limit tests
     "short_context": ("LlamaConfig", dict(vocab_size=TOKENIZER_SIZE, max_position_embeddings=48,
                                           num_hidden_layers=2)),
@@ -102,7 +108,7 @@ def save_tiny_model(name: str, path: str, tokenizer, seed: int = 0) -> str:
 
     class_name, overrides = ALL_TARGETS[name]
     config = getattr(transformers, class_name)(**(COMMON | overrides))
-    config.eos_token_id = EOS_ID
+    config.eos_token_id = EOS_ID if EOS_ID < config.vocab_size else None
     config.bos_token_id = None
     config.pad_token_id = None
     torch.manual_seed(seed)
@@ -188,10 +194,11 @@ class Oracle:
     prefix_ids (the prompt, the committed tokens and the bonus token), or None to leave a depth alone.
     `rank(depth, position)` says where the true token goes: 0 = top (a chain finds it), 1 = second
     (only a tree with a sibling at that depth finds it), None = leave the drafter's output alone.
+    Depths where the truth is unknown keep the (random, flat) drafter's log-probs.
     """
 
-    def __init__(self, continuation, rank=lambda depth, position: 0):
-        self.continuation, self.rank = continuation, rank
+    def __init__(self, continuation, rank=lambda depth, position: 0, masses=(0.6, 0.3)):
+        self.continuation, self.rank, self.masses = continuation, rank, masses
         self.calls = 0
 
     def install(self, monkeypatch):
@@ -208,15 +215,13 @@ class Oracle:
                 rank = oracle.rank(depth, committed + 1 + depth)
                 if token is None or rank is None:
                     continue
-                row = log_probs[depth]
+                # A confident drafter: the top two tokens hold `masses` (0.6 and 0.3) of the probability,
+                # the drafter's own ranking fills the rest. The truth is the top token or the runner-up.
+                row = log_probs[depth] - 5.0
                 order = row.argsort(descending=True)
-                if rank == 0:
-                    row[token] = row.max() + 1.0
-                else:
-                    others = order[order != token]
-                    # just below the rank-0 token, above everything else
-                    row[token] = (row[others[0]] + row[others[1]]) / 2 if others.numel() > 1 else row[others[0]] - 1
-                    row[others[0]] = row.max() + 1.0
+                wrong = int(order[order != token][0])
+                first, second = (token, wrong) if rank == 0 else (wrong, token)
+                row[first], row[second] = math.log(oracle.masses[0]), math.log(oracle.masses[1])
                 log_probs[depth] = torch.log_softmax(row, dim=-1)
             return log_probs
 
@@ -224,5 +229,7 @@ class Oracle:
         return self
 
 
-def greedy_reference(engine: Engine, prompt: list[int], max_new_tokens: int) -> list[int]:
-    return engine.generate(prompt, method="ar", max_new_tokens=max_new_tokens).token_ids
+@pytest.fixture(scope="session")
+def smollm2_target():
+    """The real default target (SmolLM2-135M-Instruct, fp32 on the CPU)."""
+    return load_target(SMOLLM2)

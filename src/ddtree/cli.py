@@ -35,6 +35,15 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="stop when the output contains TEXT (not included in the output); repeatable")
 
 
+def add_drafter_shape_options(parser: argparse.ArgumentParser, default_layers: int) -> None:
+    parser.add_argument("--layers", type=int, default=default_layers,
+                        help=f"decoder layers of a new drafter (default {default_layers})")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="tokens per drafted block, bonus included (default 16)")
+    parser.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")],
+                        help="comma-separated target layers whose outputs feed the drafter (default: spread evenly)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddtree",
@@ -63,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Write an untrained DFlash drafter shaped for a target, in the published "
                                            "z-lab format (the starting point of training).")
     init.add_argument("--target", required=True, help=TARGET_HELP)
-    init.add_argument("--layers", type=int, default=1, help="drafter decoder layers (default 1)")
-    init.add_argument("--block-size", type=int, default=16, help="tokens per drafted block, bonus included (default 16)")
-    init.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")],
-                      help="comma-separated target layers whose outputs feed the drafter (default: spread evenly)")
+    add_drafter_shape_options(init, default_layers=1)
     init.add_argument("--mask-token-id", type=int, help="token id of the mask token (default: an unused special token)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     init.add_argument("--out", required=True, help="output directory")
@@ -121,10 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, nargs="+", help="one or more .npz files from `ddtree regenerate`")
     train.add_argument("--out", required=True, help="output drafter directory (checkpoints, metrics.jsonl)")
     train.add_argument("--init", help="start from this drafter instead of a random one")
-    train.add_argument("--layers", type=int, default=2, help="drafter layers for a new drafter (default 2)")
-    train.add_argument("--block-size", type=int, default=16, help="block size for a new drafter (default 16)")
-    train.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")],
-                       help="target layers feeding a new drafter (default: spread evenly)")
+    add_drafter_shape_options(train, default_layers=2)
     train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     defaults = train_config_defaults()
     for name, value in defaults.items():
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except DDTreeError as exc:
-        print(f"ddtree: error: {exc}", file=sys.stderr)
+        print(f"ddtree: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddtree: interrupted", file=sys.stderr)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import DDTreeError
-from .model import MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, rope_inverse_frequencies
+from .model import MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, load_weights, rope_inverse_frequencies
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -46,7 +46,7 @@ class DrafterConfig:
     block_size: int
     mask_token_id: int
     target_layer_ids: list[int]
-    num_target_layers: int
+    num_target_layers: int | None  # None when the config does not say
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
 
     @classmethod
@@ -82,7 +82,7 @@ class DrafterConfig:
             block_size=int(block_size),
             mask_token_id=int(mask_id),
             target_layer_ids=[int(i) for i in layer_ids],
-            num_target_layers=int(num_target_layers if num_target_layers is not None else max(layer_ids) + 1),
+            num_target_layers=None if num_target_layers is None else int(num_target_layers),
             rope_parameters=dict(hf.rope_parameters),
         )
 
@@ -227,10 +227,7 @@ def load_drafter(path: str, device="cpu", dtype=torch.float32) -> Drafter:
     except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise DDTreeError(f"drafter: cannot read {config_path}: {exc}") from exc
     drafter = Drafter(cfg)
-    state = load_file(weights_path)
-    missing, unexpected = drafter.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DDTreeError(f"drafter weights do not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    load_weights(drafter, load_file(weights_path), "drafter")
     return drafter.to(device=device, dtype=dtype).eval()
 
 

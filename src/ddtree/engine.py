@@ -185,8 +185,8 @@ class Generation:
                     log_probs = self.draft(bonus, committed, context_rows, pending, draft_cache)[:depth_limit]
                     context_rows = committed
                     timer.lap("draft")
-                    if self.method == "ddtree":
-                        tree = best_first_tree(log_probs, max_nodes)
+                    if self.method == "ddtree":  # near the end of the cache, fewer nodes fit
+                        tree = best_first_tree(log_probs, min(max_nodes, cache.capacity - committed - 1))
                     else:
                         tree = chain_tree(log_probs)
                     timer.lap("tree")
@@ -251,5 +251,5 @@ def check_pair(target: Target, drafter: Drafter) -> None:
     bad = [i for i in d.target_layer_ids if not 0 <= i < t.num_layers]
     if bad:
         raise DDTreeError(f"drafter reads target layers {bad}, but the target has layers 0..{t.num_layers - 1}")
-    if d.num_target_layers != t.num_layers:
+    if d.num_target_layers is not None and d.num_target_layers != t.num_layers:
         raise DDTreeError(f"drafter was made for a target of {d.num_target_layers} layers; this one has {t.num_layers}")

