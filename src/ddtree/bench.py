@@ -72,7 +72,7 @@ def run_conversation(engine, turns: list[str], spec: MethodSpec, options: dict, 
     messages, responses = [], []
     for turn in turns:
         messages.append({"role": "user", "content": turn})
-        runs = [engine.generate(list(messages), method=spec.method, budget=spec.budget or 1, **options)
+        runs = [engine.generate(list(messages), method=spec.method, budget=spec.budget, **options)
                 for _ in range(repeats)]
         first = runs[0]
         responses.append({

@@ -25,7 +25,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
                         help="ar: target alone; dflash: one drafted chain per round; ddtree: a draft tree (default)")
-    parser.add_argument("--budget", type=int, default=64, help="ddtree: drafted nodes per round, root not counted (default 64)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="ddtree: drafted nodes per round, root not counted (default 16 on cpu, 64 on cuda)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")

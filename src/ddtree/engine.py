@@ -29,6 +29,9 @@ from .stopping import StopChecker
 from .tree import DraftTree, best_first_tree, chain_tree, compile_tree, empty_tree
 
 METHODS = ("ar", "dflash", "ddtree")
+# Default tree budgets: measured best on the 2-core CPU (docs/results/cpu-budgets.md); on CUDA the
+# eager loop pays per-call overhead whatever the width, so a wider tree costs little.
+DEFAULT_BUDGET = {"cpu": 16, "cuda": 64}
 STAGES = ("prefill", "draft", "tree", "verify", "commit")
 
 
@@ -107,7 +110,7 @@ class Engine:
         self,
         prompt,
         method: str = "ddtree",
-        budget: int = 64,
+        budget: int | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -121,6 +124,8 @@ class Engine:
             raise DDTreeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method != "ar" and self.drafter is None:
             raise DDTreeError(f"method {method!r} needs a drafter")
+        if budget is None:
+            budget = DEFAULT_BUDGET.get(self.device.type, 64)
         if budget < 1:
             raise DDTreeError(f"budget must be >= 1, got {budget}")
         if max_new_tokens < 1:
