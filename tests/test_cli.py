@@ -143,7 +143,14 @@ def test_no_command_is_a_usage_error(capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["generate", "--prompt", "x"])
     assert (args.method, args.budget, args.temperature, args.top_k, args.top_p, args.max_new_tokens) == (
-        "ddtree", 64, 0.0, 0, 1.0, 256)
+        "ddtree", None, 0.0, 0, 1.0, 256)
+
+
+def test_default_budget_is_the_devices(capsys, model_dirs, drafter_dir):
+    from ddtree.engine import DEFAULT_BUDGET
+
+    result = run_json(capsys, model_dirs, drafter_dir)
+    assert result["budget"] == DEFAULT_BUDGET["cpu"] == 16
 
 
 def test_python_load_api(model_dirs, drafter_dir, capsys):

@@ -7,6 +7,7 @@ over repeated runs of each response; acceptance comes from the first run (it doe
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.metadata
 import json
@@ -15,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from .data import REASONING_SUFFIX, data_dir, read_jsonl
 from .errors import DDTreeError
+from .results import GenerationResult
 
 DATASETS = ("mt-bench", "gsm8k", "math500", "humaneval", "mbpp", "alpaca")
 HUMANEVAL_TEMPLATE = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```"
@@ -57,6 +60,11 @@ def load_dataset(name: str, root: str | None = None) -> list[list[str]]:
     raise DDTreeError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, mt-bench-first or a .jsonl file")
 
 
+def dataset_label(name: str) -> str:
+    """A results name for a dataset: its own name, or a JSONL file's name without folder and suffix."""
+    return os.path.splitext(os.path.basename(name))[0] if name.endswith(".jsonl") else name
+
+
 @dataclass
 class MethodSpec:
     method: str
@@ -67,15 +75,45 @@ class MethodSpec:
         return self.method if self.budget is None else f"{self.method}@{self.budget}"
 
 
-def run_conversation(engine, turns: list[str], spec: MethodSpec, options: dict, repeats: int) -> list[dict]:
+class HFBaseline:
+    """transformers' own `generate()` on the same weights and dtype: what users start from."""
+
+    def __init__(self, engine):
+        from transformers import AutoModelForCausalLM
+
+        self.engine = engine
+        self.model = AutoModelForCausalLM.from_pretrained(engine.target.model_dir, dtype=engine.dtype)
+        self.model.to(engine.device).eval()
+
+    def generate(self, messages, max_new_tokens: int, temperature: float, seed: int, **_):
+        engine = self.engine
+        ids = torch.tensor([engine.encode(messages)], device=engine.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      eos_token_id=sorted(engine.target.eos_token_ids), pad_token_id=0, **sampling)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+        seconds = time.perf_counter() - started
+        new = out[0, ids.shape[1]:].tolist()
+        end = next((i + 1 for i, t in enumerate(new) if t in engine.target.eos_token_ids), len(new))
+        new = new[:end]
+        return GenerationResult(engine.tokenizer.decode(new, skip_special_tokens=True), new, ids.shape[1],
+                                [1] * max(len(new) - 1, 0), seconds, {}, "stop", "hf", None)
+
+
+def run_conversation(generate, turns: list[str], options: dict, repeats: int, index: int) -> list[dict]:
     """Every turn of one conversation; the answers of earlier turns come from this method's own run."""
     messages, responses = [], []
     for turn in turns:
         messages.append({"role": "user", "content": turn})
-        runs = [engine.generate(list(messages), method=spec.method, budget=spec.budget, **options)
-                for _ in range(repeats)]
+        runs = [generate(list(messages), **options) for _ in range(repeats)]
         first = runs[0]
         responses.append({
+            "conversation": index,
             "token_ids": first.token_ids,
             "num_new_tokens": first.num_new_tokens,
             "acceptance_lengths": first.acceptance_lengths,
@@ -105,6 +143,21 @@ def summarise(responses: list[dict]) -> dict:
     }
 
 
+def speedup(stats: dict, baseline: list[dict] | None) -> float | None:
+    """Baseline time per token over this method's, on the same prompts (None without a baseline)."""
+    if not baseline or not stats["seconds_per_token"]:
+        return None
+    return summarise(baseline)["seconds_per_token"] / stats["seconds_per_token"]
+
+
+def same_conversations(responses: list[dict], reference: list[dict] | None) -> list[dict]:
+    """The responses to the conversations the reference ran too (hf runs on the first few only)."""
+    if not reference:
+        return responses
+    done = {r["conversation"] for r in reference}
+    return [r for r in responses if r["conversation"] in done]
+
+
 def agreement(responses: list[dict], reference: list[dict]) -> float:
     """Share of the reference's tokens reproduced before the first difference, over all responses."""
     same = total = 0
@@ -132,12 +185,14 @@ def environment(engine) -> dict:
 
 
 def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: list[float], limit: int | None,
-          max_new_tokens: int, repeats: int, seed: int, root: str | None = None) -> dict:
+          max_new_tokens: int, repeats: int, seed: int, root: str | None = None, hf_limit: int = 5) -> dict:
     """Runs every (dataset, temperature, method) and returns the results document."""
     result = environment(engine) | {"max_new_tokens": max_new_tokens, "repeats": repeats, "seed": seed, "runs": []}
     conversations = {name: load_dataset(name, root)[:limit] for name in datasets}
-    total = sum(len(c) for c in conversations.values()) * len(specs) * len(temperatures)
+    per_spec = lambda spec, convs: min(len(convs), hf_limit) if spec.method == "hf" else len(convs)  # noqa: E731
+    total = sum(per_spec(spec, c) for c in conversations.values() for spec in specs) * len(temperatures)
     bar = tqdm(total=total, desc="bench", unit="prompt")
+    hf = None
     for name, convs in conversations.items():
         engine.generate(convs[0][0], chat=True, max_new_tokens=8, method="ar")  # warm-up
         for temperature in temperatures:
@@ -145,19 +200,25 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
             for spec in specs:
                 bar.set_postfix(dataset=name, method=spec.label, t=temperature)
                 options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+                if spec.method == "hf":
+                    hf = hf or HFBaseline(engine)
+                    generate = hf.generate
+                else:
+                    generate = functools.partial(engine.generate, method=spec.method, budget=spec.budget)
                 responses = []
-                for conv in convs:
-                    responses += run_conversation(engine, conv, spec, options, repeats)
+                for index, conv in enumerate(convs[:hf_limit] if spec.method == "hf" else convs):
+                    responses += run_conversation(generate, conv, options, repeats, index)
                     bar.update(1)
                 per_method[spec.label] = responses
-            ar = per_method.get("ar")
+            ar, hf_responses = per_method.get("ar"), per_method.get("hf")
             for spec in specs:
                 responses = per_method[spec.label]
                 stats = summarise(responses)
-                record = {"dataset": name, "method": spec.method, "budget": spec.budget, "temperature": temperature,
-                          "num_prompts": len(convs), **stats,
-                          "speedup_vs_ar": (summarise(ar)["seconds_per_token"] / stats["seconds_per_token"])
-                          if ar and stats["seconds_per_token"] else None,
+                record = {"dataset": dataset_label(name), "method": spec.method, "budget": spec.budget,
+                          "temperature": temperature, "num_prompts": per_spec(spec, convs), **stats,
+                          "speedup_vs_ar": speedup(stats, ar),
+                          "speedup_vs_hf": speedup(summarise(same_conversations(responses, hf_responses)),
+                                                   hf_responses),
                           "token_agreement_with_ar": agreement(responses, ar) if ar and temperature == 0 else None,
                           "responses": responses}
                 result["runs"].append(record)
@@ -168,12 +229,73 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
 def markdown_table(result: dict) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}; commit {result['git_commit'][:10]}; "
              f"{result['max_new_tokens']} new tokens; median of {result['repeats']}",
-             "", "| dataset | T | method | τ | tok/s | speedup vs ar | agreement with ar |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| dataset | T | method | prompts | τ | tok/s | speedup vs ar | speedup vs hf | agreement with ar |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cell = lambda value, fmt: "" if value is None else format(value, fmt)  # noqa: E731
     for run in result["runs"]:
         label = run["method"] if run["budget"] is None else f"{run['method']} B={run['budget']}"
-        speedup = "" if run["speedup_vs_ar"] is None else f"{run['speedup_vs_ar']:.2f}×"
-        agree = "" if run["token_agreement_with_ar"] is None else f"{run['token_agreement_with_ar']:.3f}"
-        lines.append(f"| {run['dataset']} | {run['temperature']:g} | {label} | {run['mean_acceptance']:.2f} | "
-                     f"{run['tokens_per_second']:.1f} | {speedup} | {agree} |")
+        lines.append(f"| {run['dataset']} | {run['temperature']:g} | {label} | {run['num_prompts']} | "
+                     f"{run['mean_acceptance']:.2f} | {run['tokens_per_second']:.1f} | "
+                     f"{cell(run['speedup_vs_ar'], '.2f')} | {cell(run['speedup_vs_hf'], '.2f')} | "
+                     f"{cell(run['token_agreement_with_ar'], '.3f')} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, prefix: str) -> list[str]:
+    """PNG plots: τ and speedup against budget per dataset, and acceptance histograms (best budget vs chain)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for temperature in sorted({r["temperature"] for r in result["runs"]}):
+        runs = [r for r in result["runs"] if r["temperature"] == temperature]
+        datasets = sorted({r["dataset"] for r in runs})
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name in datasets:
+            trees = sorted((r for r in runs if r["dataset"] == name and r["method"] == "ddtree"), key=lambda r: r["budget"])
+            if not trees:
+                continue
+            budgets = [r["budget"] for r in trees]
+            line = axes[0].plot(budgets, [r["mean_acceptance"] for r in trees], marker="o", label=name)[0]
+            chain = next((r for r in runs if r["dataset"] == name and r["method"] == "dflash"), None)
+            if chain:
+                axes[0].axhline(chain["mean_acceptance"], color=line.get_color(), linestyle=":", linewidth=1)
+            if trees[0]["speedup_vs_ar"] is not None:
+                axes[1].plot(budgets, [r["speedup_vs_ar"] for r in trees], marker="o", label=name, color=line.get_color())
+                if chain and chain["speedup_vs_ar"] is not None:
+                    axes[1].axhline(chain["speedup_vs_ar"], color=line.get_color(), linestyle=":", linewidth=1)
+        for ax, ylabel in zip(axes, ("mean acceptance length τ", "speedup over ar")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tree budget B (dotted: chain DFlash)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{result['device']}, T={temperature:g}")
+        fig.tight_layout()
+        path = f"{prefix}-budget-T{temperature:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], datasets):
+            trees = [r for r in runs if r["dataset"] == name and r["method"] == "ddtree"]
+            best = max(trees, key=lambda r: r["tokens_per_second"], default=None)
+            chain = next((r for r in runs if r["dataset"] == name and r["method"] == "dflash"), None)
+            for run, label in ((chain, "dflash"), (best, f"ddtree B={best['budget']}" if best else "")):
+                if run:
+                    hist = {int(k): v for k, v in run["acceptance_histogram"].items()}
+                    total = sum(hist.values()) or 1
+                    ax.bar(list(hist), [v / total for v in hist.values()], alpha=0.5, label=label)
+            ax.set_title(name)
+            ax.set_xlabel("tokens accepted per round")
+            ax.legend(fontsize=8)
+        axes[0][0].set_ylabel("share of rounds")
+        fig.tight_layout()
+        path = f"{prefix}-histogram-T{temperature:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

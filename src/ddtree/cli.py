@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: mt-bench, mt-bench-first, gsm8k, math500, humaneval, mbpp, alpaca, "
                             "or .jsonl files with 'prompt' or 'turns' (default gsm8k,mt-bench)")
     bench.add_argument("--methods", type=comma(str), default=["ar", "dflash", "ddtree"],
-                       help="comma-separated subset of ar,dflash,ddtree (default all)")
+                       help="comma-separated subset of hf,ar,dflash,ddtree (default ar,dflash,ddtree); hf is "
+                            "transformers' own generate() on the same weights")
+    bench.add_argument("--hf-limit", type=int, default=5, help="hf runs only the first N prompts (slow; default 5)")
     bench.add_argument("--budgets", type=comma(int), default=[16, 64, 256], help="ddtree budgets (default 16,64,256)")
     bench.add_argument("--temperatures", type=comma(float), default=[0.0], help="comma-separated (default 0)")
     bench.add_argument("--limit", type=int, help="only the first N prompts of each dataset")
@@ -219,25 +221,28 @@ def run_init_drafter(args) -> None:
 
 def run_bench(args) -> None:
     from .api import load
-    from .bench import MethodSpec, bench, markdown_table
+    from .bench import MethodSpec, bench, markdown_table, plot
 
     specs = []
     for method in args.methods:
-        if method not in ("ar", "dflash", "ddtree"):
+        if method not in ("hf", "ar", "dflash", "ddtree"):
             raise DDTreeError(f"unknown method {method!r} in --methods")
         specs += [MethodSpec(method, b) for b in args.budgets] if method == "ddtree" else [MethodSpec(method, None)]
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
     engine = load(args.target, args.drafter, args.device, args.dtype)
     result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens, args.repeats,
-                   args.seed, args.data_dir)
+                   args.seed, args.data_dir, args.hf_limit)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f)
+    prefix = os.path.splitext(args.out)[0]
     table = markdown_table(result)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+    with open(prefix + ".md", "w") as f:
         f.write(table)
     print(table)
+    for path in plot(result, prefix):
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def run_prompts(args) -> None:

@@ -31,6 +31,7 @@ class Target:
     eos_token_ids: set[int]
     name: str
     hf_config: object
+    model_dir: str  # the Hugging Face directory the weights came from (GGUF files are converted to one)
 
 
 def cache_root() -> str:
@@ -160,4 +161,4 @@ def load_target(spec: str, device="cpu", dtype=torch.float32) -> Target:
         raise DDTreeError(f"target: cannot load the tokenizer in {model_dir}: {exc}") from exc
     tokenizer.clean_up_tokenization_spaces = False  # BPE text must decode exactly as generated
     name = os.path.basename(spec.rstrip("/"))
-    return Target(model, tokenizer, eos_ids(model_dir, hf_config, tokenizer), name, hf_config)
+    return Target(model, tokenizer, eos_ids(model_dir, hf_config, tokenizer), name, hf_config, model_dir)

@@ -1,0 +1,89 @@
+"""`ddtree bench`: a small CPU run on a tiny model writes the results JSON, the table and the plots;
+the dataset loaders read the shared benchmark files in the published prompt formats."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ddtree.bench import load_dataset
+from ddtree.cli import main
+from ddtree.data import REASONING_SUFFIX
+from ddtree.errors import DDTreeError
+
+TARGET = "llama"
+REQUIRED = {"dataset", "method", "budget", "temperature", "num_prompts", "mean_acceptance", "tokens_per_second",
+            "speedup_vs_ar", "token_agreement_with_ar"}
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def small_run(model_dirs, tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    drafter = work / "drafter"
+    assert main(["init-drafter", "--target", model_dirs[TARGET], "--block-size", "8", "--out", str(drafter)]) == 0
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"prompt": "Tell me a story."}, {"prompt": "What is two plus two?"},
+        {"turns": ["Name a colour.", "And another one?"]},
+    ]))
+    out = work / "results.json"
+    rc = main(["bench", "--target", model_dirs[TARGET], "--drafter", str(drafter), "--datasets", str(prompts),
+               "--methods", "hf,ar,dflash,ddtree", "--budgets", "4,16", "--temperatures", "0,1",
+               "--max-new-tokens", "8", "--hf-limit", "2", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads(out.read_text())
+
+
+def test_results_json_has_every_run(small_run):
+    _, result = small_run
+    assert isinstance(result["device"], str) and result["device"]
+    assert {"torch", "transformers", "git_commit", "command"} <= set(result)
+    runs = result["runs"]
+    labels = {(r["method"], r["budget"], r["temperature"]) for r in runs}
+    for t in (0.0, 1.0):
+        assert {("hf", None, t), ("ar", None, t), ("dflash", None, t), ("ddtree", 4, t), ("ddtree", 16, t)} <= labels
+    for run in runs:
+        assert REQUIRED <= set(run), REQUIRED - set(run)
+        assert run["num_prompts"] == (2 if run["method"] == "hf" else 3)
+        assert run["num_responses"] == (2 if run["method"] == "hf" else 4)  # the two-turn prompt gives two
+        assert run["tokens_per_second"] > 0 and run["mean_acceptance"] >= 1
+        assert run["speedup_vs_ar"] > 0
+
+
+def test_greedy_methods_agree_with_ar(small_run):
+    _, result = small_run
+    for run in result["runs"]:
+        if run["temperature"] == 0 and run["method"] != "hf":
+            assert run["token_agreement_with_ar"] == 1.0, run["method"]
+        if run["temperature"] == 1:
+            assert run["token_agreement_with_ar"] is None
+
+
+def test_table_and_plots_are_written(small_run):
+    out, _ = small_run
+    prefix = os.path.splitext(out)[0]
+    table = open(prefix + ".md").read()
+    assert "| dataset |" in table and "ddtree B=16" in table and "hf" in table
+    for name in ("budget-T0", "histogram-T0", "budget-T1", "histogram-T1"):
+        path = f"{prefix}-{name}.png"
+        assert os.path.getsize(path) > 1000
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="shared benchmark files not beside the checkout")
+def test_dataset_formats():
+    gsm8k = load_dataset("gsm8k", SHARED)
+    assert len(gsm8k) == 1319 and gsm8k[0][0].endswith(REASONING_SUFFIX)
+    mt_bench = load_dataset("mt-bench", SHARED)
+    assert len(mt_bench) == 80 and all(len(turns) == 2 for turns in mt_bench)
+    assert len(load_dataset("math500", SHARED)) == 500
+    assert len(load_dataset("alpaca", SHARED)) == 80
+    humaneval = load_dataset("humaneval", SHARED)
+    assert len(humaneval) == 164 and humaneval[0][0].startswith("Write a solution")
+    mbpp = load_dataset("mbpp", SHARED)
+    assert len(mbpp) == 427 and "assert" in mbpp[0][0]
+    with pytest.raises(DDTreeError):
+        load_dataset("no-such-set", SHARED)
