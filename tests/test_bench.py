@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,15 +32,16 @@ def small_run(model_dirs, tmp_path_factory):
         {"turns": ["Name a colour.", "And another one?"]},
     ]))
     out = work / "results.json"
-    rc = main(["bench", "--target", model_dirs[TARGET], "--drafter", str(drafter), "--datasets", str(prompts),
-               "--methods", "hf,ar,dflash,ddtree", "--budgets", "4,16", "--temperatures", "0,1",
-               "--max-new-tokens", "8", "--hf-limit", "2", "--out", str(out)])
+    common = ["--target", model_dirs[TARGET], "--drafter", str(drafter), "--datasets", str(prompts),
+              "--max-new-tokens", "8"]
+    rc = main(["bench", *common, "--methods", "hf,ar,dflash,ddtree", "--budgets", "4,16", "--temperatures", "0,1",
+               "--hf-limit", "2", "--out", str(out)])
     assert rc == 0
-    return out, json.loads(out.read_text())
+    return out, json.loads(out.read_text()), common
 
 
 def test_results_json_has_every_run(small_run):
-    _, result = small_run
+    _, result, _ = small_run
     assert isinstance(result["device"], str) and result["device"]
     assert {"torch", "transformers", "git_commit", "command"} <= set(result)
     runs = result["runs"]
@@ -54,7 +57,7 @@ def test_results_json_has_every_run(small_run):
 
 
 def test_greedy_methods_agree_with_ar(small_run):
-    _, result = small_run
+    _, result, _ = small_run
     for run in result["runs"]:
         if run["temperature"] == 0 and run["method"] != "hf":
             assert run["token_agreement_with_ar"] == 1.0, run["method"]
@@ -63,7 +66,7 @@ def test_greedy_methods_agree_with_ar(small_run):
 
 
 def test_table_and_plots_are_written(small_run):
-    out, _ = small_run
+    out, _, _ = small_run
     prefix = os.path.splitext(out)[0]
     table = open(prefix + ".md").read()
     assert "| dataset |" in table and "ddtree B=16" in table and "hf" in table
@@ -87,3 +90,23 @@ def test_dataset_formats():
     assert len(mbpp) == 427 and "assert" in mbpp[0][0]
     with pytest.raises(DDTreeError):
         load_dataset("no-such-set", SHARED)
+
+
+def test_data_parallel_run_gathers_the_same_results(small_run, tmp_path):
+    """Two processes under torchrun (gloo, CPU) shard the prompts; rank 0 writes the gathered results."""
+    _, single, common = small_run
+    out = tmp_path / "dp.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ddtree.cli", "bench", *common, "--methods", "ar,ddtree", "--budgets", "4",
+               "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    expected = {(r["method"], r["budget"]): r for r in single["runs"] if r["temperature"] == 0}
+    for run in result["runs"]:
+        want = expected[(run["method"], run["budget"])]
+        assert run["num_prompts"] == 3
+        assert [r["token_ids"] for r in run["responses"]] == [r["token_ids"] for r in want["responses"]]
+        assert [r["conversation"] for r in run["responses"]] == [0, 1, 2, 2]

@@ -184,14 +184,42 @@ def environment(engine) -> dict:
             "dtype": str(engine.dtype).removeprefix("torch."), "target": engine.target.name}
 
 
+def world() -> tuple[int, int]:
+    """(rank, size) of a torchrun data-parallel run, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(responses: list[dict]) -> list[dict]:
+    """Every rank's responses, in conversation order (a stable sort keeps each conversation's turns in order)."""
+    rank, size = world()
+    if size == 1:
+        return responses
+    import torch.distributed as dist
+
+    parts: list[list[dict] | None] = [None] * size
+    dist.all_gather_object(parts, responses)
+    return sorted((r for part in parts for r in part), key=lambda r: r["conversation"])
+
+
 def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: list[float], limit: int | None,
           max_new_tokens: int, repeats: int, seed: int, root: str | None = None, hf_limit: int = 5) -> dict:
-    """Runs every (dataset, temperature, method) and returns the results document."""
-    result = environment(engine) | {"max_new_tokens": max_new_tokens, "repeats": repeats, "seed": seed, "runs": []}
+    """Runs every (dataset, temperature, method) and returns the results document.
+
+    Under torchrun, each rank takes every size-th conversation and the responses are gathered on
+    all ranks, so every rank returns the same document.
+    """
+    rank, size = world()
+    result = environment(engine) | {"max_new_tokens": max_new_tokens, "repeats": repeats, "seed": seed,
+                                    "world_size": size, "runs": []}
     conversations = {name: load_dataset(name, root)[:limit] for name in datasets}
     per_spec = lambda spec, convs: min(len(convs), hf_limit) if spec.method == "hf" else len(convs)  # noqa: E731
-    total = sum(per_spec(spec, c) for c in conversations.values() for spec in specs) * len(temperatures)
-    bar = tqdm(total=total, desc="bench", unit="prompt")
+    mine = lambda count: range(rank, count, size)  # noqa: E731
+    total = sum(len(mine(per_spec(spec, c))) for c in conversations.values() for spec in specs) * len(temperatures)
+    bar = tqdm(total=total, desc="bench", unit="prompt", disable=rank != 0)
     hf = None
     for name, convs in conversations.items():
         engine.generate(convs[0][0], chat=True, max_new_tokens=8, method="ar")  # warm-up
@@ -206,10 +234,10 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
                 else:
                     generate = functools.partial(engine.generate, method=spec.method, budget=spec.budget)
                 responses = []
-                for index, conv in enumerate(convs[:hf_limit] if spec.method == "hf" else convs):
-                    responses += run_conversation(generate, conv, options, repeats, index)
+                for index in mine(per_spec(spec, convs)):
+                    responses += run_conversation(generate, convs[index], options, repeats, index)
                     bar.update(1)
-                per_method[spec.label] = responses
+                per_method[spec.label] = gather(responses)
             ar, hf_responses = per_method.get("ar"), per_method.get("hf")
             for spec in specs:
                 responses = per_method[spec.label]

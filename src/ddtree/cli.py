@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark methods on prompt sets",
                                 description="Run ar, dflash and ddtree (a budget sweep) over prompt sets in one "
                                             "engine; write a results JSON (device, versions, commit, command, every "
-                                            "response) and a markdown table next to it.")
+                                            "response), a markdown table and PNG plots next to it. Under torchrun "
+                                            "(e.g. torchrun --nproc_per_node 2 -m ddtree.cli bench ...) the "
+                                            "prompts are sharded over the processes, one GPU each (gloo on the "
+                                            "CPU), and rank 0 writes the gathered results.")
     add_model_options(bench)
     comma = lambda kind: (lambda s: [kind(x) for x in s.split(",") if x])  # noqa: E731
     bench.add_argument("--datasets", type=comma(str), default=["gsm8k", "mt-bench"],
@@ -230,9 +233,12 @@ def run_bench(args) -> None:
         specs += [MethodSpec(method, b) for b in args.budgets] if method == "ddtree" else [MethodSpec(method, None)]
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
-    engine = load(args.target, args.drafter, args.device, args.dtype)
+    rank, device = start_data_parallel(args.device)
+    engine = load(args.target, args.drafter, device, args.dtype, quiet=rank != 0)
     result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens, args.repeats,
                    args.seed, args.data_dir, args.hf_limit)
+    if rank != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f)
@@ -243,6 +249,22 @@ def run_bench(args) -> None:
     print(table)
     for path in plot(result, prefix):
         print(f"wrote {path}", file=sys.stderr)
+
+
+def start_data_parallel(device: str | None) -> tuple[int, str | None]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per rank (gloo on the CPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return dist.get_rank(), f"cuda:{local}"
+    return dist.get_rank(), "cpu"
 
 
 def run_prompts(args) -> None:
