@@ -149,6 +149,7 @@ class Generation:
         self.engine, self.ids, self.method, self.params = engine, ids, method, params
         self.budget = budget if method == "ddtree" else None
         self.generator, self.stopper = generator, stopper
+        self.taps = engine.taps if method != "ar" else ()  # target features only feed a drafter
         self.stats: dict = {"prompt_tokens": len(ids), "method": method, "budget": self.budget}
 
     def __iter__(self) -> Iterator[StreamChunk]:
@@ -162,7 +163,6 @@ class Generation:
         room = min(engine.context_limit, prompt_len + self.stopper.max_new_tokens)
         cache = model.new_cache(room + max_nodes + 1)
         draft_cache = drafter.new_cache(room) if block > 1 else None
-        self.taps = engine.taps if block > 1 else ()  # target features only feed a drafter
 
         with torch.inference_mode():
             # Prefill: the prompt fills the cache; its last logits choose the first new token.
