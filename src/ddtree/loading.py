@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ def convert_gguf(path: str) -> str:
     out = os.path.join(cache_root(), "gguf", f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
     if os.path.isfile(os.path.join(out, "done")):
         return out
-    print(f"ddtree: converting {os.path.basename(path)} once into {out}", flush=True)
+    print(f"ddtree: converting {os.path.basename(path)} once into {out}", file=sys.stderr, flush=True)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

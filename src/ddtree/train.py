@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .drafter import Drafter, save_drafter
 from .loading import Target
+from .model import causal_mask
 from .tree import best_first_tree
 
 STATE_NAME = "train_state.pt"
@@ -128,8 +129,6 @@ def drafter_logits(target: Target, drafter: Drafter, batch: Batch, features: tor
 
 
 def target_features(target: Target, drafter: Drafter, ids: torch.Tensor) -> torch.Tensor:
-    from .model import causal_mask
-
     model = target.model
     width = ids.shape[1]
     positions = torch.arange(width, device=ids.device)[None].expand(ids.shape[0], -1)

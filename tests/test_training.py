@@ -1,0 +1,88 @@
+"""The training pipeline on a tiny target: regenerate, train, checkpoint, resume; and the data hygiene."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ddtree.cli import main
+from ddtree.data import SequenceFile, remove_overlap
+from ddtree.drafter import load_drafter
+from ddtree.train import make_batch
+
+TARGET = "qwen3"
+
+
+def test_overlap_filter_drops_prompts_sharing_an_eight_gram():
+    forbidden = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many in May."]
+    prompts = ["Natalia sold clips to 48 of her friends in April and then she went home.",  # shares 8 words
+               "Natalia sold pencils in April.", "Write a poem about the sea."]
+    kept, dropped = remove_overlap(prompts, forbidden)
+    assert kept == prompts[1:] and dropped == 1
+
+
+def test_regenerated_responses_are_the_targets_greedy_output(model_dirs, make_engine, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["Tell me a story.", "Count to five.", "Hi"]
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    out = tmp_path / "data.npz"
+    assert main(["regenerate", "--target", model_dirs[TARGET], "--prompts", str(prompts), "--out", str(out),
+                 "--max-new-tokens", "12", "--batch-size", "2"]) == 0
+    sequences, starts = SequenceFile.load([str(out)])
+    engine = make_engine(TARGET)
+    for text, seq, start in zip(texts, sequences, starts):
+        prompt = engine.encode(text, chat=True)
+        assert seq[:start].tolist() == prompt
+        expected = engine.generate(prompt, method="ar", max_new_tokens=12).token_ids
+        assert seq[start:].tolist() == expected
+
+
+def test_training_blocks_see_only_context_before_their_anchor():
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(100, 140), np.arange(200, 220)]
+    batch = make_batch(seqs, [10, 5], anchors_per_seq=4, block_size=4, mask_id=7, rng=rng, device="cpu")
+    width = batch.ids.shape[1]
+    for row in range(2):
+        for j in range(4):
+            anchor = int(batch.block_positions[row, j * 4])
+            block_ids = batch.block_ids[row, j * 4:(j + 1) * 4].tolist()
+            assert block_ids == [int(batch.ids[row, anchor]), 7, 7, 7]
+            mask = batch.mask[row, 0, j * 4]
+            assert mask[:width].nonzero().flatten().tolist() == list(range(anchor))
+            assert mask[width:].nonzero().flatten().tolist() == list(range(j * 4, (j + 1) * 4))
+            labels = batch.labels[row, j].tolist()
+            truth = [int(batch.ids[row, p]) if p < len(seqs[row]) else -100 for p in range(anchor + 1, anchor + 4)]
+            assert labels == truth
+
+
+def test_train_checkpoint_and_resume(model_dirs, tmp_path):
+    rng = np.random.default_rng(1)
+    sequences = [rng.integers(3, 250, size=int(rng.integers(20, 40))).tolist() for _ in range(24)]
+    data = tmp_path / "data.npz"
+    SequenceFile.save(str(data), sequences, [5] * len(sequences))
+    out = tmp_path / "drafter"
+    common = ["train-drafter", "--target", model_dirs[TARGET], "--data", str(data), "--out", str(out),
+              "--layers", "1", "--block-size", "8", "--batch-size", "4", "--anchors", "4", "--eval-every", "4",
+              "--save-every", "4", "--eval-sequences", "4", "--eval-budgets", "4,16"]
+    assert main([*common, "--epochs", "1"]) == 0
+    drafter = load_drafter(str(out))
+    assert drafter.cfg.block_size == 8 and drafter.cfg.num_layers == 1
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r for r in rows if "chain_tau" in r]
+    assert evals and all(r["chain_tau"] >= 1 and r["tree_tau_16"] >= r["tree_tau_4"] >= 1 for r in evals)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    first_steps = state["step"]
+    assert main([*common, "--epochs", "2", "--resume"]) == 0
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2 * first_steps
+    assert os.path.getsize(out / "model.safetensors") > 0
+
+
+@pytest.mark.parametrize("bad", [["--data", "missing.npz"]])
+def test_train_with_missing_data_is_a_clean_error(model_dirs, tmp_path, capsys, bad):
+    rc = main(["train-drafter", "--target", model_dirs[TARGET], "--out", str(tmp_path / "d"), *bad])
+    assert rc == 2 and "not found" in capsys.readouterr().err
