@@ -299,7 +299,8 @@ def plot(result: dict, prefix: str) -> list[str]:
             ax.set_xlabel("tree budget B (dotted: chain DFlash)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.suptitle(f"{result['device']}, T={temperature:g}")
         fig.tight_layout()
         path = f"{prefix}-budget-T{temperature:g}.png"
