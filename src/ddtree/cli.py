@@ -36,12 +36,17 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="stop when the output contains TEXT (not included in the output); repeatable")
 
 
+def comma(kind):
+    """An argparse type for comma-separated values of `kind`."""
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
 def add_drafter_shape_options(parser: argparse.ArgumentParser, default_layers: int) -> None:
     parser.add_argument("--layers", type=int, default=default_layers,
                         help=f"decoder layers of a new drafter (default {default_layers})")
     parser.add_argument("--block-size", type=int, default=16,
                         help="tokens per drafted block, bonus included (default 16)")
-    parser.add_argument("--target-layer-ids", type=lambda s: [int(x) for x in s.split(",")],
+    parser.add_argument("--target-layer-ids", type=comma(int),
                         help="comma-separated target layers whose outputs feed the drafter (default: spread evenly)")
 
 
@@ -87,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
                                             "prompts are sharded over the processes, one GPU each (gloo on the "
                                             "CPU), and rank 0 writes the gathered results.")
     add_model_options(bench)
-    comma = lambda kind: (lambda s: [kind(x) for x in s.split(",") if x])  # noqa: E731
     bench.add_argument("--datasets", type=comma(str), default=["gsm8k", "mt-bench"],
                        help="comma-separated: mt-bench, mt-bench-first, gsm8k, math500, humaneval, mbpp, alpaca, "
                             "or .jsonl files with 'prompt' or 'turns' (default gsm8k,mt-bench)")
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = train_config_defaults()
     for name, value in defaults.items():
         if isinstance(value, tuple):
-            train.add_argument(f"--{name.replace('_', '-')}", type=lambda s: tuple(int(x) for x in s.split(",")),
+            train.add_argument(f"--{name.replace('_', '-')}", type=lambda s: tuple(comma(int)(s)),
                                default=value, help=f"comma-separated (default {','.join(map(str, value))})")
         else:
             train.add_argument(f"--{name.replace('_', '-')}", type=float if isinstance(value, float) or value is None
