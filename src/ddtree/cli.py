@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -228,7 +229,7 @@ def run_init_drafter(args) -> None:
 
 def run_bench(args) -> None:
     from .api import load
-    from .bench import MethodSpec, bench, markdown_table, plot
+    from .bench import MethodSpec, bench
 
     specs = []
     for method in args.methods:
@@ -237,16 +238,21 @@ def run_bench(args) -> None:
         specs += [MethodSpec(method, b) for b in args.budgets] if method == "ddtree" else [MethodSpec(method, None)]
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
-    rank, device = start_data_parallel(args.device)
-    engine = load(args.target, args.drafter, device, args.dtype, quiet=rank != 0)
-    result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens, args.repeats,
-                   args.seed, args.data_dir, args.hf_limit)
-    if rank != 0:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with data_parallel(args.device) as (rank, device):
+        engine = load(args.target, args.drafter, device, args.dtype, quiet=rank != 0)
+        result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens,
+                       args.repeats, args.seed, args.data_dir, args.hf_limit)
+        if rank == 0:
+            write_bench_outputs(result, args.out)
+
+
+def write_bench_outputs(result: dict, out: str) -> None:
+    from .bench import markdown_table, plot
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f)
-    prefix = os.path.splitext(args.out)[0]
+    prefix = os.path.splitext(out)[0]
     table = markdown_table(result)
     with open(prefix + ".md", "w") as f:
         f.write(table)
@@ -255,20 +261,31 @@ def run_bench(args) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def start_data_parallel(device: str | None) -> tuple[int, str | None]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per rank (gloo on the CPU)."""
+@contextlib.contextmanager
+def data_parallel(device: str | None):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per rank (gloo on the CPU).
+
+    Yields (rank, device). On the way out every rank waits for the others before leaving the group:
+    a rank that exits while rank 0 still writes would tear down gloo's connections under it.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, device
+        yield 0, device
+        return
     import torch
     import torch.distributed as dist
 
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return dist.get_rank(), f"cuda:{local}"
-    return dist.get_rank(), "cpu"
+    try:
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            yield dist.get_rank(), f"cuda:{local}"
+        else:
+            yield dist.get_rank(), "cpu"
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def run_prompts(args) -> None:
