@@ -205,11 +205,13 @@ class Oracle:
         real = engine_module.Generation.draft
         oracle = self
 
-        def draft(gen, bonus, committed, context_rows, pending, draft_cache):
-            log_probs = real(gen, bonus, committed, context_rows, pending, draft_cache).clone()
+        def draft(gen, features, attend):
+            real(gen, features, attend)
+            log_probs = gen.workspace.log_probs  # edited in place: the tree stage reads it next
             oracle.calls += 1
             prefix = list(gen.ids) + list(gen.stopper.tokens)
-            assert prefix[-1] == bonus and len(prefix) == committed + 1
+            committed = int(gen.workspace.committed)
+            assert prefix[-1] == int(gen.workspace.bonus) and len(prefix) == committed + 1
             true = oracle.continuation(prefix, log_probs.shape[0])
             for depth, token in enumerate(true or []):
                 rank = oracle.rank(depth, committed + 1 + depth)
@@ -223,7 +225,6 @@ class Oracle:
                 first, second = (token, wrong) if rank == 0 else (wrong, token)
                 row[first], row[second] = math.log(oracle.masses[0]), math.log(oracle.masses[1])
                 log_probs[depth] = torch.log_softmax(row, dim=-1)
-            return log_probs
 
         monkeypatch.setattr(engine_module.Generation, "draft", draft)
         return self

@@ -18,7 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import DDTreeError
-from .model import MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, load_weights, rope_inverse_frequencies
+from .model import (
+    MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, attention_bias, load_weights, rope_inverse_frequencies,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -127,24 +129,23 @@ class DraftAttention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def heads(self, x, proj, count, norm=None):
+        """[B, T, hidden] -> [B, T, count, head_dim], with the per-head norm where given."""
         out = proj(x).view(x.shape[0], x.shape[1], count, self.head_dim)
-        return (norm(out) if norm is not None else out).transpose(1, 2)
+        return norm(out) if norm is not None else out
 
     def keys_values(self, x, cos, sin):
         k = apply_rotary(self.heads(x, self.k_proj, self.num_kv_heads, self.k_norm), cos, sin)
-        return k, self.heads(x, self.v_proj, self.num_kv_heads)
+        return k.transpose(1, 2), self.heads(x, self.v_proj, self.num_kv_heads).transpose(1, 2)
 
-    def forward(self, block, context, rope_block, rope_context, mask, cache, layer, start):
+    def forward(self, block, context, rope_block, rope_context, bias, cache, layer, slots):
         """block: [B, S, H] normed block states; context: [B, C, H] fused context rows (new rows only with a cache)."""
         q = apply_rotary(self.heads(block, self.q_proj, self.num_heads, self.q_norm), *rope_block)
         k_ctx, v_ctx = self.keys_values(context, *rope_context)
         k_blk, v_blk = self.keys_values(block, *rope_block)
         k, v = torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)
         if cache is not None:
-            # Context rows are kept; the block's rows land after them and are overwritten next round.
-            k, v = cache.write(layer, start, k, v)
-        out = attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(block.shape[0], block.shape[1], -1))
+            k, v = cache.write(layer, slots, k, v, bias.shape[-1])
+        return self.o_proj(attention(q, k, v, bias))
 
 
 class DraftLayer(nn.Module):
@@ -155,8 +156,8 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, context, rope_block, rope_context, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, mask, cache, layer, start)
+    def forward(self, x, context, rope_block, rope_context, bias, cache, layer, slots):
+        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, bias, cache, layer, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -172,9 +173,12 @@ class Drafter(nn.Module):
         inv_freq, scaling = rope_inverse_frequencies(cfg.hf_config(), cfg.head_dim)
         self.rotary = Rotary(inv_freq, scaling, cfg.max_positions)
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, context: int) -> KVCache:
+        """A cache laid out as [block scratch | context row of position p at slot block + p | one block of spare]:
+        the block's own rows are rewritten every round, context rows stay, and a round may write a whole
+        block of context rows of which only the accepted ones are ever attended."""
         cfg, weight = self.cfg, self.fc.weight
-        capacity = min(capacity + cfg.block_size, cfg.max_positions)
+        capacity = context + 2 * cfg.block_size
         return KVCache(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
 
     def forward(
@@ -185,22 +189,25 @@ class Drafter(nn.Module):
         context_positions: torch.Tensor,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Returns the final-normed states of the block [B, S, H]; logits come from the target's LM head.
 
         block_embeds: [B, S, H] (target embedding of the block ids). context_features: the target's
-        tapped layer outputs [B, C, len(target_layer_ids) * H]. With a cache, the context rows are
-        appended at slot `start` and all earlier context rows are attended too; without one, `mask`
-        (bool [B or 1, 1, S, C + S], None = everything) says what each block query sees.
+        tapped layer outputs [B, C, len(target_layer_ids) * H]. `mask` (bool [B or 1, 1, S, L]) says
+        what each block query sees: without a cache the C context rows then the S block rows (None =
+        everything); with a cache, cache slots 0..L after the C context rows and then the S block
+        rows have been written at `slots` (a tensor of C + S slot indices).
         """
         context = self.hidden_norm(self.fc(context_features))
         dtype = block_embeds.dtype
         rope_block = self.rotary(block_positions, dtype)
         rope_context = self.rotary(context_positions, dtype)
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        bias = attention_bias(mask, groups, dtype) if mask is not None else None
         x = block_embeds
         for index, layer in enumerate(self.layers):
-            x = layer(x, context, rope_block, rope_context, mask, cache, index, start)
+            x = layer(x, context, rope_block, rope_context, bias, cache, index, slots)
         return self.norm(x)
 
 

@@ -1,20 +1,28 @@
 """The decoding engine: target-only (`ar`), chain DFlash (`dflash`) and DDTree (`ddtree`) in one loop.
 
-All three methods share the caches, the verify forward and the acceptance walk; they differ only
-in which tree is verified each round (none, a chain, or the best-first tree), so their speeds
-compare fairly.
+All three methods share the caches, the verify forward and the acceptance step; they differ only
+in which tree is verified each round (the bonus token alone, a chain, or the best-first tree), so
+their speeds compare fairly.
 
 A round starts from the bonus token b at position s: a token the target chose whose K/V is not yet
 in the cache. The drafter proposes a block after b, a tree is built from it, the target runs b plus
-every node in one forward under the ancestor-only mask, and the walk keeps the longest path that
-matches the target's own choices. The path's K/V rows move into place, their tapped features
+every node in one forward under the ancestor-only mask, and the longest path that matches the
+target's own choices is accepted. The path's K/V rows move into place, their tapped features
 become drafter context, and the choice at the path's end is the next bonus token.
+
+Every round works on persistent buffers with shapes fixed by (method, budget, attended length):
+the decoding state lives on the device, the four stages (draft, tree, verify, commit) only update
+buffers in place, and the host reads back one small tensor per round (how many tokens were
+accepted, and which). On CUDA each stage is captured once per shape as a CUDA graph and replayed,
+which removes the per-kernel launch overhead that otherwise dominates a small model; on the CPU
+the same stages run eagerly.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -23,32 +31,71 @@ from .drafter import Drafter
 from .errors import DDTreeError
 from .loading import Target
 from .model import causal_mask
-from .sampling import SamplingParams, choose_tokens
 from .results import GenerationResult, StreamChunk
+from .sampling import SamplingParams, filtered_logits
 from .stopping import StopChecker
-from .tree import DraftTree, best_first_tree, chain_tree, compile_tree, empty_tree
+from .tree import ancestor_mask, best_first_nodes, chain_nodes, dominating_pairs, tree_size
 
 METHODS = ("ar", "dflash", "ddtree")
-# Default tree budgets: measured best on the 2-core CPU (docs/results/cpu-budgets.md); on CUDA the
-# eager loop pays per-call overhead whatever the width, so a wider tree costs little.
+# Default tree budgets: measured best on the 2-core CPU (docs/results/cpu-budgets.md) and on the H200.
 DEFAULT_BUDGET = {"cpu": 16, "cuda": 64}
-STAGES = ("prefill", "draft", "tree", "verify", "commit")
+STAGES = ("prefill", "draft", "tree", "verify", "commit", "host")
+# Attended lengths are rounded up to a multiple of this, so a handful of graph shapes serve every context.
+ATTEND_STEP = {"cpu": 32, "cuda": 256}
 
 
-@dataclass
-class Timer:
-    """Wall-clock per stage; on CUDA it synchronises at stage ends so the figures mean something."""
+class StageClock:
+    """Time per stage. On CUDA, events recorded between stages (no synchronisation until `totals`);
+    elsewhere the wall clock. A stage's time runs from the previous mark to its own; `host` is the gap
+    between a round's last stage and the next round's first, where the host reads results and decides."""
 
-    device: torch.device
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    last: float = field(default_factory=time.perf_counter)
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+        self.mark("start")
 
-    def lap(self, stage: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[stage] += now - self.last
-        self.last = now
+    def mark(self, stage: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((stage, event))
+        else:
+            self.marks.append((stage, time.perf_counter()))
+
+    def totals(self) -> dict[str, float]:
+        seconds = dict.fromkeys(STAGES, 0.0)
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        for (_, before), (stage, after) in itertools.pairwise(self.marks):
+            gap = before.elapsed_time(after) / 1000 if self.cuda else after - before
+            seconds["host" if stage == "round" else stage] += gap
+        return seconds
+
+
+class Graphs:
+    """Runs stage functions: on CUDA each (stage, shape) is captured once as a CUDA graph and then
+    replayed; elsewhere the function runs eagerly. A stage function reads and writes only persistent
+    buffers, so a replay computes exactly what a fresh call would."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self.captured: dict[tuple, torch.cuda.CUDAGraph] = {}
+
+    def run(self, key: tuple, stage: Callable[[], None]) -> None:
+        if not self.enabled:
+            stage()
+            return
+        graph = self.captured.get(key)
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                stage()
+            self.captured[key] = graph
+        graph.replay()
+
+
+def round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 class Engine:
@@ -63,6 +110,19 @@ class Engine:
             self.taps = tuple(drafter.cfg.target_layer_ids)
         else:
             self.taps = ()
+        self.workspace: Workspace | None = None
+        self.graphs = Graphs(device)
+
+    def workspace_for(self, context: int, nodes: int) -> "Workspace":
+        """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""
+        old = self.workspace
+        if old is None or old.context < context or old.max_nodes < nodes:
+            if old is not None:
+                context, nodes = max(context, old.context), max(nodes, old.max_nodes)
+            self.graphs.captured.clear()  # they point into the old buffers
+            self.workspace = None  # let the old buffers go before the new ones are allocated
+            self.workspace = Workspace(self, round_up(context, 1024), nodes)
+        return self.workspace
 
     # ----- prompts -------------------------------------------------------------------------------
 
@@ -142,8 +202,75 @@ class Engine:
         return Generation(self, ids, method, budget, params, generator, stopper)
 
 
+class Workspace:
+    """Buffers that persist across requests: both caches and the per-round decoding state.
+
+    The target cache holds `context` committed tokens plus one verify's nodes; the drafter cache is
+    laid out as `Drafter.new_cache` describes. The state tensors are what the stages read and write:
+    `committed` (tokens in the target cache, also the bonus token's position), `bonus`, `pending_start`
+    (position of the first context row the drafter has not yet seen) and `features` (those rows).
+    """
+
+    def __init__(self, engine: "Engine", context: int, max_nodes: int):
+        model, drafter, device = engine.model, engine.drafter, engine.device
+        self.context, self.max_nodes = context, max_nodes
+        self.cache = model.new_cache(context + max_nodes + 1)
+        self.draft_cache = drafter.new_cache(context) if drafter is not None else None
+        self.block = drafter.cfg.block_size if drafter is not None else 1
+        longest = max(self.cache.capacity, self.draft_cache.capacity if drafter is not None else 0)
+        self.steps = torch.arange(longest, device=device)
+        self.committed = torch.zeros((), dtype=torch.long, device=device)
+        self.pending_start = torch.zeros((), dtype=torch.long, device=device)
+        self.bonus = torch.zeros((), dtype=torch.long, device=device)
+        if drafter is not None:
+            width = len(engine.taps) * model.cfg.hidden_size
+            self.features = torch.zeros(1, self.block, width, device=device, dtype=engine.dtype)
+            self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
+            self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
+        self.trees: dict[int, "TreeBuffers"] = {}
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.owner: object | None = None
+
+    def tree(self, size: int, engine: "Engine") -> "TreeBuffers":
+        if size not in self.trees:
+            self.trees[size] = TreeBuffers(size, min(self.block, size), engine, self)
+        return self.trees[size]
+
+
+@dataclass
+class TreeBuffers:
+    """One round's tree and its verification, for trees of `size` rows (the root and its nodes)."""
+
+    size: int
+    path_rows: int  # the longest path a tree of this size can have: min(block, size)
+    ids: torch.Tensor = field(init=False)
+    parents: torch.Tensor = field(init=False)
+    depths: torch.Tensor = field(init=False)
+    mask: torch.Tensor = field(init=False)  # ancestor-or-self [size, size]
+    choices: torch.Tensor = field(init=False)
+    noise: torch.Tensor | None = field(init=False)  # exponential noise for sampling, refilled every round
+    out: torch.Tensor = field(init=False)  # [accepted count, the tokens this round adds...]
+
+    def __init__(self, size: int, path_rows: int, engine: "Engine", workspace: Workspace):
+        device, vocab = engine.device, engine.model.cfg.vocab_size
+        self.size, self.path_rows = size, path_rows
+        self.ids = torch.zeros(size, dtype=torch.long, device=device)
+        self.parents = torch.zeros(size, dtype=torch.long, device=device)
+        self.depths = torch.zeros(size, dtype=torch.long, device=device)
+        self.mask = torch.eye(size, dtype=torch.bool, device=device)
+        self.choices = torch.zeros(size, dtype=torch.long, device=device)
+        self.features = workspace.features.new_zeros(1, size, workspace.features.shape[-1]) if engine.taps else None
+        self.noise = None
+        self.out = torch.zeros(path_rows + 1, dtype=torch.long, device=device)
+
+    def sampling_noise(self, vocab: int, generator: torch.Generator) -> torch.Tensor:
+        if self.noise is None:
+            self.noise = torch.empty(self.size, vocab, device=self.ids.device)
+        return self.noise.exponential_(generator=generator)
+
+
 class Generation:
-    """One request's decoding state and loop, as an iterator of StreamChunk."""
+    """One request's decoding loop, as an iterator of StreamChunk; `.stats` holds timing afterwards."""
 
     def __init__(self, engine: Engine, ids, method, budget, params, generator, stopper: StopChecker):
         self.engine, self.ids, self.method, self.params = engine, ids, method, params
@@ -151,97 +278,167 @@ class Generation:
         self.generator, self.stopper = generator, stopper
         self.taps = engine.taps if method != "ar" else ()  # target features only feed a drafter
         self.stats: dict = {"prompt_tokens": len(ids), "method": method, "budget": self.budget}
+        drafter = engine.drafter
+        self.block = drafter.cfg.block_size if drafter is not None and method != "ar" else 1
+        depth = self.block - 1
+        self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(budget, depth, engine.model.cfg.vocab_size)}[method]
+        # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
+        context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
+        self.workspace = engine.workspace_for(context, self.size)
+        self.prompt_features: torch.Tensor | None = None  # drafter context for the first round
 
     def __iter__(self) -> Iterator[StreamChunk]:
-        engine = self.engine
-        model, drafter, device = engine.model, engine.drafter, engine.device
-        timer = Timer(device)
-        started = timer.last
-        block = drafter.cfg.block_size if drafter is not None and self.method != "ar" else 1
-        max_nodes = {"ar": 0, "dflash": block - 1, "ddtree": self.budget or 0}[self.method]
-        prompt_len = len(self.ids)
-        room = min(engine.context_limit, prompt_len + self.stopper.max_new_tokens)
-        cache = model.new_cache(room + max_nodes + 1)
-        draft_cache = drafter.new_cache(room) if block > 1 else None
-
+        engine, ws = self.engine, self.workspace
+        clock = StageClock(engine.device)
+        started = time.perf_counter()
+        ws.owner = self
         with torch.inference_mode():
-            # Prefill: the prompt fills the cache; its last logits choose the first new token.
-            ids = torch.tensor([self.ids], device=device)
-            hidden, features = model(
-                ids, torch.arange(prompt_len, device=device)[None], causal_mask(prompt_len, 0, device), cache, 0, self.taps
-            )
-            bonus = int(choose_tokens(model.logits(hidden[0, -1:]), self.params, self.generator)[0])
-            timer.lap("prefill")
-            committed = prompt_len  # K/V rows in the target cache; the bonus token sits at this position
-            context_rows = 0  # context rows in the drafter cache
-            pending = features  # target features of committed tokens the drafter has not seen yet
-            chunk = self.stopper.push([bonus])
+            chunk = self.prefill()
+            clock.mark("prefill")
             yield chunk
+            committed = len(self.ids)
+            size = self.size
+            first = True
             while chunk.finish_reason is None:
-                # Tokens this round may still add after the bonus: the request's and the context's limits.
-                room_left = min(self.stopper.remaining, engine.context_limit - committed - 1)
-                if room_left < 1:
+                # A drafting round needs its deepest node inside the context; near the end, one token at a time.
+                if size > 1 and committed + self.block + 1 > engine.context_limit:
+                    size = 1
+                if committed + 2 > engine.context_limit:
                     yield self.stopper.finish("length")
                     break
-                depth_limit = min(block - 1, room_left - 1)
-                tree = empty_tree()
-                drafted = depth_limit > 0 and max_nodes > 0
-                if drafted:
-                    log_probs = self.draft(bonus, committed, context_rows, pending, draft_cache)[:depth_limit]
-                    context_rows = committed
-                    timer.lap("draft")
-                    if self.method == "ddtree":  # near the end of the cache, fewer nodes fit
-                        tree = best_first_tree(log_probs, min(max_nodes, cache.capacity - committed - 1))
-                    else:
-                        tree = chain_tree(log_probs)
-                    timer.lap("tree")
-                path, choices, features = self.verify(tree, bonus, committed, cache)
-                timer.lap("verify")
-                accepted = [bonus] + [tree.tokens[node - 1] for node in path[1:]]
-                bonus = choices[path[-1]]
-                if path[-1] != len(path) - 1:  # the path's rows are not already in place (a chain's always are)
-                    cache.move_rows(torch.tensor(path, device=device) + committed, committed)
-                if features is not None:
-                    # Without a draft this round the drafter has not seen the older pending rows yet.
-                    pending = features[:, path] if drafted else torch.cat([pending, features[:, path]], dim=1)
-                committed += len(accepted)
-                timer.lap("commit")
-                chunk = self.stopper.push(accepted[1:] + [bonus])
+                if ws.owner is not self or engine.workspace is not ws:
+                    raise DDTreeError("another generation started on this engine; finish one stream before the next")
+                clock.mark("round")
+                count, tokens = self.round(size, committed, first, clock)
+                first = False
+                committed += count
+                chunk = self.stopper.push(tokens)
                 chunk.acceptance_length = len(chunk.token_ids)
                 yield chunk
         self.stats["seconds"] = time.perf_counter() - started
-        self.stats["stage_seconds"] = timer.seconds
+        self.stats["stage_seconds"] = clock.totals()
 
-    def draft(self, bonus: int, committed: int, context_rows: int, pending, draft_cache) -> torch.Tensor:
-        """Per-depth log-probs [block-1, V] for the tokens after the bonus token, from one drafter pass."""
-        engine = self.engine
-        drafter, model, device = engine.drafter, engine.model, engine.device
-        block = drafter.cfg.block_size
-        block_ids = torch.full((1, block), drafter.cfg.mask_token_id, device=device)
-        block_ids[0, 0] = bonus
-        block_positions = torch.arange(committed, committed + block, device=device)[None]
-        context_positions = torch.arange(context_rows, committed, device=device)[None]
-        hidden = drafter(
-            model.embed_tokens(block_ids), block_positions, pending, context_positions, None, draft_cache, context_rows
+    def prefill(self) -> StreamChunk:
+        """The prompt fills the cache and its last logits choose the first new token (the first bonus)."""
+        engine, ws = self.engine, self.workspace
+        model, device, length = engine.model, engine.device, len(self.ids)
+        ids = torch.tensor([self.ids], device=device)
+        hidden, features = model(ids, ws.steps[None, :length], causal_mask(length, 0, device), ws.cache, 0, self.taps)
+        ws.bonus.copy_(self.choose(model.logits(hidden[0, -1:]), None)[0])
+        ws.committed.fill_(length)
+        ws.pending_start.zero_()
+        self.prompt_features = features
+        return self.stopper.push([int(ws.bonus)])
+
+    def round(self, size: int, committed: int, first: bool, clock: StageClock) -> tuple[int, list[int]]:
+        """Runs one round's stages; returns how many tokens it added, and those tokens (one host sync)."""
+        engine, ws = self.engine, self.workspace
+        tree = ws.tree(size, engine)
+        step = ATTEND_STEP.get(engine.device.type, 256)
+        attend = min(round_up(committed + size, step), ws.cache.capacity)
+        if size > 1:
+            draft_attend = min(round_up(self.block + committed, step), ws.draft_cache.capacity)
+            if first:  # the prompt's features: as many rows as the prompt, so this one runs eagerly
+                self.draft(self.prompt_features, draft_attend)
+                self.prompt_features = None
+            else:
+                engine.graphs.run(("draft", draft_attend), lambda: self.draft(ws.features, draft_attend))
+            clock.mark("draft")
+            engine.graphs.run(("tree", self.method, size), lambda: self.build_tree(tree))
+        else:
+            tree.ids[0] = ws.bonus
+        clock.mark("tree")
+        if not self.params.greedy:
+            tree.sampling_noise(engine.model.cfg.vocab_size, self.generator)
+        key = ("verify", size, attend, self.params, bool(self.taps))
+        engine.graphs.run(key, lambda: self.verify(tree, attend))
+        clock.mark("verify")
+        engine.graphs.run(("commit", size), lambda: self.commit(tree))
+        clock.mark("commit")
+        out = tree.out.tolist()
+        return out[0], out[1:1 + out[0]]
+
+    # ----- stages: each reads and writes only workspace buffers ----------------------------------------
+
+    def draft(self, features: torch.Tensor, attend: int) -> None:
+        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass.
+
+        The new context rows (features of tokens from `pending_start` on; rows past the committed
+        ones are stale and never attended) go to their slots, the block to the scratch rows."""
+        engine, ws = self.engine, self.workspace
+        model, block = engine.model, self.block
+        steps = ws.steps
+        context_positions = ws.pending_start + steps[:features.shape[1]]
+        block_positions = ws.committed + steps[:block]
+        slots = torch.cat([block + context_positions, steps[:block]])
+        mask = steps[:attend] < block + ws.committed  # the scratch block, then committed context rows
+        block_ids = torch.cat([ws.bonus[None], ws.block_tail])
+        hidden = engine.drafter(
+            model.embed_tokens(block_ids[None]), block_positions[None], features, context_positions[None],
+            mask[None, None, None], ws.draft_cache, slots,
         )
-        return torch.log_softmax(model.logits(hidden[0, 1:]), dim=-1)
+        ws.log_probs.copy_(torch.log_softmax(model.logits(hidden[0, 1:]), dim=-1))
 
-    def verify(self, tree: DraftTree, bonus: int, committed: int, cache):
-        """One target forward over the bonus token and every node; returns the accepted path (node
-        indices from the root), the target's choice at every node, and the tapped features."""
-        engine = self.engine
-        compiled = compile_tree(tree, bonus, committed, engine.device)
-        size = len(tree) + 1
-        mask = torch.ones(size, committed + size, dtype=torch.bool, device=engine.device)
-        mask[:, committed:] = compiled.mask
+    def build_tree(self, tree: TreeBuffers) -> None:
+        ws = self.workspace
+        if self.method == "ddtree":
+            key = self.size - 1
+            if key not in ws.pairs:
+                ws.pairs[key] = tuple(p.to(ws.steps.device) for p in dominating_pairs(min(key, ws.log_probs.shape[1]), key))
+            tokens, parents, depths = best_first_nodes(ws.log_probs, key, ws.pairs[key])
+        else:
+            tokens, parents, depths = chain_nodes(ws.log_probs)
+        tree.ids[0] = ws.bonus
+        tree.ids[1:] = tokens
+        tree.parents[1:] = parents
+        tree.depths[1:] = depths
+        tree.mask.copy_(ancestor_mask(tree.parents, self.block - 1))
+
+    def verify(self, tree: TreeBuffers, attend: int) -> None:
+        """One target forward over the root and every node: the target's choice at each, and its features."""
+        engine, ws = self.engine, self.workspace
+        size = tree.size
+        slots = ws.committed + ws.steps[:size]
+        mask = (ws.steps[:attend] < ws.committed).expand(size, attend).clone()
+        mask.scatter_(1, slots.expand(size, size), tree.mask)
         hidden, features = engine.model(
-            compiled.ids[None], compiled.positions[None], mask[None, None], cache, committed, self.taps
+            tree.ids[None], (ws.committed + tree.depths)[None], mask[None, None], ws.cache, slots, self.taps
         )
-        choices = choose_tokens(engine.model.logits(hidden[0]), self.params, self.generator).tolist()
-        path = [0]
-        while (child := tree.children.get((path[-1], choices[path[-1]]))) is not None:
-            path.append(child)
-        return path, choices, features
+        tree.choices.copy_(self.choose(engine.model.lm_head(hidden[0]), tree.noise))
+        if features is not None:
+            tree.features.copy_(features)
+
+    def choose(self, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """The target's token at every row: the argmax, or at temperature > 0 a sample from the filtered
+        distribution, drawn as argmax(p / E) with E ~ Exp(1) noise (an exact sampler with no host sync)."""
+        if self.params.greedy:
+            return logits.argmax(dim=-1)
+        probs = filtered_logits(logits.float(), self.params).softmax(dim=-1)
+        if noise is None:
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+    def commit(self, tree: TreeBuffers) -> None:
+        """Accepts the longest root path whose every token is the target's choice at its parent, moves
+        its K/V rows into place, keeps its features for the drafter and sets the next bonus token."""
+        ws = self.workspace
+        steps, rows = ws.steps, tree.path_rows
+        matches = (tree.ids == tree.choices[tree.parents]) | (steps[:tree.size] == 0)
+        accepted = ~(tree.mask & ~matches[None, :]).any(dim=1)  # every ancestor matches
+        count = accepted.sum()
+        # path[d] = the accepted node at depth d; past the path's end, d itself (rows stay where they are)
+        path = steps[:rows + 1].clone()
+        path.scatter_(0, torch.where(accepted, tree.depths, rows), steps[:tree.size])
+        path = path[:rows]
+        ws.cache.move_rows(ws.committed + path, ws.committed + steps[:rows])
+        if tree.features is not None:
+            ws.features[:, :rows].copy_(tree.features[:, path])
+        emitted = tree.choices[path]
+        ws.bonus.copy_(emitted.index_select(0, (count - 1).view(1))[0])
+        ws.pending_start.copy_(ws.committed)
+        ws.committed.add_(count)
+        tree.out[0] = count
+        tree.out[1:] = emitted
 
 
 def check_pair(target: Target, drafter: Drafter) -> None:

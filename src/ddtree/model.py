@@ -108,10 +108,10 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, T, D]; cos/sin: [B or 1, T, D]."""
+    """x: [B, T, heads, D]; cos/sin: [B or 1, T, D]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
 
 
 class RMSNorm(nn.Module):
@@ -121,20 +121,42 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One kernel on CUDA; it normalises in float32 like transformers, and rounds once at the end.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]) -> None:
+    """Keeps `parts` (e.g. q/k/v projections) as one stacked Linear `fused`, so one GEMM replaces several,
+    while checkpoints keep transformers' separate names: stacked on load, split again on save."""
+    def load(mod, state, prefix, *_):
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{part}.{kind}" for part in parts]
+            if all(k in state for k in keys):
+                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+
+    def save(mod, state, prefix, *_):
+        for kind in ("weight", "bias"):
+            key = f"{prefix}{fused}.{kind}"
+            if key in state:
+                for part, piece in zip(parts, state.pop(key).split(sizes)):
+                    state[f"{prefix}{part}.{kind}"] = piece
+
+    module.register_load_state_dict_pre_hook(load)
+    module.register_state_dict_post_hook(save)
 
 
 class MLP(nn.Module):
+    """SwiGLU; gate and up projections run as one GEMM (stored as transformers' gate_proj/up_proj)."""
+
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        fuse_linears(self, "gate_up_proj", ("gate_proj", "up_proj"), [intermediate, intermediate])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class KVCache:
@@ -150,56 +172,66 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores k/v [B, kv_heads, T, D] at slots start..start+T and returns all rows up to there."""
-        end = start + k.shape[2]
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+    def write(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor, length: int):
+        """Stores k/v [B, kv_heads, T, D] at `slots` (the first slot as an int, or a tensor of T slot
+        indices, which keeps shapes static for graph capture) and returns rows 0..length."""
+        if isinstance(slots, int):
+            self.keys[layer, :, :, slots:slots + k.shape[2]] = k
+            self.values[layer, :, :, slots:slots + k.shape[2]] = v
+        else:
+            self.keys[layer].index_copy_(2, slots, k)
+            self.values[layer].index_copy_(2, slots, v)
+        return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
 
-    def move_rows(self, sources: torch.Tensor, destination: int) -> None:
-        """Copies rows `sources` (slot indices) to the contiguous slots from `destination`, all layers at once."""
-        n = sources.numel()
-        self.keys[:, :, :, destination:destination + n] = self.keys.index_select(3, sources)
-        self.values[:, :, :, destination:destination + n] = self.values.index_select(3, sources)
+    def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
+        """Copies rows `sources` to slots `destinations` (tensors of slot indices), all layers at once."""
+        self.keys.index_copy_(3, destinations, self.keys.index_select(3, sources))
+        self.values.index_copy_(3, destinations, self.values.index_select(3, sources))
 
 
-def attention(q, k, v, mask):
-    """q: [B, H, T, D]; k/v: [B, KVH, L, D]; mask: bool [B or 1, 1, T, L] (True = may attend)."""
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [B or 1, 1, T, L] as the additive bias `attention` takes, made once per forward:
+    0 where attending is allowed, -inf elsewhere, rows repeated for the query heads sharing a KV head."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias.repeat(1, 1, groups, 1) if groups > 1 and mask.shape[-2] > 1 else bias  # one row broadcasts
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q: [B, T, H, D]; k/v: [B, KVH, L, D]; bias from `attention_bias`. Returns [B, T, H * D].
+
+    The query heads that share a KV head are stacked along the rows, so K/V are never repeated
+    and one fused attention kernel takes any mask.
+    """
+    batch, length, heads, dim = q.shape
+    groups = heads // k.shape[1]
+    q = q.transpose(1, 2).reshape(batch, k.shape[1], groups * length, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.view(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        fuse_linears(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"), [q_size, kv_size, kv_size])
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def project(self, x: torch.Tensor, proj: nn.Linear, heads: int, norm: str | None) -> torch.Tensor:
-        """[B, T, hidden] -> [B, heads, T, head_dim], with the per-head norm where the family has one."""
-        out = proj(x).view(x.shape[0], x.shape[1], heads, self.head_dim)
-        if norm and hasattr(self, norm):
-            out = getattr(self, norm)(out)
-        return out.transpose(1, 2)
-
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
-        q = apply_rotary(self.project(x, self.q_proj, self.num_heads, "q_norm"), cos, sin)
-        k = apply_rotary(self.project(x, self.k_proj, self.num_kv_heads, "k_norm"), cos, sin)
-        v = self.project(x, self.v_proj, self.num_kv_heads, None)
+    def forward(self, x, cos, sin, bias, cache: KVCache | None, layer: int, slots):
+        batch, length = x.shape[:2]
+        qkv = self.qkv_proj(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.write(layer, start, k, v)
-        out = attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+            k, v = cache.write(layer, slots, k, v, bias.shape[-1])
+        return self.o_proj(attention(q, k, v, bias))
 
 
 class DecoderLayer(nn.Module):
@@ -210,8 +242,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, mask, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, bias, cache, layer, slots):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, layer, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -240,21 +272,24 @@ class Decoder(nn.Module):
         positions: torch.Tensor,
         mask: torch.Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        slots: int | torch.Tensor = 0,
         taps: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs new tokens through the decoder.
 
-        input_ids, positions: [B, T]. mask: bool [B or 1, 1, T, start + T] over [cache slots 0..start |
-        new tokens] (without a cache: [.., T, T]). With a cache, the new rows are written at slots
-        start..start+T. Returns the final-normed hidden states [B, T, hidden] and the outputs of the
-        decoder layers listed in `taps`, concatenated on the last axis ([B, T, len(taps) * hidden]).
+        input_ids, positions: [B, T]. mask: bool [B or 1, 1, T, L]: which of the cache slots 0..L (with
+        the new rows already written) each new token sees; without a cache, [.., T, T] over the new
+        tokens. With a cache, the new rows are written at `slots`: the first of T consecutive slots as
+        an int, or a tensor of T slot indices. Returns the final-normed hidden states [B, T, hidden]
+        and the outputs of the decoder layers in `taps`, concatenated on the last axis
+        ([B, T, len(taps) * hidden]).
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        bias = attention_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         tapped = {}
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, index, start)
+            x = layer(x, cos, sin, bias, cache, index, slots)
             if index in taps:
                 tapped[index] = x
         # in the order asked for, repeats included: the drafter's fc expects exactly that layout

@@ -77,20 +77,58 @@ def chain_tree(log_probs: torch.Tensor) -> DraftTree:
     return DraftTree(tokens, parents, list(range(1, n + 1)), scores, {(p, t): p + 1 for p, t in zip(parents, tokens)})
 
 
-@dataclass
-class CompiledTree:
-    """What the verify forward needs: ids, absolute positions and the ancestor-only mask of root + nodes."""
+def dominating_pairs(width: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i, j), i, j < width, with (i + 1)(j + 1) <= budget: the only pairs of a rank-i
+    prefix and a rank-j token that can be among the best `budget` sums, since every (i', j') with
+    i' <= i and j' <= j scores at least as high. About budget * ln(budget) pairs instead of width**2."""
+    pairs = [(i, j) for i in range(width) for j in range(min(width, budget // (i + 1)))]
+    left, right = zip(*pairs)
+    return torch.tensor(left), torch.tensor(right)
 
-    ids: torch.Tensor  # [n+1]
-    positions: torch.Tensor  # [n+1]
-    mask: torch.Tensor  # bool [n+1, n+1]: row i may see column j iff j is i or an ancestor of i
+
+def tree_size(budget: int, depth: int, vocab: int) -> int:
+    """Nodes a best-first tree of this budget has: fewer only when depth * vocab prefixes are fewer."""
+    return min(budget, depth * min(budget, vocab))
 
 
-def compile_tree(tree: DraftTree, root_token: int, start: int, device) -> CompiledTree:
-    ids = torch.tensor([root_token] + tree.tokens, device=device)
-    depths = torch.tensor([0] + tree.depths, device=device)
-    parents = torch.tensor([0] + tree.parents, device=device)
-    return CompiledTree(ids, depths + start, ancestor_mask(parents, max(tree.depths, default=0)))
+def best_first_nodes(log_probs: torch.Tensor, budget: int, pairs: tuple[torch.Tensor, torch.Tensor]):
+    """The best-first tree of `best_first_tree`, computed on the device with static shapes (no host
+    round trip, so it can sit inside a CUDA graph).
+
+    The per-depth distributions do not depend on the prefix, so a prefix's score is a sum of one
+    log-prob per depth, and the best `budget` prefixes of depth d are the best sums of a best prefix
+    of depth d-1 and a best token at depth d: one small top-k per depth over `dominating_pairs`.
+    Then all depths' candidates are ranked by score, shallower first on ties (a stable sort over
+    candidates listed depth by depth), so a parent always comes before its children and the first
+    `tree_size` form a tree. Returns (tokens, parents, depths) of nodes 1..n; parent 0 is the root.
+    """
+    depth_limit, vocab = log_probs.shape
+    width = min(budget, vocab)
+    size = tree_size(budget, depth_limit, vocab)
+    top_values, top_ids = log_probs.float().topk(width, dim=-1)
+    left, right = pairs
+    scores, tokens, parent_ranks = [top_values[0]], [top_ids[0]], [torch.zeros_like(top_ids[0])]
+    for depth in range(1, depth_limit):
+        sums = scores[-1][left] + top_values[depth][right]
+        best, which = sums.topk(width)
+        scores.append(best)
+        tokens.append(top_ids[depth][right[which]])
+        parent_ranks.append(left[which])
+    order = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:size]
+    candidates = len(scores) * width
+    node_of = torch.zeros(candidates, dtype=torch.long, device=log_probs.device)
+    node_of[order] = torch.arange(1, size + 1, device=log_probs.device)
+    depth = order // width  # 0-based
+    parent_candidate = (depth - 1).clamp(min=0) * width + torch.cat(parent_ranks)[order]
+    parents = torch.where(depth == 0, 0, node_of[parent_candidate])
+    return torch.cat(tokens)[order], parents, depth + 1
+
+
+def chain_nodes(log_probs: torch.Tensor):
+    """Plain DFlash on the device: the argmax token at every depth, each node the child of the one before."""
+    depth_limit = log_probs.shape[0]
+    steps = torch.arange(depth_limit, device=log_probs.device)
+    return log_probs.argmax(dim=-1), steps, steps + 1
 
 
 def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
