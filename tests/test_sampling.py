@@ -11,6 +11,8 @@ import torch
 from ddtree.model import causal_mask
 from ddtree.sampling import SamplingParams, choose_tokens, filtered_logits
 
+import ddtree.engine as engine_module
+
 from conftest import Oracle
 
 PROMPT = [1, 5, 3, 7, 2]
@@ -88,23 +90,37 @@ def greedy_continuation(model):
     return continuation
 
 
+def flat_drafter(monkeypatch):
+    """A drafter with no opinion: uniform log-probs, so a tree of 20 over 12 tokens is every token at
+    depth 1 and 8 children of one of them at depth 2."""
+    real = engine_module.Generation.draft
+
+    def draft(gen, features, attend):
+        real(gen, features, attend)
+        gen.workspace.log_probs.fill_(-math.log(gen.workspace.log_probs.shape[1]))
+
+    monkeypatch.setattr(engine_module.Generation, "draft", draft)
+
+
 # A random drafter's chain almost never matches a sample, so dflash runs with the helpful oracle
-# (the target's greedy chain at rank 0); with 12 tokens a random drafter's tree of 8 does accept.
+# (the target's greedy chain at rank 0); a flat tree catches every first sample and some second ones.
 CASES = [
-    # (name, method, budget, params, oracle)
-    ("ar", "ar", 1, SamplingParams(1.0), False),
-    ("ddtree8", "ddtree", 8, SamplingParams(1.0), False),
-    ("ddtree16-oracle-topk-topp", "ddtree", 16, SamplingParams(0.9, top_k=5, top_p=0.9), True),
-    ("dflash-oracle", "dflash", 1, SamplingParams(1.0), True),
+    # (name, method, budget, params, drafter)
+    ("ar", "ar", 1, SamplingParams(1.0), None),
+    ("ddtree20-flat", "ddtree", 20, SamplingParams(1.0), "flat"),
+    ("ddtree16-oracle-topk-topp", "ddtree", 16, SamplingParams(0.9, top_k=5, top_p=0.9), "oracle"),
+    ("dflash-oracle", "dflash", 1, SamplingParams(1.0), "oracle"),
 ]
 
 
-@pytest.mark.parametrize("name,method,budget,params,oracle", CASES, ids=[c[0] for c in CASES])
-def test_first_tokens_follow_the_targets_distribution(name, method, budget, params, oracle, engine, monkeypatch):
+@pytest.mark.parametrize("name,method,budget,params,drafter", CASES, ids=[c[0] for c in CASES])
+def test_first_tokens_follow_the_targets_distribution(name, method, budget, params, drafter, engine, monkeypatch):
     model = engine.model
     vocab = model.cfg.vocab_size
-    if oracle:
+    if drafter == "oracle":
         Oracle(greedy_continuation(model)).install(monkeypatch)
+    elif drafter == "flat":
+        flat_drafter(monkeypatch)
     exact = exact_joint(model, PROMPT, params)
     bound = tv_bound(exact, RUNS)
     samples, results = sample_runs(engine, method, budget, params)

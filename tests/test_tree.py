@@ -1,4 +1,4 @@
-"""Best-first draft trees against brute force, and the compiled form (positions, ancestor mask)."""
+"""Best-first draft trees against brute force, the device-side construction against the heap, and ancestor masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import random
 import pytest
 import torch
 
-from ddtree.tree import DraftTree, ancestor_mask, best_first_tree, chain_tree, compile_tree
+from ddtree.tree import (
+    DraftTree, FrontierPlan, ancestor_mask, best_first_nodes, best_first_tree, chain_nodes, tree_size,
+)
 
 
 def random_log_probs(depth: int, vocab: int, seed: int) -> torch.Tensor:
@@ -108,19 +110,64 @@ def test_best_first_tree_edge_cases():
     assert one.tokens == [int(log_probs[0].argmax())] and one.parents == [0] and one.depths == [1]
 
 
+def device_tree(log_probs: torch.Tensor, budget: int) -> DraftTree:
+    """best_first_nodes' output as a DraftTree, with scores summed from the log-probs."""
+    depth, vocab = log_probs.shape
+    tokens, parents, depths = (t.tolist() for t in best_first_nodes(log_probs, FrontierPlan(budget, depth, vocab)))
+    prefixes: list[tuple[int, ...]] = []
+    for token, parent in zip(tokens, parents):
+        prefixes.append((prefixes[parent - 1] if parent else ()) + (token,))
+    lp = log_probs.double()
+    scores = [sum(lp[k, t].item() for k, t in enumerate(prefix)) for prefix in prefixes]
+    children = {(p, t): i + 1 for i, (p, t) in enumerate(zip(parents, tokens))}
+    return DraftTree(tokens, parents, depths, scores, children)
+
+
+@pytest.mark.parametrize("vocab,depth,seed", [(v, d, s) for v in (3, 7, 40) for d in (1, 2, 5, 15) for s in range(3)])
+def test_device_tree_equals_the_heap(vocab, depth, seed):
+    """Same prefixes as the heap's best-first search at every budget (continuous scores, so no ties),
+    a parent before each child, and exactly tree_size nodes."""
+    log_probs = random_log_probs(depth, vocab, seed)
+    for budget in (1, 2, 3, 8, 17, 64, 130):
+        tree = device_tree(log_probs, budget)
+        assert len(tree) == tree_size(budget, depth, vocab)
+        prefixes = check_structure(tree, log_probs)
+        assert set(prefixes) == set(node_prefixes(best_first_tree(log_probs, budget)))
+        assert tree.scores == sorted(tree.scores, reverse=True)
+
+
+def test_device_tree_keeps_a_parent_that_ties_its_child():
+    """A depth with a certain token (log-prob 0) makes parent and child tie; the budget's cut must
+    still take the parent first."""
+    log_probs = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [-1e9, 0.0, -1e9], [0.5, 0.2, 0.1]]), dim=-1)
+    log_probs[1] = torch.tensor([float("-inf"), 0.0, float("-inf")])
+    for budget in range(1, 8):
+        check_structure(device_tree(log_probs, budget), log_probs)
+
+
+def test_frontier_plan_keeps_only_dominating_pairs():
+    plan = FrontierPlan(10, 3, 50)
+    assert plan.widths == [10, 10, 10] and plan.size == 10
+    left, right = plan.pairs[0]
+    pairs = set(zip(left.tolist(), right.tolist()))
+    assert (0, 9) in pairs and (9, 0) in pairs and (1, 4) in pairs and (1, 5) not in pairs and (2, 3) not in pairs
+    assert len(pairs) == sum(10 // (i + 1) for i in range(10))
+    small = FrontierPlan(100, 3, 4)  # fewer prefixes than the budget: 4 + 16 + 64
+    assert small.widths == [4, 16, 64] and small.size == 84
+
+
 @pytest.mark.parametrize("seed", range(5))
-def test_chain_tree_is_argmax_per_depth(seed):
+def test_chain_nodes_are_the_argmax_per_depth(seed):
     log_probs = random_log_probs(7, 11, seed)
-    tree = chain_tree(log_probs)
-    assert tree.tokens == log_probs.argmax(-1).tolist()
-    assert tree.parents == list(range(7))
-    assert tree.depths == list(range(1, 8))
-    assert tree.scores == pytest.approx(log_probs.max(-1).values.double().cumsum(0).tolist(), abs=1e-4)
-    check_structure(tree, log_probs)
-    # a chain equals the best-first tree of the top-1 path when every depth is confident
-    peaked = torch.log_softmax(torch.randn(5, 6, generator=torch.Generator().manual_seed(seed)) + 30 * torch.nn.functional.one_hot(torch.arange(5), 6), -1)
+    tokens, parents, depths = chain_nodes(log_probs)
+    assert tokens.tolist() == log_probs.argmax(-1).tolist()
+    assert parents.tolist() == list(range(7)) and depths.tolist() == list(range(1, 8))
+    # the chain is the best-first tree of the top path when every depth is confident
+    peaked = torch.log_softmax(torch.randn(5, 6, generator=torch.Generator().manual_seed(seed))
+                               + 30 * torch.nn.functional.one_hot(torch.arange(5), 6), -1)
     best = best_first_tree(peaked, 5)
-    assert best.tokens == chain_tree(peaked).tokens and best.parents == chain_tree(peaked).parents
+    chain = chain_nodes(peaked)
+    assert best.tokens == chain[0].tolist() and best.parents == chain[1].tolist()
 
 
 def brute_ancestors(parents: list[int]) -> torch.Tensor:
@@ -150,33 +197,20 @@ def random_tree(size: int, rng: random.Random, vocab: int = 50) -> DraftTree:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_compile_tree_and_ancestor_mask(seed):
+def test_ancestor_mask_against_brute_force(seed):
     rng = random.Random(seed)
     tree = random_tree(rng.randint(1, 40), rng)
-    start = rng.randint(0, 100)
-    compiled = compile_tree(tree, root_token=7, start=start, device="cpu")
-    assert compiled.ids.tolist() == [7] + tree.tokens
-    assert compiled.positions.tolist() == [start] + [start + d for d in tree.depths]
-    assert compiled.mask.dtype == torch.bool
-    assert torch.equal(compiled.mask, brute_ancestors([0] + tree.parents))
-    # the same tree compiles the same way
-    assert torch.equal(compile_tree(tree, 7, start, "cpu").mask, compiled.mask)
+    parents = torch.tensor([0] + tree.parents)
+    assert torch.equal(ancestor_mask(parents, max(tree.depths)), brute_ancestors([0] + tree.parents))
 
 
 def test_ancestor_mask_on_a_chain_is_lower_triangular():
     parents = torch.tensor([0, 0, 1, 2, 3, 4])
     assert torch.equal(ancestor_mask(parents, 5), torch.tril(torch.ones(6, 6, dtype=torch.bool)))
-    empty = compile_tree(DraftTree([], [], [], [], {}), 3, 10, "cpu")
-    assert empty.ids.tolist() == [3] and empty.positions.tolist() == [10]
-    assert empty.mask.tolist() == [[True]]
+    assert ancestor_mask(torch.tensor([0]), 0).tolist() == [[True]]
 
 
-def test_best_first_tree_compiles_to_a_valid_mask():
+def test_best_first_tree_gives_a_valid_mask():
     log_probs = random_log_probs(4, 5, 3)
     tree = best_first_tree(log_probs, 60)
-    compiled = compile_tree(tree, 0, 5, "cpu")
-    assert torch.equal(compiled.mask, brute_ancestors([0] + tree.parents))
-    # siblings share a position; a node's position is its parent's + 1
-    pos = compiled.positions.tolist()
-    for i, parent in enumerate(tree.parents, start=1):
-        assert pos[i] == pos[parent] + 1
+    assert torch.equal(ancestor_mask(torch.tensor([0] + tree.parents), 4), brute_ancestors([0] + tree.parents))

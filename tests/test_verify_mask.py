@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddtree.model import causal_mask
-from ddtree.tree import DraftTree, compile_tree
+from ddtree.tree import DraftTree, ancestor_mask
 
 from test_tree import random_tree
 
@@ -37,11 +37,12 @@ def prefill(model, context: list[int], extra: int):
 
 
 def verify_forward(model, cache, tree: DraftTree, root: int, start: int):
-    compiled = compile_tree(tree, root, start, "cpu")
     size = len(tree) + 1
+    ids = torch.tensor([root] + tree.tokens)
+    positions = start + torch.tensor([0] + tree.depths)
     mask = torch.ones(size, start + size, dtype=torch.bool)
-    mask[:, start:] = compiled.mask
-    hidden, features = model(compiled.ids[None], compiled.positions[None], mask[None, None], cache, start, TAPS)
+    mask[:, start:] = ancestor_mask(torch.tensor([0] + tree.parents), max(tree.depths, default=0))
+    hidden, features = model(ids[None], positions[None], mask[None, None], cache, start, TAPS)
     return model.logits(hidden)[0], features[0]
 
 
@@ -109,7 +110,7 @@ def test_move_rows_compaction(family, targets):
             # the deepest node's path: in general not contiguous in the cache
             node = max(range(len(tree) + 1), key=lambda i: (tree.depths[i - 1] if i else 0, i))
             path = root_path(tree, node)
-            cache.move_rows(torch.tensor(path) + start, start)
+            cache.move_rows(torch.tensor(path) + start, torch.arange(len(path)) + start)
             accepted = [([root] + tree.tokens)[i] for i in path]
             committed = start + len(path)
             # two more steps on top of the compacted cache: one token, then three at once
@@ -130,7 +131,40 @@ def test_move_rows_moves_exact_rows():
     cache.keys.copy_(torch.arange(cache.keys.numel(), dtype=torch.float32).view_as(cache.keys))
     cache.values.copy_(-cache.keys)
     before_k, before_v = cache.keys.clone(), cache.values.clone()
-    cache.move_rows(torch.tensor([4, 7, 9]), 4)
+    cache.move_rows(torch.tensor([4, 7, 9]), torch.tensor([4, 5, 6]))
     assert torch.equal(cache.keys[:, :, :, 4:7], before_k[:, :, :, [4, 7, 9]])
     assert torch.equal(cache.values[:, :, :, 4:7], before_v[:, :, :, [4, 7, 9]])
     assert torch.equal(cache.keys[:, :, :, :4], before_k[:, :, :, :4])
+
+
+@pytest.mark.parametrize("method,budget", [("dflash", None), ("ddtree", 3), ("ddtree", 16)])
+def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engine, monkeypatch):
+    """Every round, the log-probs the engine drafts from its cached, block-at-a-time drafter context
+    equal one cache-free drafter pass over the target features of everything committed so far."""
+    import ddtree.engine as engine_module
+
+    engine = make_engine("llama", layers=2, block_size=6)
+    model, drafter = engine.model, engine.drafter
+    real = engine_module.Generation.draft
+    checked = []
+
+    def draft(gen, features, attend):
+        real(gen, features, attend)
+        ws = gen.workspace
+        committed = int(ws.committed)
+        prefix = list(gen.ids) + list(gen.stopper.tokens)
+        assert len(prefix) == committed + 1 and prefix[-1] == int(ws.bonus)
+        _, context = model(torch.tensor([prefix[:-1]]), torch.arange(committed)[None],
+                           causal_mask(committed, 0, "cpu"), taps=engine.taps)
+        block = drafter.cfg.block_size
+        ids = torch.tensor([[prefix[-1]] + [drafter.cfg.mask_token_id] * (block - 1)])
+        hidden = drafter(model.embed_tokens(ids), torch.arange(committed, committed + block)[None], context,
+                         torch.arange(committed)[None])
+        assert_close(ws.log_probs, torch.log_softmax(model.logits(hidden[0, 1:]), dim=-1))
+        checked.append(committed)
+
+    monkeypatch.setattr(engine_module.Generation, "draft", draft)
+    with torch.inference_mode():
+        for prompt in ([5, 9, 23, 4], list(range(30, 70))):
+            engine.generate(prompt, method=method, budget=budget, max_new_tokens=24)
+    assert len(checked) >= 8

@@ -32,9 +32,9 @@ from .errors import DDTreeError
 from .loading import Target
 from .model import causal_mask
 from .results import GenerationResult, StreamChunk
-from .sampling import SamplingParams, filtered_logits
+from .sampling import SamplingParams, choose_tokens
 from .stopping import StopChecker
-from .tree import ancestor_mask, best_first_nodes, chain_nodes, dominating_pairs, tree_size
+from .tree import FrontierPlan, ancestor_mask, best_first_nodes, chain_nodes, tree_size
 
 METHODS = ("ar", "dflash", "ddtree")
 # Default tree budgets: measured best on the 2-core CPU (docs/results/cpu-budgets.md) and on the H200.
@@ -228,8 +228,14 @@ class Workspace:
             self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
         self.trees: dict[int, "TreeBuffers"] = {}
-        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.plans: dict[int, FrontierPlan] = {}
         self.owner: object | None = None
+
+    def plan(self, budget: int) -> FrontierPlan:
+        if budget not in self.plans:
+            depth, vocab = self.log_probs.shape
+            self.plans[budget] = FrontierPlan(budget, depth, vocab, self.log_probs.device)
+        return self.plans[budget]
 
     def tree(self, size: int, engine: "Engine") -> "TreeBuffers":
         if size not in self.trees:
@@ -324,7 +330,7 @@ class Generation:
         model, device, length = engine.model, engine.device, len(self.ids)
         ids = torch.tensor([self.ids], device=device)
         hidden, features = model(ids, ws.steps[None, :length], causal_mask(length, 0, device), ws.cache, 0, self.taps)
-        ws.bonus.copy_(self.choose(model.logits(hidden[0, -1:]), None)[0])
+        ws.bonus.copy_(choose_tokens(model.logits(hidden[0, -1:]), self.params, self.generator)[0])
         ws.committed.fill_(length)
         ws.pending_start.zero_()
         self.prompt_features = features
@@ -382,10 +388,7 @@ class Generation:
     def build_tree(self, tree: TreeBuffers) -> None:
         ws = self.workspace
         if self.method == "ddtree":
-            key = self.size - 1
-            if key not in ws.pairs:
-                ws.pairs[key] = tuple(p.to(ws.steps.device) for p in dominating_pairs(min(key, ws.log_probs.shape[1]), key))
-            tokens, parents, depths = best_first_nodes(ws.log_probs, key, ws.pairs[key])
+            tokens, parents, depths = best_first_nodes(ws.log_probs, ws.plan(self.budget))
         else:
             tokens, parents, depths = chain_nodes(ws.log_probs)
         tree.ids[0] = ws.bonus
@@ -404,19 +407,9 @@ class Generation:
         hidden, features = engine.model(
             tree.ids[None], (ws.committed + tree.depths)[None], mask[None, None], ws.cache, slots, self.taps
         )
-        tree.choices.copy_(self.choose(engine.model.lm_head(hidden[0]), tree.noise))
+        tree.choices.copy_(choose_tokens(engine.model.lm_head(hidden[0]), self.params, noise=tree.noise))
         if features is not None:
             tree.features.copy_(features)
-
-    def choose(self, logits: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """The target's token at every row: the argmax, or at temperature > 0 a sample from the filtered
-        distribution, drawn as argmax(p / E) with E ~ Exp(1) noise (an exact sampler with no host sync)."""
-        if self.params.greedy:
-            return logits.argmax(dim=-1)
-        probs = filtered_logits(logits.float(), self.params).softmax(dim=-1)
-        if noise is None:
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        return (probs / noise).argmax(dim=-1)
 
     def commit(self, tree: TreeBuffers) -> None:
         """Accepts the longest root path whose every token is the target's choice at its parent, moves

@@ -45,9 +45,15 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of logits [N, V]; at temperature > 0 every row is an independent sample."""
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of logits [N, V]: the argmax, or at temperature > 0 an independent sample per
+    row from the filtered distribution p, drawn as argmax(p / E) with E ~ Exp(1) (the exponential race,
+    an exact sampler that needs no host synchronisation). `noise` is E, drawn ahead of time (a CUDA
+    graph cannot draw from a per-request generator); without it, E is drawn from `generator`."""
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = filtered_logits(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)

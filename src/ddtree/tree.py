@@ -67,59 +67,64 @@ def best_first_tree(log_probs: torch.Tensor, budget: int) -> DraftTree:
     return tree
 
 
-def chain_tree(log_probs: torch.Tensor) -> DraftTree:
-    """Plain DFlash: the argmax token at every depth, one after another."""
-    best_values, best_ids = log_probs.float().max(dim=-1)
-    tokens = best_ids.tolist()
-    scores = best_values.cumsum(0).tolist()
-    n = len(tokens)
-    parents = list(range(n))
-    return DraftTree(tokens, parents, list(range(1, n + 1)), scores, {(p, t): p + 1 for p, t in zip(parents, tokens)})
-
-
-def dominating_pairs(width: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (i, j), i, j < width, with (i + 1)(j + 1) <= budget: the only pairs of a rank-i
-    prefix and a rank-j token that can be among the best `budget` sums, since every (i', j') with
-    i' <= i and j' <= j scores at least as high. About budget * ln(budget) pairs instead of width**2."""
-    pairs = [(i, j) for i in range(width) for j in range(min(width, budget // (i + 1)))]
-    left, right = zip(*pairs)
-    return torch.tensor(left), torch.tensor(right)
+def frontier_widths(budget: int, depth: int, vocab: int) -> list[int]:
+    """How many prefixes of each depth 1..depth the best-first tree can use: min(budget, vocab ** d)."""
+    widths, count = [], 1
+    for _ in range(depth):
+        count = min(budget, count * vocab)
+        widths.append(count)
+    return widths
 
 
 def tree_size(budget: int, depth: int, vocab: int) -> int:
-    """Nodes a best-first tree of this budget has: fewer only when depth * vocab prefixes are fewer."""
-    return min(budget, depth * min(budget, vocab))
+    """Nodes in a best-first tree of this budget: fewer only when there are fewer prefixes than that."""
+    return min(budget, sum(frontier_widths(budget, depth, vocab)))
 
 
-def best_first_nodes(log_probs: torch.Tensor, budget: int, pairs: tuple[torch.Tensor, torch.Tensor]):
+class FrontierPlan:
+    """The static shapes of `best_first_nodes` for one (budget, depth, vocab): per depth, the pairs
+    (i, j) of a rank-i prefix of the depth above and a rank-j token with (i + 1)(j + 1) <= budget.
+    Only those can be among the best `budget` sums, since every (i', j') with i' <= i and j' <= j
+    scores at least as high: about budget * ln(budget) pairs instead of budget * vocab."""
+
+    def __init__(self, budget: int, depth: int, vocab: int, device=None):
+        self.budget, self.tokens = budget, min(budget, vocab)
+        self.widths = frontier_widths(budget, depth, vocab)
+        self.size = tree_size(budget, depth, vocab)
+        self.pairs = []
+        for above in self.widths[:-1]:
+            pairs = [(i, j) for i in range(above) for j in range(min(self.tokens, budget // (i + 1)))]
+            left, right = zip(*pairs)
+            self.pairs.append((torch.tensor(left, device=device), torch.tensor(right, device=device)))
+        # candidates are listed depth by depth: the depth of each, and where each depth's list starts
+        self.depth_of = torch.cat([torch.full((w,), d, device=device) for d, w in enumerate(self.widths)])
+        self.starts = torch.tensor([0] + self.widths[:-1], device=device).cumsum(0)
+
+
+def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
     """The best-first tree of `best_first_tree`, computed on the device with static shapes (no host
     round trip, so it can sit inside a CUDA graph).
 
     The per-depth distributions do not depend on the prefix, so a prefix's score is a sum of one
-    log-prob per depth, and the best `budget` prefixes of depth d are the best sums of a best prefix
-    of depth d-1 and a best token at depth d: one small top-k per depth over `dominating_pairs`.
-    Then all depths' candidates are ranked by score, shallower first on ties (a stable sort over
-    candidates listed depth by depth), so a parent always comes before its children and the first
-    `tree_size` form a tree. Returns (tokens, parents, depths) of nodes 1..n; parent 0 is the root.
+    log-prob per depth, and the best prefixes of depth d are the best sums of a best prefix of depth
+    d-1 and a best token at depth d: one small top-k per depth over the plan's pairs. Then all
+    depths' candidates are ranked by score, shallower first on ties (a stable sort over candidates
+    listed depth by depth), so a parent always comes before its children and the first `plan.size`
+    form a tree. Returns (tokens, parents, depths) of nodes 1..n; parent 0 is the root.
     """
-    depth_limit, vocab = log_probs.shape
-    width = min(budget, vocab)
-    size = tree_size(budget, depth_limit, vocab)
-    top_values, top_ids = log_probs.float().topk(width, dim=-1)
-    left, right = pairs
+    device = log_probs.device
+    top_values, top_ids = log_probs.float().topk(plan.tokens, dim=-1)
     scores, tokens, parent_ranks = [top_values[0]], [top_ids[0]], [torch.zeros_like(top_ids[0])]
-    for depth in range(1, depth_limit):
-        sums = scores[-1][left] + top_values[depth][right]
-        best, which = sums.topk(width)
+    for depth, ((left, right), width) in enumerate(zip(plan.pairs, plan.widths[1:]), start=1):
+        best, which = (scores[-1][left] + top_values[depth][right]).topk(width)
         scores.append(best)
         tokens.append(top_ids[depth][right[which]])
         parent_ranks.append(left[which])
-    order = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:size]
-    candidates = len(scores) * width
-    node_of = torch.zeros(candidates, dtype=torch.long, device=log_probs.device)
-    node_of[order] = torch.arange(1, size + 1, device=log_probs.device)
-    depth = order // width  # 0-based
-    parent_candidate = (depth - 1).clamp(min=0) * width + torch.cat(parent_ranks)[order]
+    order = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:plan.size]
+    node_of = torch.zeros(len(plan.depth_of), dtype=torch.long, device=device)
+    node_of[order] = torch.arange(1, plan.size + 1, device=device)
+    depth = plan.depth_of[order]  # 0-based
+    parent_candidate = plan.starts[(depth - 1).clamp(min=0)] + torch.cat(parent_ranks)[order]
     parents = torch.where(depth == 0, 0, node_of[parent_candidate])
     return torch.cat(tokens)[order], parents, depth + 1
 
