@@ -81,12 +81,13 @@ def default_mask_token(target: Target) -> int:
 
 
 def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
-         dtype: str | torch.dtype | None = None, quiet: bool = False) -> Engine:
+         dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True) -> Engine:
     """An engine for a target and its drafter.
 
     target: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (the default).
     drafter: a drafter directory (z-lab DFlash format), 'random' for an untrained one, or None for
     the drafter bundled with the target (random where none is bundled, said on stderr).
+    cuda_graphs: on CUDA, capture each decoding stage once as a CUDA graph and replay it (the fast path).
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -103,7 +104,7 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
         draft_model = random_drafter(loaded)
     else:
         draft_model = load_drafter(drafter, dev, dt)
-    return Engine(loaded, draft_model, dev, dt)
+    return Engine(loaded, draft_model, dev, dt, cuda_graphs)
 
 
 def init_drafter(target: str, out: str, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,

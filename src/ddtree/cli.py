@@ -15,12 +15,15 @@ DRAFTER_HELP = ("drafter directory in the z-lab DFlash format, or 'random' for a
                 "(default: the drafter bundled with the target)")
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -> None:
     parser.add_argument("--target", help=TARGET_HELP)
     parser.add_argument("--drafter", help=DRAFTER_HELP)
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+    if decoding:
+        parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                            help="run every forward eagerly on cuda (slower; for measuring what the graphs save)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt",
                               description="Generate from a prompt with ar, dflash or ddtree and report the speed.")
-    add_model_options(gen)
+    add_model_options(gen, decoding=True)
     add_generation_options(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(e.g. torchrun --nproc_per_node 2 -m ddtree.cli bench ...) the "
                                             "prompts are sharded over the processes, one GPU each (gloo on the "
                                             "CPU), and rank 0 writes the gathered results.")
-    add_model_options(bench)
+    add_model_options(bench, decoding=True)
     bench.add_argument("--datasets", type=comma(str), default=["gsm8k", "mt-bench"],
                        help="comma-separated: mt-bench, mt-bench-first, gsm8k, math500, humaneval, mbpp, alpaca, "
                             "or .jsonl files with 'prompt' or 'turns' (default gsm8k,mt-bench)")
@@ -178,7 +181,7 @@ def run_generate(args) -> None:
     prompt = read_prompt(args)
     if not prompt.strip():
         raise DDTreeError("the prompt is empty")
-    engine = load(args.target, args.drafter, args.device, args.dtype)
+    engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
     chat = (args.chat or (args.target in (None, DEFAULT_TARGET))) and not args.raw
     options = dict(method=args.method, budget=args.budget, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -239,7 +242,7 @@ def run_bench(args) -> None:
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
     with data_parallel(args.device) as (rank, device):
-        engine = load(args.target, args.drafter, device, args.dtype, quiet=rank != 0)
+        engine = load(args.target, args.drafter, device, args.dtype, quiet=rank != 0, cuda_graphs=args.cuda_graphs)
         result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens,
                        args.repeats, args.seed, args.data_dir, args.hf_limit)
         if rank == 0:

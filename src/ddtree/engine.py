@@ -77,8 +77,8 @@ class Graphs:
     replayed; elsewhere the function runs eagerly. A stage function reads and writes only persistent
     buffers, so a replay computes exactly what a fresh call would."""
 
-    def __init__(self, device: torch.device):
-        self.enabled = device.type == "cuda"
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled and device.type == "cuda"
         self.captured: dict[tuple, torch.cuda.CUDAGraph] = {}
 
     def run(self, key: tuple, stage: Callable[[], None]) -> None:
@@ -99,7 +99,8 @@ def round_up(value: int, step: int) -> int:
 
 
 class Engine:
-    def __init__(self, target: Target, drafter: Drafter | None, device: torch.device, dtype: torch.dtype):
+    def __init__(self, target: Target, drafter: Drafter | None, device: torch.device, dtype: torch.dtype,
+                 cuda_graphs: bool = True):
         self.target, self.drafter = target, drafter
         self.model, self.tokenizer = target.model, target.tokenizer
         self.device, self.dtype = device, dtype
@@ -111,7 +112,7 @@ class Engine:
         else:
             self.taps = ()
         self.workspace: Workspace | None = None
-        self.graphs = Graphs(device)
+        self.graphs = Graphs(device, cuda_graphs)
 
     def workspace_for(self, context: int, nodes: int) -> "Workspace":
         """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""

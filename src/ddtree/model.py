@@ -263,7 +263,7 @@ class Decoder(nn.Module):
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         cfg, weight = self.cfg, self.embed_tokens.weight
-        capacity = min(capacity or cfg.max_positions, cfg.max_positions)
+        capacity = capacity or cfg.max_positions  # slots, not positions: a verified tree may reach past the context
         return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
 
     def forward(
