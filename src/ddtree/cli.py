@@ -113,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="results JSON path (the table goes to the same name with .md)")
     bench.set_defaults(handler=run_bench)
 
+    prof = commands.add_parser("profile", help="time each stage of a decoding round",
+                               description="Time each stage of a round (draft, tree, verify, commit, host) per "
+                                           "method and budget on this device: one warm-up, then the median of "
+                                           "--repeats runs of the same prompt. Prints a table; --out also "
+                                           "writes JSON.")
+    add_model_options(prof, decoding=True)
+    prof.add_argument("--methods", type=comma(str), default=["ar", "dflash", "ddtree"],
+                      help="comma-separated subset of ar,dflash,ddtree (default: all three)")
+    prof.add_argument("--budgets", type=comma(int), default=[16, 64, 256], help="ddtree budgets (default 16,64,256)")
+    prof.add_argument("--prompt", default="Write a short story about a robot who learns to paint.",
+                      help="the prompt, through the chat template where the target has one")
+    prof.add_argument("--max-new-tokens", type=int, default=128, help="per run (default 128)")
+    prof.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default 3)")
+    prof.add_argument("--out", help="also write the profiles as JSON here")
+    prof.set_defaults(handler=run_profile)
+
     prompts = commands.add_parser("prompts", help="collect drafter-training prompts, free of evaluation overlap",
                                   description="Collect GSM8K-train and ShareGPT prompts, drop duplicates and any "
                                               "prompt sharing a word 8-gram with an evaluation set, write JSONL.")
@@ -289,6 +305,31 @@ def data_parallel(device: str | None):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_profile(args) -> None:
+    from .api import load
+    from .bench import environment
+    from .profile import profile, profile_table, table_row
+
+    if args.repeats < 1:
+        raise DDTreeError("--repeats must be >= 1")
+    engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    has_template = bool(getattr(engine.tokenizer, "chat_template", None))
+    ids = engine.encode(args.prompt, chat=has_template)
+    profiles = []
+    for method in args.methods:
+        if method not in ("ar", "dflash", "ddtree"):
+            raise DDTreeError(f"unknown method {method!r} in --methods")
+        for budget in args.budgets if method == "ddtree" else [None]:
+            profiles.append(profile(engine, ids, method, budget, args.max_new_tokens, args.repeats))
+            print(table_row(profiles[-1], None), file=sys.stderr, flush=True)  # progress, as each one finishes
+    table = profile_table(profiles)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(environment(engine) | {"prompt_tokens": len(ids), "max_new_tokens": args.max_new_tokens,
+                                             "profiles": [p.to_json() for p in profiles], "table": table}, f, indent=1)
 
 
 def run_prompts(args) -> None:

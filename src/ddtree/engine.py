@@ -80,16 +80,24 @@ class Graphs:
     def __init__(self, device: torch.device, enabled: bool = True):
         self.enabled = enabled and device.type == "cuda"
         self.captured: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.stream = torch.cuda.Stream(device) if self.enabled else None
 
-    def run(self, key: tuple, stage: Callable[[], None]) -> None:
+    def run(self, key: tuple, stage: Callable[[], None], repeatable: bool = True) -> None:
+        """`repeatable`: running the stage twice equals running it once, so it may warm up eagerly on the
+        capture stream first (library handles and workspaces must exist before a capture)."""
         if not self.enabled:
             stage()
             return
         graph = self.captured.get(key)
         if graph is None:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            if repeatable:
+                with torch.cuda.stream(self.stream):
+                    stage()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.stream):
                 stage()
+            torch.cuda.current_stream().wait_stream(self.stream)
             self.captured[key] = graph
         graph.replay()
 
@@ -351,7 +359,8 @@ class Generation:
             else:
                 engine.graphs.run(("draft", draft_attend), lambda: self.draft(ws.features, draft_attend))
             clock.mark("draft")
-            engine.graphs.run(("tree", self.method, size), lambda: self.build_tree(tree))
+            plan = ws.plan(self.budget) if self.method == "ddtree" else None  # made outside any capture
+            engine.graphs.run(("tree", self.method, size), lambda: self.build_tree(tree, plan))
         else:
             tree.ids[0] = ws.bonus
         clock.mark("tree")
@@ -360,7 +369,7 @@ class Generation:
         key = ("verify", size, attend, self.params, bool(self.taps))
         engine.graphs.run(key, lambda: self.verify(tree, attend))
         clock.mark("verify")
-        engine.graphs.run(("commit", size), lambda: self.commit(tree))
+        engine.graphs.run(("commit", size), lambda: self.commit(tree), repeatable=False)
         clock.mark("commit")
         out = tree.out.tolist()
         return out[0], out[1:1 + out[0]]
@@ -386,10 +395,10 @@ class Generation:
         )
         ws.log_probs.copy_(torch.log_softmax(model.logits(hidden[0, 1:]), dim=-1))
 
-    def build_tree(self, tree: TreeBuffers) -> None:
+    def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
         ws = self.workspace
-        if self.method == "ddtree":
-            tokens, parents, depths = best_first_nodes(ws.log_probs, ws.plan(self.budget))
+        if plan is not None:
+            tokens, parents, depths = best_first_nodes(ws.log_probs, plan)
         else:
             tokens, parents, depths = chain_nodes(ws.log_probs)
         tree.ids[0] = ws.bonus
