@@ -144,5 +144,5 @@ def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     ancestor = rows
     for _ in range(max_depth):
         ancestor = parents[ancestor]
-        mask[rows, ancestor] = True
+        mask.scatter_(1, ancestor[:, None], True)
     return mask
