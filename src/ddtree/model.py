@@ -224,10 +224,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, bias, cache: KVCache | None, layer: int, slots):
         batch, length = x.shape[:2]
         qkv = self.qkv_proj(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        else:
+            qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=2)
+        # queries and keys rotate together: one set of kernels instead of two
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer, slots, k, v, bias.shape[-1])

@@ -137,12 +137,17 @@ def chain_nodes(log_probs: torch.Tensor):
 
 
 def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
-    """Ancestor-or-self matrix from parent indices (root's parent is itself), one gather per depth level."""
+    """Ancestor-or-self matrix from parent indices (the root's parent is itself).
+
+    Reachability by repeated squaring: M = self-or-parent, and M @ M reaches two levels up, so
+    ceil(log2(max_depth + 1)) products reach every ancestor: a handful of kernels whatever the depth.
+    The products count paths; only whether a count is positive matters, and sums of non-negative
+    terms cannot cancel, so low precision is exact enough.
+    """
     size = parents.numel()
-    rows = torch.arange(size, device=parents.device)
-    mask = torch.eye(size, dtype=torch.bool, device=parents.device)
-    ancestor = rows
-    for _ in range(max_depth):
-        ancestor = parents[ancestor]
-        mask.scatter_(1, ancestor[:, None], True)
-    return mask
+    dtype = torch.float32 if parents.device.type == "cpu" else torch.bfloat16
+    reach = torch.eye(size, dtype=dtype, device=parents.device)
+    reach.scatter_(1, parents[:, None], 1.0)
+    for _ in range(max(max_depth, 1).bit_length()):
+        reach = (reach @ reach).clamp_(max=1.0)
+    return reach > 0
