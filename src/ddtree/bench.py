@@ -169,12 +169,18 @@ def agreement(responses: list[dict], reference: list[dict]) -> float:
     return same / total if total else 1.0
 
 
-def environment(engine) -> dict:
+def git_commit() -> str:
+    """This checkout's commit; where the code runs from a copy without git metadata (a lent GPU
+    machine), the caller passes it as DDTREE_GIT_COMMIT."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return os.environ.get("DDTREE_GIT_COMMIT", "unknown")
+
+
+def environment(engine) -> dict:
+    commit = git_commit()
     import transformers
 
     device = engine.device
