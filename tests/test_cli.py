@@ -164,3 +164,22 @@ def test_python_load_api(model_dirs, drafter_dir, capsys):
     assert sum(len(c.token_ids) for c in chunks) == 5
     ddtree.load(model_dirs[TARGET], "random", "cpu", "float32")
     assert "random" in capsys.readouterr()[1]  # a random drafter is announced on stderr
+
+
+def test_profile_prints_and_writes_stage_times(capsys, model_dirs, drafter_dir, tmp_path):
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--target", model_dirs[TARGET], "--drafter", drafter_dir, "--budgets", "4",
+                 "--max-new-tokens", "6", "--repeats", "1", "--prompt", "hi", "--out", str(out)]) == 0
+    table = capsys.readouterr()[0]
+    data = json.loads(out.read_text())
+    assert [(p["method"], p["budget"]) for p in data["profiles"]] == [("ar", None), ("dflash", None), ("ddtree", 4)]
+    for profile in data["profiles"]:
+        assert profile["rounds"] >= 1 and profile["ms_per_round"]["round"] > 0
+        assert {"draft", "tree", "verify", "commit", "host"} <= set(profile["ms_per_round"])
+    assert "| ddtree | 4 |" in table and "NO" not in table
+    assert {"device", "torch", "git_commit", "command"} <= set(data)
+
+
+def test_loadtest_without_a_server_is_a_clear_error(capsys):
+    assert main(["loadtest", "--url", "http://127.0.0.1:9", "--seconds", "1"]) == 2
+    assert "cannot reach the server" in capsys.readouterr()[1]

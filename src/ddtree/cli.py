@@ -129,6 +129,37 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", help="also write the profiles as JSON here")
     prof.set_defaults(handler=run_profile)
 
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                                description="Serve /v1/chat/completions, /v1/completions (both with stream: true), "
+                                            "/v1/models, /health and /metrics over one engine. Requests queue and "
+                                            "run one at a time, first come first served; requests may set "
+                                            "'method' and 'budget' (and 'top_k') besides OpenAI's fields.")
+    add_model_options(serve, decoding=True)
+    serve.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
+                       help="default method for requests that do not name one (default ddtree)")
+    serve.add_argument("--budget", type=int, help="default ddtree budget (default: the device's)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests that may wait; past that the server answers 503 (default 64)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the target's name)")
+    serve.set_defaults(handler=run_serve)
+
+    load = commands.add_parser("loadtest", help="load-test a running server",
+                               description="N concurrent streaming chat clients against a server for M seconds; "
+                                           "prints throughput and latency percentiles (time to first token, total).")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default http://127.0.0.1:8000)")
+    load.add_argument("--model", help="model id (default: the first the server lists)")
+    load.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    load.add_argument("--seconds", type=float, default=30, help="how long to send requests (default 30)")
+    load.add_argument("--max-tokens", type=int, default=64, help="per request (default 64)")
+    load.add_argument("--prompt", default="Write a short story about a robot who learns to paint.",
+                      help="the chat prompt every client sends")
+    load.add_argument("--method", choices=["ar", "dflash", "ddtree"], help="ask for this method")
+    load.add_argument("--budget", type=int, help="ask for this ddtree budget")
+    load.add_argument("--out", help="also write the results as JSON here")
+    load.set_defaults(handler=run_loadtest)
+
     prompts = commands.add_parser("prompts", help="collect drafter-training prompts, free of evaluation overlap",
                                   description="Collect GSM8K-train and ShareGPT prompts, drop duplicates and any "
                                               "prompt sharing a word 8-gram with an evaluation set, write JSONL.")
@@ -330,6 +361,39 @@ def run_profile(args) -> None:
         with open(args.out, "w") as f:
             json.dump(environment(engine) | {"prompt_tokens": len(ids), "max_new_tokens": args.max_new_tokens,
                                              "profiles": [p.to_json() for p in profiles], "table": table}, f, indent=1)
+
+
+def run_serve(args) -> None:
+    from .api import load
+    from .server import ServerSettings, serve
+
+    if args.max_queue < 1:
+        raise DDTreeError("--max-queue must be >= 1")
+    if args.budget is not None and args.budget < 1:
+        raise DDTreeError(f"--budget must be >= 1, got {args.budget}")
+    engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    settings = ServerSettings(args.model_name or engine.target.name, args.method, args.budget, args.max_queue)
+    serve(engine, settings, args.host, args.port)
+
+
+def run_loadtest(args) -> None:
+    import asyncio
+
+    import httpx
+
+    from .loadtest import run, summary_table
+
+    if args.clients < 1 or args.seconds <= 0 or args.max_tokens < 1:
+        raise DDTreeError("--clients and --max-tokens must be >= 1 and --seconds > 0")
+    extra = {k: v for k, v in (("method", args.method), ("budget", args.budget)) if v is not None}
+    try:
+        result = asyncio.run(run(args.url, args.model, args.clients, args.seconds, args.prompt, args.max_tokens, extra))
+    except httpx.HTTPError as exc:
+        raise DDTreeError(f"cannot reach the server at {args.url}: {exc}") from None
+    print(summary_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result | {"command": " ".join(sys.argv)}, f, indent=1)
 
 
 def run_prompts(args) -> None:

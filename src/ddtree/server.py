@@ -1,0 +1,466 @@
+"""`ddtree serve`: an OpenAI-compatible HTTP server over one engine.
+
+One worker thread owns the engine and runs one generation at a time, in arrival order; HTTP
+handlers validate a request, queue it and relay its chunks. A full queue answers 503 with
+Retry-After, a client that goes away cancels its generation at the next round, and every bad
+request gets a 4xx in OpenAI's error shape. FastAPI (with uvicorn) serves; prometheus_client
+renders /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from .engine import METHODS, Engine
+from .errors import DDTreeError
+from .sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ----- request bodies -------------------------------------------------------------------------------
+
+Number = StrictFloat | StrictInt
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[dict]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise APIError(400, "only text content parts are supported", "messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: StrictBool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields both endpoints share; `method`, `budget` and `top_k` are ddtree's extensions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    top_k: StrictInt = 0
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = 1
+    user: StrictStr | None = None
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    logprobs: StrictBool | StrictInt | None = None
+    method: Literal["ar", "dflash", "ddtree"] | None = None
+    budget: StrictInt | None = None
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+
+
+# ----- the worker -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One request's generation: what to run, where its chunks go, and whether its client left."""
+
+    ids: list[int]
+    settings: dict
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, kind: str, payload) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class Scheduler:
+    """Runs queued jobs one at a time on the engine, first come first served, in its own thread."""
+
+    def __init__(self, engine: Engine, max_queue: int, on_done):
+        self.engine, self.on_done = engine, on_done
+        self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.busy = False
+        self.thread = threading.Thread(target=self.work, name="ddtree-engine", daemon=True)
+        self.thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting or running."""
+        return self.pending.qsize() + int(self.busy)
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.pending.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, "the server is busy: its queue is full; retry shortly", kind="server_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+
+    def close(self) -> None:
+        """Finishes every queued job, then stops the thread."""
+        self.pending.put(None)
+        self.thread.join()
+
+    def work(self) -> None:
+        while (job := self.pending.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            self.busy = True
+            try:
+                self.run(job)
+            finally:
+                self.busy = False
+
+    def run(self, job: Job) -> None:
+        lengths, started = [], time.perf_counter()
+        try:
+            generation = self.engine.stream(job.ids, **job.settings)
+            for chunk in generation:
+                if chunk.acceptance_length is not None:
+                    lengths.append(chunk.acceptance_length)
+                job.send("chunk", chunk)
+                if job.cancelled.is_set():
+                    break
+        except DDTreeError as exc:
+            job.send("error", APIError(400, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the server
+            job.send("error", APIError(500, f"generation failed: {exc}", kind="server_error"))
+            return
+        stats = {"seconds": time.perf_counter() - started, "acceptance_lengths": lengths,
+                 "cancelled": job.cancelled.is_set()}
+        self.on_done(stats)
+        job.send("done", stats)
+
+
+# ----- metrics ----------------------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self, scheduler_depth):
+        self.total_tokens = self.total_rounds = 0
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ddtree_requests", "Requests received, by endpoint", ["endpoint"],
+                                registry=self.registry)
+        self.errors = Counter("ddtree_request_errors", "Requests answered with an error, by status", ["status"],
+                              registry=self.registry)
+        self.tokens = Counter("ddtree_generated_tokens", "Tokens generated", registry=self.registry)
+        self.rounds = Counter("ddtree_decoding_rounds", "Decoding rounds (one target forward each)",
+                              registry=self.registry)
+        self.cancelled = Counter("ddtree_cancelled_generations", "Generations stopped because the client left",
+                                 registry=self.registry)
+        self.acceptance = Gauge("ddtree_mean_acceptance_length", "Tokens per round over all requests so far",
+                                registry=self.registry)
+        self.speed = Gauge("ddtree_tokens_per_second", "Generation speed of the latest finished request",
+                           registry=self.registry)
+        self.latency = Histogram("ddtree_request_seconds", "Time from queueing to the last token",
+                                 registry=self.registry)
+        depth = Gauge("ddtree_queue_depth", "Requests waiting or running", registry=self.registry)
+        depth.set_function(scheduler_depth)
+
+    def record(self, stats: dict) -> None:
+        tokens, rounds = sum(stats["acceptance_lengths"]), len(stats["acceptance_lengths"])
+        self.tokens.inc(tokens)
+        self.rounds.inc(rounds)
+        if stats["cancelled"]:
+            self.cancelled.inc()
+        self.total_tokens += tokens
+        self.total_rounds += rounds
+        if self.total_rounds:
+            self.acceptance.set(self.total_tokens / self.total_rounds)
+        if stats["seconds"] > 0:
+            self.speed.set(tokens / stats["seconds"])
+
+
+# ----- the app ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    method: str = "ddtree"
+    budget: int | None = None
+    max_queue: int = 64
+
+
+def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state["scheduler"] = Scheduler(engine, settings.max_queue, lambda stats: state["metrics"].record(stats))
+        state["metrics"] = Metrics(lambda: state["scheduler"].depth)
+        yield
+        await asyncio.to_thread(state["scheduler"].close)
+
+    app = FastAPI(title="ddtree", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        state["metrics"].errors.labels(str(exc.status)).inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return await api_error(request, validation_error(exc))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queue_depth": state["scheduler"].depth}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(state["metrics"].registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                             "owned_by": "ddtree"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        state["metrics"].requests.labels("chat").inc()
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = engine.encode(messages)
+        except DDTreeError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await respond(body, request, ids, max_tokens, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        state["metrics"].requests.labels("completions").inc()
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", "prompt")
+            prompt = prompt[0]
+        try:
+            ids = engine.encode(prompt)
+        except DDTreeError as exc:
+            raise APIError(400, str(exc), "prompt") from None
+        if any(not 0 <= t < engine.model.cfg.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in 0..{engine.model.cfg.vocab_size - 1}", "prompt")
+        return await respond(body, request, ids, body.max_tokens, chat=False)
+
+    async def respond(body: GenerationRequest, request: Request, ids: list[int], max_tokens: int | None,
+                      chat: bool):
+        job = Job(ids, generation_settings(body, ids, max_tokens, engine, settings), asyncio.get_running_loop())
+        state["scheduler"].submit(job)
+        reply = Reply(body, chat, len(ids), job.settings)
+        if body.stream:
+            return StreamingResponse(stream_events(job, reply), media_type="text/event-stream")
+        return await collect(job, reply, request)
+
+    return app
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """pydantic's first complaint, as one sentence naming the field."""
+    error = exc.errors()[0]
+    where = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(where) or None
+    if error.get("type") == "json_invalid":
+        return APIError(400, "the request body is not valid JSON")
+    if error.get("type") == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument: {param}", param)
+    if error.get("type") == "missing":
+        return APIError(400, f"missing required field: {param}", param)
+    return APIError(400, f"invalid value for {param}: {error.get('msg', 'invalid')}", param)
+
+
+def generation_settings(body: GenerationRequest, ids: list[int], max_tokens: int | None, engine: Engine,
+                        settings: ServerSettings) -> dict:
+    """The engine's keyword arguments for a request, or an APIError saying what to change."""
+    if body.model != settings.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+                       "model", "model_not_found")
+    if body.n != 1:
+        raise APIError(400, "n must be 1: one choice per request is supported", "n")
+    if body.logprobs not in (None, False, 0):
+        raise APIError(400, "logprobs are not supported", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) != 0:
+            raise APIError(400, f"{name} is not supported (it would change the target's distribution)", name)
+    room = engine.context_limit - len(ids)
+    if room < 1:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context holds {engine.context_limit}",
+                       "messages" if isinstance(body, ChatRequest) else "prompt", "context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+    if max_tokens > room:
+        raise APIError(400, f"max_tokens {max_tokens} is past the context: the prompt has {len(ids)} tokens and "
+                            f"the context holds {engine.context_limit}, so at most {room}", "max_tokens",
+                       "context_length_exceeded")
+    if not 0 <= body.temperature <= 2:
+        raise APIError(400, f"temperature must be between 0 and 2, got {body.temperature}", "temperature")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4:
+        raise APIError(400, "at most 4 stop sequences", "stop")
+    method = body.method or settings.method
+    if method != "ar" and engine.drafter is None:
+        raise APIError(400, f"method {method!r} needs a drafter, and this server has none", "method")
+    budget = body.budget if body.budget is not None else settings.budget
+    if budget is not None and budget < 1:
+        raise APIError(400, f"budget must be at least 1, got {budget}", "budget")
+    try:
+        SamplingParams(float(body.temperature), body.top_k, float(body.top_p)).validate()
+    except DDTreeError as exc:
+        raise APIError(400, str(exc)) from None
+    assert method in METHODS
+    return {"method": method, "budget": budget, "max_new_tokens": max_tokens, "temperature": float(body.temperature),
+            "top_k": body.top_k, "top_p": float(body.top_p), "seed": body.seed, "stop": stops}
+
+
+class Reply:
+    """Builds OpenAI response objects for one request."""
+
+    def __init__(self, body: GenerationRequest, chat: bool, prompt_tokens: int, settings: dict):
+        self.body, self.chat, self.prompt_tokens, self.settings = body, chat, prompt_tokens, settings
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.completion_tokens = 0
+
+    def envelope(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.body.model}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def acceptance(self, stats: dict) -> dict:
+        lengths = stats["acceptance_lengths"]
+        return {"method": self.settings["method"], "budget": self.settings["budget"], "rounds": len(lengths),
+                "mean_acceptance": sum(lengths) / len(lengths) if lengths else 0.0,
+                "tokens_per_second": self.completion_tokens / stats["seconds"] if stats["seconds"] > 0 else 0.0}
+
+    def whole(self, text: str, finish: str | None, stats: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self.envelope(kind) | {"choices": [choice], "usage": self.usage(), "ddtree": self.acceptance(stats)}
+
+    def piece(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return self.envelope("chat.completion.chunk") | {"choices": [choice]}
+        return self.envelope("text_completion") | {"choices": [{"index": 0, "text": text or "", "logprobs": None,
+                                                                "finish_reason": finish}]}
+
+
+async def next_event(job: Job, request: Request | None):
+    """The job's next event; while waiting, a non-streaming request checks that its client is still there."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=0.25)
+        except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+            if request is not None and await request.is_disconnected():
+                job.cancelled.set()
+                return "gone", None
+
+
+async def collect(job: Job, reply: Reply, request: Request):
+    text, finish = [], None
+    while True:
+        kind, payload = await next_event(job, request)
+        if kind == "gone":
+            return PlainTextResponse("", status_code=499)
+        if kind == "error":
+            raise payload
+        if kind == "done":
+            return JSONResponse(reply.whole("".join(text), finish, payload))
+        text.append(payload.text)
+        reply.completion_tokens += len(payload.token_ids)
+        finish = payload.finish_reason or finish
+
+
+async def stream_events(job: Job, reply: Reply) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per round, a last chunk with the finish reason, then [DONE]. When the
+    client goes away the response task is cancelled here, which cancels the generation."""
+    first, finish = True, None
+    try:
+        while True:
+            kind, payload = await next_event(job, None)
+            if kind == "error":
+                yield sse({"error": {"message": payload.message, "type": payload.kind, "param": payload.param,
+                                     "code": payload.code}})
+                break
+            if kind == "done":
+                yield sse(reply.piece(None, finish or "stop") | {"ddtree": reply.acceptance(payload)})
+                if reply.body.stream_options and reply.body.stream_options.include_usage:
+                    kind = "chat.completion.chunk" if reply.chat else "text_completion"
+                    yield sse(reply.envelope(kind) | {"choices": [], "usage": reply.usage()})
+                break
+            reply.completion_tokens += len(payload.token_ids)
+            finish = payload.finish_reason or finish
+            if payload.text or first:
+                yield sse(reply.piece(payload.text, None, first))
+                first = False
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a no-op once the job is done
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def serve(engine: Engine, settings: ServerSettings, host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=60)
