@@ -72,6 +72,7 @@ def test_chat_equals_generate_streamed_or_not(server, engine, method):
         assert reply.usage.prompt_tokens == want.prompt_tokens
         summary = reply.model_extra["ddtree"]
         assert summary["method"] == method and summary["rounds"] == want.rounds
+        assert summary["budget"] == (8 if method == "ddtree" else None)
         pieces = list(client.chat.completions.create(model=server.settings.model_name, max_tokens=24, temperature=0,
                                                      messages=[{"role": "user", "content": prompt}], stream=True,
                                                      extra_body={"method": method}))

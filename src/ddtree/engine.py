@@ -133,6 +133,9 @@ class Engine:
             self.workspace = Workspace(self, round_up(context, 1024), nodes)
         return self.workspace
 
+    def default_budget(self) -> int:
+        return DEFAULT_BUDGET.get(self.device.type, 64)
+
     # ----- prompts -------------------------------------------------------------------------------
 
     def encode(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
@@ -194,7 +197,7 @@ class Engine:
         if method != "ar" and self.drafter is None:
             raise DDTreeError(f"method {method!r} needs a drafter")
         if budget is None:
-            budget = DEFAULT_BUDGET.get(self.device.type, 64)
+            budget = self.default_budget()
         if budget < 1:
             raise DDTreeError(f"budget must be >= 1, got {budget}")
         if max_new_tokens < 1:

@@ -354,6 +354,7 @@ def generation_settings(body: GenerationRequest, ids: list[int], max_tokens: int
     budget = body.budget if body.budget is not None else settings.budget
     if budget is not None and budget < 1:
         raise APIError(400, f"budget must be at least 1, got {budget}", "budget")
+    budget = (budget or engine.default_budget()) if method == "ddtree" else None
     try:
         SamplingParams(float(body.temperature), body.top_k, float(body.top_p)).validate()
     except DDTreeError as exc:
