@@ -112,3 +112,27 @@ def test_data_parallel_run_gathers_the_same_results(small_run, tmp_path):
         assert run["num_prompts"] == 3
         assert [r["token_ids"] for r in run["responses"]] == [r["token_ids"] for r in want["responses"]]
         assert [r["conversation"] for r in run["responses"]] == [0, 1, 2, 2]
+
+
+def test_divergences_give_the_position_and_the_logit_margin(small_run):
+    import copy
+
+    import ddtree
+    from ddtree.bench import divergences, logit_margin
+
+    _, result, common = small_run
+    engine = ddtree.load(common[1], common[3], "cpu", "float32", quiet=True)
+    conversations = load_dataset(common[5], SHARED)
+    ar = next(r for r in result["runs"] if r["method"] == "ar" and r["temperature"] == 0)["responses"]
+    assert divergences(engine, conversations, ar, ar) == []
+    changed = copy.deepcopy(ar)
+    last = changed[3]  # the second turn of the two-turn conversation
+    position = min(2, len(last["token_ids"]) - 1)
+    last["token_ids"][position] = (last["token_ids"][position] + 1) % engine.model.cfg.vocab_size
+    [found] = divergences(engine, conversations, changed, ar)
+    assert (found["conversation"], found["turn"], found["position"]) == (2, 1, position)
+    messages = [{"role": "user", "content": conversations[2][0]},
+                {"role": "assistant", "content": engine.tokenizer.decode(ar[2]["token_ids"], skip_special_tokens=True)},
+                {"role": "user", "content": conversations[2][1]}]
+    expected = logit_margin(engine, engine.encode(messages) + ar[3]["token_ids"][:position])
+    assert found["margin"] == pytest.approx(expected) and found["margin"] >= 0

@@ -148,7 +148,8 @@ def test_device_tree_keeps_a_parent_that_ties_its_child():
 def test_frontier_plan_keeps_only_dominating_pairs():
     plan = FrontierPlan(10, 3, 50)
     assert plan.widths == [10, 10, 10] and plan.size == 10
-    left, right = plan.pairs[0]
+    start, end = plan.spans[0]
+    left, right = plan.left[start:end], plan.token[start:end] - plan.tokens  # depth 2's token ranks
     pairs = set(zip(left.tolist(), right.tolist()))
     assert (0, 9) in pairs and (9, 0) in pairs and (1, 4) in pairs and (1, 5) not in pairs and (2, 3) not in pairs
     assert len(pairs) == sum(10 // (i + 1) for i in range(10))

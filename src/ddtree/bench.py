@@ -132,8 +132,13 @@ def summarise(responses: list[dict]) -> dict:
     for r in responses:
         for length in r["acceptance_lengths"]:
             histogram[length] = histogram.get(length, 0) + 1
+    rounds = sum(len(r["acceptance_lengths"]) for r in responses)
+    stages = sorted({stage for r in responses for stage in r["stage_seconds"] if stage != "prefill"})
     return {
         "num_responses": len(responses),
+        # each stage's time over all responses, per decoding round (empty for hf, which has no rounds)
+        "stage_ms_per_round": {stage: 1000 * sum(r["stage_seconds"].get(stage, 0.0) for r in responses) / rounds
+                               for stage in stages} if rounds else {},
         "mean_acceptance": statistics.fmean(r["mean_acceptance"] for r in responses) if responses else 0.0,
         "acceptance_histogram": dict(sorted(histogram.items())),
         "new_tokens": tokens,
@@ -167,6 +172,39 @@ def agreement(responses: list[dict], reference: list[dict]) -> float:
         same += prefix
         total += max(len(a), len(b))
     return same / total if total else 1.0
+
+
+def divergences(engine, conversations: list[list[str]], responses: list[dict], reference: list[dict]) -> list[dict]:
+    """Where a temperature-0 response first leaves ar's, with the target's logit margin there (its
+    top logit minus the runner-up on the shared prefix): a lossless method diverges only at near-ties,
+    where rounding in a differently shaped forward can flip the argmax.
+
+    Only a conversation's first differing turn is examined: up to it both saw the same prompt."""
+    found = []
+    turns_of = lambda rs, index: [r for r in rs if r["conversation"] == index]  # noqa: E731
+    for index in sorted({r["conversation"] for r in responses}):
+        messages = []
+        for turn, (mine, ref) in enumerate(zip(turns_of(responses, index), turns_of(reference, index))):
+            messages.append({"role": "user", "content": conversations[index][turn]})
+            a, b = mine["token_ids"], ref["token_ids"]
+            if a != b:
+                position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                found.append({"conversation": index, "turn": turn, "position": position,
+                              "margin": logit_margin(engine, engine.encode(list(messages)) + b[:position])})
+                break
+            messages.append({"role": "assistant", "content": engine.tokenizer.decode(b, skip_special_tokens=True)})
+    return found
+
+
+@torch.inference_mode()
+def logit_margin(engine, ids: list[int]) -> float:
+    from .model import causal_mask
+
+    model, length = engine.model, len(ids)
+    hidden, _ = model(torch.tensor([ids], device=engine.device), torch.arange(length, device=engine.device)[None],
+                      causal_mask(length, 0, engine.device))
+    top = model.logits(hidden[0, -1]).topk(2).values
+    return float(top[0] - top[1])
 
 
 def git_commit() -> str:
@@ -254,6 +292,8 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
                           "speedup_vs_hf": speedup(summarise(same_conversations(responses, hf_responses)),
                                                    hf_responses),
                           "token_agreement_with_ar": agreement(responses, ar) if ar and temperature == 0 else None,
+                          "divergences": (divergences(engine, convs, responses, ar)
+                                          if ar and temperature == 0 and spec.method != "ar" else []),
                           "responses": responses}
                 result["runs"].append(record)
     bar.close()
@@ -263,15 +303,21 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
 def markdown_table(result: dict) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}; commit {result['git_commit'][:10]}; "
              f"{result['max_new_tokens']} new tokens; median of {result['repeats']}",
-             "", "| dataset | T | method | prompts | τ | tok/s | speedup vs ar | speedup vs hf | agreement with ar |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| dataset | T | method | prompts | τ | tok/s | speedup vs ar | speedup vs hf | agreement with ar "
+                 "| largest margin at a divergence | ms per round: draft / tree / verify / commit + host |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cell = lambda value, fmt: "" if value is None else format(value, fmt)  # noqa: E731
     for run in result["runs"]:
         label = run["method"] if run["budget"] is None else f"{run['method']} B={run['budget']}"
+        margins = [d["margin"] for d in run.get("divergences", [])]
+        ms = run.get("stage_ms_per_round", {})
+        stages = (f"{ms.get('draft', 0):.2f} / {ms.get('tree', 0):.2f} / {ms.get('verify', 0):.2f} / "
+                  f"{ms.get('commit', 0) + ms.get('host', 0):.2f}") if ms else ""
         lines.append(f"| {run['dataset']} | {run['temperature']:g} | {label} | {run['num_prompts']} | "
                      f"{run['mean_acceptance']:.2f} | {run['tokens_per_second']:.1f} | "
                      f"{cell(run['speedup_vs_ar'], '.2f')} | {cell(run['speedup_vs_hf'], '.2f')} | "
-                     f"{cell(run['token_agreement_with_ar'], '.3f')} |")
+                     f"{cell(run['token_agreement_with_ar'], '.3f')} | {cell(max(margins, default=None), '.3f')} | "
+                     f"{stages} |")
     return "\n".join(lines) + "\n"
 
 

@@ -91,11 +91,22 @@ class FrontierPlan:
         self.budget, self.tokens = budget, min(budget, vocab)
         self.widths = frontier_widths(budget, depth, vocab)
         self.size = tree_size(budget, depth, vocab)
-        self.pairs = []
-        for above in self.widths[:-1]:
-            pairs = [(i, j) for i in range(above) for j in range(min(self.tokens, budget // (i + 1)))]
-            left, right = zip(*pairs)
-            self.pairs.append((torch.tensor(left, device=device), torch.tensor(right, device=device)))
+        # The pairs of all depths below the first, in one flat table: the rank of the prefix above
+        # (`left`) and the token's place in the flattened [depth, rank] top-k (`token`), so the token
+        # scores and ids of every pair come out of one gather each.
+        left, token, self.spans = [], [], []
+        for level, above in enumerate(self.widths[:-1], start=1):
+            start = len(left)
+            for i in range(above):
+                for j in range(min(self.tokens, budget // (i + 1))):
+                    left.append(i)
+                    token.append(level * self.tokens + j)
+            self.spans.append((start, len(left)))
+        self.left = torch.tensor(left, dtype=torch.long, device=device)
+        self.token = torch.tensor(token, dtype=torch.long, device=device)
+        # where each depth's chosen pairs sit in the flat table (added to the per-depth top-k indices)
+        self.span_starts = torch.tensor([start for (start, _), w in zip(self.spans, self.widths[1:]) for _ in range(w)],
+                                        dtype=torch.long, device=device)
         # candidates are listed depth by depth: the depth of each, and where each depth's list starts
         self.depth_of = torch.cat([torch.full((w,), d, device=device) for d, w in enumerate(self.widths)])
         self.starts = torch.tensor([0] + self.widths[:-1], device=device).cumsum(0)
@@ -107,26 +118,34 @@ def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
 
     The per-depth distributions do not depend on the prefix, so a prefix's score is a sum of one
     log-prob per depth, and the best prefixes of depth d are the best sums of a best prefix of depth
-    d-1 and a best token at depth d: one small top-k per depth over the plan's pairs. Then all
-    depths' candidates are ranked by score, shallower first on ties (a stable sort over candidates
-    listed depth by depth), so a parent always comes before its children and the first `plan.size`
-    form a tree. Returns (tokens, parents, depths) of nodes 1..n; parent 0 is the root.
+    d-1 and a best token at depth d: one small top-k per depth over the plan's pairs (three kernels
+    a depth; everything else is gathered once for all depths). Then all depths' candidates are ranked
+    by score, shallower first on ties (a stable sort over candidates listed depth by depth), so a
+    parent always comes before its children and the first `plan.size` form a tree. Returns (tokens,
+    parents, depths) of nodes 1..n; parent 0 is the root.
     """
     device = log_probs.device
     top_values, top_ids = log_probs.float().topk(plan.tokens, dim=-1)
-    scores, tokens, parent_ranks = [top_values[0]], [top_ids[0]], [torch.zeros_like(top_ids[0])]
-    for depth, ((left, right), width) in enumerate(zip(plan.pairs, plan.widths[1:]), start=1):
-        best, which = (scores[-1][left] + top_values[depth][right]).topk(width)
+    pair_scores = top_values.flatten()[plan.token]
+    scores, chosen = [top_values[0]], []
+    for (start, end), width in zip(plan.spans, plan.widths[1:]):
+        best, which = (scores[-1][plan.left[start:end]] + pair_scores[start:end]).topk(width)
         scores.append(best)
-        tokens.append(top_ids[depth][right[which]])
-        parent_ranks.append(left[which])
+        chosen.append(which)
+    candidates = len(plan.depth_of)
+    if chosen:
+        pairs = torch.cat(chosen) + plan.span_starts
+        tokens = torch.cat([top_ids[0], top_ids.flatten()[plan.token[pairs]]])
+        parent_ranks = torch.cat([torch.zeros_like(top_ids[0]), plan.left[pairs]])
+    else:
+        tokens, parent_ranks = top_ids[0], torch.zeros_like(top_ids[0])
     order = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:plan.size]
-    node_of = torch.zeros(len(plan.depth_of), dtype=torch.long, device=device)
+    node_of = torch.zeros(candidates, dtype=torch.long, device=device)
     node_of[order] = torch.arange(1, plan.size + 1, device=device)
     depth = plan.depth_of[order]  # 0-based
-    parent_candidate = plan.starts[(depth - 1).clamp(min=0)] + torch.cat(parent_ranks)[order]
+    parent_candidate = plan.starts[(depth - 1).clamp(min=0)] + parent_ranks[order]
     parents = torch.where(depth == 0, 0, node_of[parent_candidate])
-    return torch.cat(tokens)[order], parents, depth + 1
+    return tokens[order], parents, depth + 1
 
 
 def chain_nodes(log_probs: torch.Tensor):
