@@ -113,12 +113,13 @@ def test_best_first_tree_edge_cases():
 def device_tree(log_probs: torch.Tensor, budget: int) -> DraftTree:
     """best_first_nodes' output as a DraftTree, with scores summed from the log-probs."""
     depth, vocab = log_probs.shape
-    tokens, parents, depths = (t.tolist() for t in best_first_nodes(log_probs, FrontierPlan(budget, depth, vocab)))
+    tokens, parents, depths, returned = (t.tolist() for t in best_first_nodes(log_probs, FrontierPlan(budget, depth, vocab)))
     prefixes: list[tuple[int, ...]] = []
     for token, parent in zip(tokens, parents):
         prefixes.append((prefixes[parent - 1] if parent else ()) + (token,))
     lp = log_probs.double()
     scores = [sum(lp[k, t].item() for k, t in enumerate(prefix)) for prefix in prefixes]
+    assert returned == pytest.approx(scores, abs=1e-4)
     children = {(p, t): i + 1 for i, (p, t) in enumerate(zip(parents, tokens))}
     return DraftTree(tokens, parents, depths, scores, children)
 

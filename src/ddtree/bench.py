@@ -68,7 +68,7 @@ def dataset_label(name: str) -> str:
 @dataclass
 class MethodSpec:
     method: str
-    budget: int | None
+    budget: int | str | None  # nodes, "auto", or None
 
     @property
     def label(self) -> str:
@@ -120,6 +120,7 @@ def run_conversation(generate, turns: list[str], options: dict, repeats: int, in
             "mean_acceptance": first.mean_acceptance,
             "seconds": statistics.median(r.seconds for r in runs),
             "stage_seconds": first.stage_seconds,
+            "chosen_budgets": first.chosen_budgets,
         })
         messages.append({"role": "assistant", "content": first.text})
     return responses
@@ -133,6 +134,10 @@ def summarise(responses: list[dict]) -> dict:
         for length in r["acceptance_lengths"]:
             histogram[length] = histogram.get(length, 0) + 1
     rounds = sum(len(r["acceptance_lengths"]) for r in responses)
+    chosen: dict[int, int] = {}
+    for r in responses:
+        for budget in r.get("chosen_budgets", []):
+            chosen[budget] = chosen.get(budget, 0) + 1
     stages = sorted({stage for r in responses for stage in r["stage_seconds"] if stage != "prefill"})
     return {
         "num_responses": len(responses),
@@ -141,6 +146,7 @@ def summarise(responses: list[dict]) -> dict:
                                for stage in stages} if rounds else {},
         "mean_acceptance": statistics.fmean(r["mean_acceptance"] for r in responses) if responses else 0.0,
         "acceptance_histogram": dict(sorted(histogram.items())),
+        "chosen_budgets": dict(sorted(chosen.items())),  # with budget "auto": rounds per chosen size
         "new_tokens": tokens,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds else 0.0,
@@ -334,7 +340,8 @@ def plot(result: dict, prefix: str) -> list[str]:
         datasets = sorted({r["dataset"] for r in runs})
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for name in datasets:
-            trees = sorted((r for r in runs if r["dataset"] == name and r["method"] == "ddtree"), key=lambda r: r["budget"])
+            trees = sorted((r for r in runs if r["dataset"] == name and r["method"] == "ddtree"
+                            and isinstance(r["budget"], int)), key=lambda r: r["budget"])
             if not trees:
                 continue
             budgets = [r["budget"] for r in trees]
@@ -346,9 +353,14 @@ def plot(result: dict, prefix: str) -> list[str]:
                 axes[1].plot(budgets, [r["speedup_vs_ar"] for r in trees], marker="o", label=name, color=line.get_color())
                 if chain and chain["speedup_vs_ar"] is not None:
                     axes[1].axhline(chain["speedup_vs_ar"], color=line.get_color(), linestyle=":", linewidth=1)
+            auto = next((r for r in runs if r["dataset"] == name and r["budget"] == "auto"), None)
+            if auto:
+                axes[0].axhline(auto["mean_acceptance"], color=line.get_color(), linestyle="--", linewidth=1)
+                if auto["speedup_vs_ar"] is not None:
+                    axes[1].axhline(auto["speedup_vs_ar"], color=line.get_color(), linestyle="--", linewidth=1)
         for ax, ylabel in zip(axes, ("mean acceptance length τ", "speedup over ar")):
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("tree budget B (dotted: chain DFlash)")
+            ax.set_xlabel("tree budget B (dotted: chain DFlash; dashed: auto)")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:

@@ -29,8 +29,9 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
                         help="ar: target alone; dflash: one drafted chain per round; ddtree: a draft tree (default)")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="ddtree: drafted nodes per round, root not counted (default 16 on cpu, 64 on cuda)")
+    parser.add_argument("--budget", type=budget_value, default=None,
+                        help="ddtree: drafted nodes per round, root not counted, or 'auto' to choose per round from "
+                             "this device's measured costs (calibrated on first use) (default 16 on cpu, 64 on cuda)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
@@ -43,6 +44,16 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def comma(kind):
     """An argparse type for comma-separated values of `kind`."""
     return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def budget_value(text: str) -> int | str:
+    """A tree budget: 'auto' (chosen per round from this device's costs) or a node count."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a budget is 'auto' or a whole number, not {text!r}") from None
 
 
 def add_drafter_shape_options(parser: argparse.ArgumentParser, default_layers: int) -> None:
@@ -103,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated subset of hf,ar,dflash,ddtree (default ar,dflash,ddtree); hf is "
                             "transformers' own generate() on the same weights")
     bench.add_argument("--hf-limit", type=int, default=5, help="hf runs only the first N prompts (slow; default 5)")
-    bench.add_argument("--budgets", type=comma(int), default=[16, 64, 256], help="ddtree budgets (default 16,64,256)")
+    bench.add_argument("--budgets", type=comma(budget_value), default=[16, 64, 256],
+                       help="ddtree budgets, 'auto' among them if wanted (default 16,64,256)")
     bench.add_argument("--temperatures", type=comma(float), default=[0.0], help="comma-separated (default 0)")
     bench.add_argument("--limit", type=int, help="only the first N prompts of each dataset")
     bench.add_argument("--max-new-tokens", type=int, default=256, help="per response (default 256)")
@@ -121,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(prof, decoding=True)
     prof.add_argument("--methods", type=comma(str), default=["ar", "dflash", "ddtree"],
                       help="comma-separated subset of ar,dflash,ddtree (default: all three)")
-    prof.add_argument("--budgets", type=comma(int), default=[16, 64, 256], help="ddtree budgets (default 16,64,256)")
+    prof.add_argument("--budgets", type=comma(budget_value), default=[16, 64, 256],
+                      help="ddtree budgets, 'auto' among them if wanted (default 16,64,256)")
+    prof.add_argument("--calibrate", action="store_true",
+                      help="(re)measure this device's round costs for --budget auto, store them, and print them")
     prof.add_argument("--prompt", default="Write a short story about a robot who learns to paint.",
                       help="the prompt, through the chat template where the target has one")
     prof.add_argument("--max-new-tokens", type=int, default=128, help="per run (default 128)")
@@ -137,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve, decoding=True)
     serve.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
                        help="default method for requests that do not name one (default ddtree)")
-    serve.add_argument("--budget", type=int, help="default ddtree budget (default: the device's)")
+    serve.add_argument("--budget", type=budget_value, help="default ddtree budget, or 'auto' (default: the device's)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-queue", type=int, default=64,
@@ -156,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--prompt", default="Write a short story about a robot who learns to paint.",
                       help="the chat prompt every client sends")
     load.add_argument("--method", choices=["ar", "dflash", "ddtree"], help="ask for this method")
-    load.add_argument("--budget", type=int, help="ask for this ddtree budget")
+    load.add_argument("--budget", type=budget_value, help="ask for this ddtree budget (or 'auto')")
     load.add_argument("--out", help="also write the results as JSON here")
     load.set_defaults(handler=run_loadtest)
 
@@ -346,6 +361,14 @@ def run_profile(args) -> None:
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
     engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    if args.calibrate:
+        from .costs import AutoBudget, calibration_path, costs_table, load_or_calibrate
+
+        if engine.drafter is None:
+            raise DDTreeError("--calibrate measures drafting rounds and needs a drafter")
+        engine.auto = AutoBudget(load_or_calibrate(engine, force=True))
+        print(costs_table(engine.auto.costs))
+        print(f"stored in {calibration_path(engine)}", file=sys.stderr)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     ids = engine.encode(args.prompt, chat=has_template)
     profiles = []
@@ -369,9 +392,11 @@ def run_serve(args) -> None:
 
     if args.max_queue < 1:
         raise DDTreeError("--max-queue must be >= 1")
-    if args.budget is not None and args.budget < 1:
-        raise DDTreeError(f"--budget must be >= 1, got {args.budget}")
+    if args.budget not in (None, "auto") and args.budget < 1:
+        raise DDTreeError(f"--budget must be 'auto' or >= 1, got {args.budget}")
     engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    if args.budget == "auto" and engine.drafter is not None:
+        engine.auto_budget()  # calibrate (or load the calibration) before the first request
     settings = ServerSettings(args.model_name or engine.target.name, args.method, args.budget, args.max_queue)
     serve(engine, settings, args.host, args.port)
 

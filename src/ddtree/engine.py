@@ -121,6 +121,7 @@ class Engine:
             self.taps = ()
         self.workspace: Workspace | None = None
         self.graphs = Graphs(device, cuda_graphs)
+        self.auto: "AutoBudget | None" = None
 
     def workspace_for(self, context: int, nodes: int) -> "Workspace":
         """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""
@@ -135,6 +136,14 @@ class Engine:
 
     def default_budget(self) -> int:
         return DEFAULT_BUDGET.get(self.device.type, 64)
+
+    def auto_budget(self) -> "AutoBudget":
+        """The per-round budget chooser, from this device's stored calibration (made on first use)."""
+        if self.auto is None:
+            from .costs import AutoBudget, load_or_calibrate
+
+            self.auto = AutoBudget(load_or_calibrate(self))
+        return self.auto
 
     # ----- prompts -------------------------------------------------------------------------------
 
@@ -175,7 +184,7 @@ class Engine:
         stats = chunks.stats  # type: ignore[attr-defined]
         return GenerationResult(
             text, token_ids, stats["prompt_tokens"], lengths, stats["seconds"], stats["stage_seconds"], finish,
-            stats["method"], stats["budget"],
+            stats["method"], stats["budget"], stats["budgets"],
         )
 
     def stream(
@@ -198,8 +207,10 @@ class Engine:
             raise DDTreeError(f"method {method!r} needs a drafter")
         if budget is None:
             budget = self.default_budget()
-        if budget < 1:
-            raise DDTreeError(f"budget must be >= 1, got {budget}")
+        if budget != "auto" and (not isinstance(budget, int) or budget < 1):
+            raise DDTreeError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
+        if budget == "auto" and method == "ddtree" and self.drafter is not None:
+            self.auto_budget()  # calibrates on first use, before this request's buffers are made
         if max_new_tokens < 1:
             raise DDTreeError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         params = SamplingParams(temperature, top_k, top_p).validate()
@@ -240,8 +251,16 @@ class Workspace:
             self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
         self.trees: dict[int, "TreeBuffers"] = {}
+        self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
+        self.auto_sizes: torch.Tensor | None = None
         self.plans: dict[int, FrontierPlan] = {}
         self.owner: object | None = None
+
+    def auto_index(self, engine: "Engine") -> torch.Tensor:
+        """Where each auto candidate size's Φ sits in a tree's cumulative node probabilities."""
+        if self.auto_sizes is None:
+            self.auto_sizes = torch.tensor([n - 1 for n in engine.auto_budget().costs.sizes], device=engine.device)
+        return self.auto_sizes
 
     def plan(self, budget: int) -> FrontierPlan:
         if budget not in self.plans:
@@ -251,35 +270,42 @@ class Workspace:
 
     def tree(self, size: int, engine: "Engine") -> "TreeBuffers":
         if size not in self.trees:
-            self.trees[size] = TreeBuffers(size, min(self.block, size), engine, self)
+            self.trees[size] = TreeBuffers(size, engine, self)
         return self.trees[size]
 
+    def prefix(self, tree: "TreeBuffers", size: int, engine: "Engine") -> "TreeBuffers":
+        """The first `size` rows of `tree`, as a tree of its own (cached)."""
+        key = (tree.key, size)
+        if key not in self.prefixes:
+            self.prefixes[key] = TreeBuffers(size, engine, self, parent=tree)
+        return self.prefixes[key]
 
-@dataclass
+
 class TreeBuffers:
-    """One round's tree and its verification, for trees of `size` rows (the root and its nodes)."""
+    """One round's tree and its verification, for trees of `size` rows (the root and its nodes).
 
-    size: int
-    path_rows: int  # the longest path a tree of this size can have: min(block, size)
-    ids: torch.Tensor = field(init=False)
-    parents: torch.Tensor = field(init=False)
-    depths: torch.Tensor = field(init=False)
-    mask: torch.Tensor = field(init=False)  # ancestor-or-self [size, size]
-    choices: torch.Tensor = field(init=False)
-    noise: torch.Tensor | None = field(init=False)  # exponential noise for sampling, refilled every round
-    out: torch.Tensor = field(init=False)  # [accepted count, the tokens this round adds...]
+    A prefix tree (`parent` given) views the first `size` rows of a larger tree's ids, parents,
+    depths and mask, which is a tree because nodes come in score order; it has its own outputs.
+    `key` tells graphs over different buffers apart."""
 
-    def __init__(self, size: int, path_rows: int, engine: "Engine", workspace: Workspace):
-        device, vocab = engine.device, engine.model.cfg.vocab_size
-        self.size, self.path_rows = size, path_rows
-        self.ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.parents = torch.zeros(size, dtype=torch.long, device=device)
-        self.depths = torch.zeros(size, dtype=torch.long, device=device)
-        self.mask = torch.eye(size, dtype=torch.bool, device=device)
+    def __init__(self, size: int, engine: "Engine", workspace: "Workspace", parent: "TreeBuffers | None" = None):
+        device = engine.device
+        self.size, self.path_rows = size, min(workspace.block, size)  # the longest path such a tree can have
+        if parent is None:
+            self.key = f"tree{size}"
+            self.ids = torch.zeros(size, dtype=torch.long, device=device)
+            self.parents = torch.zeros(size, dtype=torch.long, device=device)
+            self.depths = torch.zeros(size, dtype=torch.long, device=device)
+            self.mask = torch.eye(size, dtype=torch.bool, device=device)  # ancestor-or-self
+        else:
+            self.key = f"{parent.key}[:{size}]"
+            self.ids, self.parents, self.depths = parent.ids[:size], parent.parents[:size], parent.depths[:size]
+            self.mask = parent.mask[:size, :size]
         self.choices = torch.zeros(size, dtype=torch.long, device=device)
         self.features = workspace.features.new_zeros(1, size, workspace.features.shape[-1]) if engine.taps else None
-        self.noise = None
-        self.out = torch.zeros(path_rows + 1, dtype=torch.long, device=device)
+        self.noise: torch.Tensor | None = None  # exponential noise for sampling, refilled every round
+        self.out = torch.zeros(self.path_rows + 1, dtype=torch.long, device=device)  # [count, tokens added...]
+        self.yields: torch.Tensor | None = None  # auto: 1 + Φ(n) at each candidate size n
 
     def sampling_noise(self, vocab: int, generator: torch.Generator) -> torch.Tensor:
         if self.noise is None:
@@ -295,11 +321,15 @@ class Generation:
         self.budget = budget if method == "ddtree" else None
         self.generator, self.stopper = generator, stopper
         self.taps = engine.taps if method != "ar" else ()  # target features only feed a drafter
-        self.stats: dict = {"prompt_tokens": len(ids), "method": method, "budget": self.budget}
+        self.stats: dict = {"prompt_tokens": len(ids), "method": method, "budget": self.budget, "budgets": []}
         drafter = engine.drafter
         self.block = drafter.cfg.block_size if drafter is not None and method != "ar" else 1
         depth = self.block - 1
-        self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(budget, depth, engine.model.cfg.vocab_size)}[method]
+        # auto: the tree is built at the largest candidate size; each round verifies the prefix it chooses
+        self.auto = engine.auto_budget() if self.budget == "auto" else None
+        nodes = self.auto.largest if self.auto is not None else budget
+        self.tree_budget = nodes if method == "ddtree" else None
+        self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(nodes or 1, depth, engine.model.cfg.vocab_size)}[method]
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
         context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
         self.workspace = engine.workspace_for(context, self.size)
@@ -351,6 +381,7 @@ class Generation:
     def round(self, size: int, committed: int, first: bool, clock: StageClock) -> tuple[int, list[int]]:
         """Runs one round's stages; returns how many tokens it added, and those tokens (one host sync)."""
         engine, ws = self.engine, self.workspace
+        round_started = time.perf_counter()
         tree = ws.tree(size, engine)
         step = ATTEND_STEP.get(engine.device.type, 256)
         attend = min(round_up(committed + size, step), ws.cache.capacity)
@@ -362,19 +393,30 @@ class Generation:
             else:
                 engine.graphs.run(("draft", draft_attend), lambda: self.draft(ws.features, draft_attend))
             clock.mark("draft")
-            plan = ws.plan(self.budget) if self.method == "ddtree" else None  # made outside any capture
-            engine.graphs.run(("tree", self.method, size), lambda: self.build_tree(tree, plan))
+            plan = ws.plan(self.tree_budget) if self.method == "ddtree" else None  # made outside any capture
+            if self.auto is not None and tree.yields is None:
+                tree.yields = torch.zeros(len(self.auto.costs.sizes), device=engine.device)
+            engine.graphs.run(("tree", self.method, tree.key), lambda: self.build_tree(tree, plan))
+            if self.auto is not None:  # a second host read this round: the yields decide the size
+                yields = tree.yields.tolist()
+                nodes = self.auto.choose(yields, committed)
+                expected = yields[self.auto.costs.sizes.index(nodes)]
+                tree = ws.prefix(tree, nodes + 1, engine)
+                attend = min(round_up(committed + tree.size, step), ws.cache.capacity)
         else:
             tree.ids[0] = ws.bonus
         clock.mark("tree")
         if not self.params.greedy:
             tree.sampling_noise(engine.model.cfg.vocab_size, self.generator)
-        key = ("verify", size, attend, self.params, bool(self.taps))
+        key = ("verify", tree.key, attend, self.params, bool(self.taps))
         engine.graphs.run(key, lambda: self.verify(tree, attend))
         clock.mark("verify")
-        engine.graphs.run(("commit", size), lambda: self.commit(tree), repeatable=False)
+        engine.graphs.run(("commit", tree.key), lambda: self.commit(tree), repeatable=False)
         clock.mark("commit")
         out = tree.out.tolist()
+        if self.auto is not None and size > 1:
+            self.auto.observe(tree.size - 1, committed, time.perf_counter() - round_started, out[0], expected)
+            self.stats["budgets"].append(tree.size - 1)
         return out[0], out[1:1 + out[0]]
 
     # ----- stages: each reads and writes only workspace buffers ----------------------------------------
@@ -401,7 +443,9 @@ class Generation:
     def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
         ws = self.workspace
         if plan is not None:
-            tokens, parents, depths = best_first_nodes(ws.log_probs, plan)
+            tokens, parents, depths, scores = best_first_nodes(ws.log_probs, plan)
+            if tree.yields is not None:  # 1 + Φ(n): the surrogate's expected acceptance of the best n nodes
+                tree.yields.copy_(1 + scores.exp().cumsum(0)[ws.auto_index(self.engine)])
         else:
             tokens, parents, depths = chain_nodes(ws.log_probs)
         tree.ids[0] = ws.bonus

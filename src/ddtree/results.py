@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 @dataclass
 class GenerationResult:
@@ -14,7 +14,8 @@ class GenerationResult:
     stage_seconds: dict[str, float]
     finish_reason: str
     method: str
-    budget: int | None
+    budget: int | str | None  # nodes per round, "auto", or None for ar and dflash
+    chosen_budgets: list[int] = field(default_factory=list)  # with "auto": each round's choice
 
     @property
     def num_new_tokens(self) -> int:
@@ -40,6 +41,7 @@ class GenerationResult:
             "prompt_tokens": self.prompt_tokens,
             "method": self.method,
             "budget": self.budget,
+            "chosen_budgets": self.chosen_budgets,
             "acceptance_lengths": self.acceptance_lengths,
             "mean_acceptance": self.mean_acceptance,
             "rounds": self.rounds,

@@ -92,7 +92,7 @@ class GenerationRequest(BaseModel):
     frequency_penalty: Number = 0.0
     logprobs: StrictBool | StrictInt | None = None
     method: Literal["ar", "dflash", "ddtree"] | None = None
-    budget: StrictInt | None = None
+    budget: StrictInt | Literal["auto"] | None = None
 
 
 class ChatRequest(GenerationRequest):
@@ -226,7 +226,7 @@ class Metrics:
 class ServerSettings:
     model_name: str
     method: str = "ddtree"
-    budget: int | None = None
+    budget: int | str | None = None  # nodes, "auto", or None for the device's default
     max_queue: int = 64
 
 
@@ -352,8 +352,8 @@ def generation_settings(body: GenerationRequest, ids: list[int], max_tokens: int
     if method != "ar" and engine.drafter is None:
         raise APIError(400, f"method {method!r} needs a drafter, and this server has none", "method")
     budget = body.budget if body.budget is not None else settings.budget
-    if budget is not None and budget < 1:
-        raise APIError(400, f"budget must be at least 1, got {budget}", "budget")
+    if isinstance(budget, int) and budget < 1:
+        raise APIError(400, f"budget must be 'auto' or at least 1, got {budget}", "budget")
     budget = (budget or engine.default_budget()) if method == "ddtree" else None
     try:
         SamplingParams(float(body.temperature), body.top_k, float(body.top_p)).validate()

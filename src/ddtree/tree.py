@@ -122,7 +122,7 @@ def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
     a depth; everything else is gathered once for all depths). Then all depths' candidates are ranked
     by score, shallower first on ties (a stable sort over candidates listed depth by depth), so a
     parent always comes before its children and the first `plan.size` form a tree. Returns (tokens,
-    parents, depths) of nodes 1..n; parent 0 is the root.
+    parents, depths, scores) of nodes 1..n, best first; parent 0 is the root.
     """
     device = log_probs.device
     top_values, top_ids = log_probs.float().topk(plan.tokens, dim=-1)
@@ -139,13 +139,14 @@ def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
         parent_ranks = torch.cat([torch.zeros_like(top_ids[0]), plan.left[pairs]])
     else:
         tokens, parent_ranks = top_ids[0], torch.zeros_like(top_ids[0])
-    order = torch.sort(torch.cat(scores), descending=True, stable=True).indices[:plan.size]
+    ranked = torch.sort(torch.cat(scores), descending=True, stable=True)
+    order = ranked.indices[:plan.size]
     node_of = torch.zeros(candidates, dtype=torch.long, device=device)
     node_of[order] = torch.arange(1, plan.size + 1, device=device)
     depth = plan.depth_of[order]  # 0-based
     parent_candidate = plan.starts[(depth - 1).clamp(min=0)] + parent_ranks[order]
     parents = torch.where(depth == 0, 0, node_of[parent_candidate])
-    return tokens[order], parents, depth + 1
+    return tokens[order], parents, depth + 1, ranked.values[:plan.size]
 
 
 def chain_nodes(log_probs: torch.Tensor):
