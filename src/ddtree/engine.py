@@ -23,10 +23,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
+from .costs import AutoBudget, load_or_calibrate
 from .drafter import Drafter
 from .errors import DDTreeError
 from .loading import Target
@@ -121,7 +121,7 @@ class Engine:
             self.taps = ()
         self.workspace: Workspace | None = None
         self.graphs = Graphs(device, cuda_graphs)
-        self.auto: "AutoBudget | None" = None
+        self.auto: AutoBudget | None = None
 
     def workspace_for(self, context: int, nodes: int) -> "Workspace":
         """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""
@@ -137,11 +137,9 @@ class Engine:
     def default_budget(self) -> int:
         return DEFAULT_BUDGET.get(self.device.type, 64)
 
-    def auto_budget(self) -> "AutoBudget":
+    def auto_budget(self) -> AutoBudget:
         """The per-round budget chooser, from this device's stored calibration (made on first use)."""
         if self.auto is None:
-            from .costs import AutoBudget, load_or_calibrate
-
             self.auto = AutoBudget(load_or_calibrate(self))
         return self.auto
 
