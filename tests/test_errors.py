@@ -144,20 +144,13 @@ def test_missing_target_directory(capsys, drafters, work):
     assert_clean_error(rc, err, "target")
 
 
-def test_target_without_config(capsys, model_dirs, drafters, work):
-    path = work / "no-config"
+@pytest.mark.parametrize("missing,word", [("config.json", "config.json"), ("model.safetensors", "safetensors")])
+def test_target_without_a_file(missing, word, capsys, model_dirs, drafters, work):
+    path = work / f"no-{missing}"
     shutil.copytree(model_dirs[TARGET], path, dirs_exist_ok=True)
-    os.remove(path / "config.json")
+    os.remove(path / missing)
     rc, _, err = cli(capsys, *generate_args(str(path), drafters[TARGET]))
-    assert_clean_error(rc, err, "config.json")
-
-
-def test_target_without_weights(capsys, model_dirs, drafters, work):
-    path = work / "no-weights"
-    shutil.copytree(model_dirs[TARGET], path, dirs_exist_ok=True)
-    os.remove(path / "model.safetensors")
-    rc, _, err = cli(capsys, *generate_args(str(path), drafters[TARGET]))
-    assert_clean_error(rc, err, "safetensors")
+    assert_clean_error(rc, err, word)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])

@@ -204,7 +204,18 @@ class SlowEngine:
         return getattr(self.engine, name)
 
     def stream(self, *args, **kwargs):
-        for chunk in self.engine.stream(*args, **kwargs):
+        return SlowGeneration(self.engine.stream(*args, **kwargs))
+
+
+class SlowGeneration:
+    """A generation whose chunks arrive 50 ms apart; `.stats` as the engine's."""
+
+    def __init__(self, generation):
+        self.generation = generation
+        self.stats = generation.stats
+
+    def __iter__(self):
+        for chunk in self.generation:
             time.sleep(0.05)
             yield chunk
 

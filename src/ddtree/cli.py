@@ -292,15 +292,23 @@ def run_init_drafter(args) -> None:
           f"{cfg.target_layer_ids}, mask token {cfg.mask_token_id}) to {args.out}")
 
 
-def run_bench(args) -> None:
-    from .api import load
-    from .bench import MethodSpec, bench
+def method_specs(methods: list[str], budgets: list, allowed: tuple[str, ...]) -> list:
+    """One MethodSpec per method, and per budget for ddtree; an unknown method is an error up front."""
+    from .bench import MethodSpec
 
     specs = []
-    for method in args.methods:
-        if method not in ("hf", "ar", "dflash", "ddtree"):
-            raise DDTreeError(f"unknown method {method!r} in --methods")
-        specs += [MethodSpec(method, b) for b in args.budgets] if method == "ddtree" else [MethodSpec(method, None)]
+    for method in methods:
+        if method not in allowed:
+            raise DDTreeError(f"unknown method {method!r} in --methods; choose from {','.join(allowed)}")
+        specs += [MethodSpec(method, b) for b in budgets] if method == "ddtree" else [MethodSpec(method, None)]
+    return specs
+
+
+def run_bench(args) -> None:
+    from .api import load
+    from .bench import bench
+
+    specs = method_specs(args.methods, args.budgets, ("hf", "ar", "dflash", "ddtree"))
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
     with data_parallel(args.device) as (rank, device):
@@ -358,6 +366,7 @@ def run_profile(args) -> None:
     from .bench import environment
     from .profile import profile, profile_table, table_row
 
+    specs = method_specs(args.methods, args.budgets, ("ar", "dflash", "ddtree"))
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
     engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
@@ -372,12 +381,9 @@ def run_profile(args) -> None:
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     ids = engine.encode(args.prompt, chat=has_template)
     profiles = []
-    for method in args.methods:
-        if method not in ("ar", "dflash", "ddtree"):
-            raise DDTreeError(f"unknown method {method!r} in --methods")
-        for budget in args.budgets if method == "ddtree" else [None]:
-            profiles.append(profile(engine, ids, method, budget, args.max_new_tokens, args.repeats))
-            print(table_row(profiles[-1], None), file=sys.stderr, flush=True)  # progress, as each one finishes
+    for spec in specs:
+        profiles.append(profile(engine, ids, spec.method, spec.budget, args.max_new_tokens, args.repeats))
+        print(table_row(profiles[-1], None), file=sys.stderr, flush=True)  # progress, as each one finishes
     table = profile_table(profiles)
     print(table)
     if args.out:

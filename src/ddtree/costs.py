@@ -105,14 +105,15 @@ def interpolate(xs: list[int], ys: list[float], x: float) -> float:
 # ----- measuring ------------------------------------------------------------------------------------
 
 
-def time_stage(engine, key: tuple, stage, repeats: int, repeatable: bool = True) -> float:
-    """Median seconds of one run of a stage (as a graph replay on CUDA), after two untimed runs."""
+def time_stage(engine, run, repeats: int) -> float:
+    """Median seconds of one call of `run` (a stage through the graph cache), after two untimed calls
+    (the first also captures the graph on CUDA)."""
     runs = []
-    for _ in range(repeats + 2):  # the first also captures the graph
+    for _ in range(repeats + 2):
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         started = time.perf_counter()
-        engine.graphs.run(key, stage, repeatable)
+        run()
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)
         runs.append(time.perf_counter() - started)
@@ -125,7 +126,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
 
     Each shape runs twice untimed first: a new shape's first runs pay one-off costs (kernel choice,
     allocation; on the CPU the first pass over the sizes measured up to 30% slow)."""
-    from .engine import ATTEND_STEP, Generation, round_up
+    from .engine import Generation
     from .sampling import SamplingParams
     from .stopping import StopChecker
     from .tree import tree_size
@@ -138,7 +139,6 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
                       if c + max(sizes) + depth + 2 < engine.context_limit) or [min(64, engine.context_limit // 4)]
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (max(contexts),), generator=generator).tolist()
-    step = ATTEND_STEP.get(kind, 256)
     fixed, verify = [], {size: [] for size in sizes}
     bar = tqdm(total=len(contexts) * (len(sizes) + 1), desc="calibrating round costs", unit="stage",
                file=sys.stderr)
@@ -148,20 +148,17 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
             gen = Generation(engine, prompt[:context], "ddtree", max(sizes), SamplingParams(), None, stopper)
             gen.prefill()
             ws = gen.workspace
-            draft_attend = min(round_up(gen.block + context, step), ws.draft_cache.capacity)
-            seconds = time_stage(engine, ("draft", draft_attend), lambda: gen.draft(ws.features, draft_attend), repeats)
+            seconds = time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context)), repeats)
             largest = ws.tree(max(sizes) + 1, engine)
             plan = ws.plan(max(sizes))
-            seconds += time_stage(engine, ("tree", "ddtree", largest.key), lambda: gen.build_tree(largest, plan),
-                                  repeats)
+            seconds += time_stage(engine, lambda: gen.run_tree(largest, plan), repeats)
             seconds += commit_and_host_seconds(engine, gen, largest, repeats)
             fixed.append(seconds)
             bar.update(1)
             for size in sizes:
                 tree = ws.prefix(largest, size + 1, engine)
-                attend = min(round_up(context + size + 1, step), ws.cache.capacity)
-                key = ("verify", tree.key, attend, gen.params, bool(gen.taps))
-                verify[size].append(time_stage(engine, key, lambda: gen.verify(tree, attend), repeats))
+                verify[size].append(time_stage(engine, lambda: gen.run_verify(tree, ws.attend(context + tree.size)),
+                                               repeats))
                 bar.update(1)
     bar.close()
     # Every candidate size is measured, so no curve is fitted over sizes: the cost is a step function of
@@ -176,7 +173,7 @@ def commit_and_host_seconds(engine, gen, tree, repeats: int) -> float:
     runs = []
     for _ in range(repeats + 2):
         started = time.perf_counter()
-        engine.graphs.run(("commit", tree.key), lambda: gen.commit(tree), repeatable=False)
+        gen.run_commit(tree)
         tree.out.tolist()
         runs.append(time.perf_counter() - started)
         for live, value in zip((ws.committed, ws.pending_start, ws.bonus), saved):

@@ -207,8 +207,6 @@ class Engine:
             budget = self.default_budget()
         if budget != "auto" and (not isinstance(budget, int) or budget < 1):
             raise DDTreeError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
-        if budget == "auto" and method == "ddtree" and self.drafter is not None:
-            self.auto_budget()  # calibrates on first use, before this request's buffers are made
         if max_new_tokens < 1:
             raise DDTreeError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
         params = SamplingParams(temperature, top_k, top_p).validate()
@@ -240,6 +238,7 @@ class Workspace:
         self.block = drafter.cfg.block_size if drafter is not None else 1
         longest = max(self.cache.capacity, self.draft_cache.capacity if drafter is not None else 0)
         self.steps = torch.arange(longest, device=device)
+        self.attend_step = ATTEND_STEP.get(device.type, 256)
         self.committed = torch.zeros((), dtype=torch.long, device=device)
         self.pending_start = torch.zeros((), dtype=torch.long, device=device)
         self.bonus = torch.zeros((), dtype=torch.long, device=device)
@@ -253,6 +252,14 @@ class Workspace:
         self.auto_sizes: torch.Tensor | None = None
         self.plans: dict[int, FrontierPlan] = {}
         self.owner: object | None = None
+
+    def attend(self, rows: int) -> int:
+        """Target cache slots a verify attends when rows 0..rows are in use (rounded up to a graph shape)."""
+        return min(round_up(rows, self.attend_step), self.cache.capacity)
+
+    def draft_attend(self, committed: int) -> int:
+        """Drafter cache slots a draft attends: the scratch block and the committed context rows."""
+        return min(round_up(self.block + committed, self.attend_step), self.draft_cache.capacity)
 
     def auto_index(self, engine: "Engine") -> torch.Tensor:
         """Where each auto candidate size's Φ sits in a tree's cumulative node probabilities."""
@@ -381,41 +388,54 @@ class Generation:
         engine, ws = self.engine, self.workspace
         round_started = time.perf_counter()
         tree = ws.tree(size, engine)
-        step = ATTEND_STEP.get(engine.device.type, 256)
-        attend = min(round_up(committed + size, step), ws.cache.capacity)
+        attend = ws.attend(committed + size)
         if size > 1:
-            draft_attend = min(round_up(self.block + committed, step), ws.draft_cache.capacity)
+            draft_attend = ws.draft_attend(committed)
             if first:  # the prompt's features: as many rows as the prompt, so this one runs eagerly
                 self.draft(self.prompt_features, draft_attend)
                 self.prompt_features = None
             else:
-                engine.graphs.run(("draft", draft_attend), lambda: self.draft(ws.features, draft_attend))
+                self.run_draft(draft_attend)
             clock.mark("draft")
             plan = ws.plan(self.tree_budget) if self.method == "ddtree" else None  # made outside any capture
             if self.auto is not None and tree.yields is None:
                 tree.yields = torch.zeros(len(self.auto.costs.sizes), device=engine.device)
-            engine.graphs.run(("tree", self.method, tree.key), lambda: self.build_tree(tree, plan))
+            self.run_tree(tree, plan)
             if self.auto is not None:  # a second host read this round: the yields decide the size
                 yields = tree.yields.tolist()
                 nodes = self.auto.choose(yields, committed)
                 expected = yields[self.auto.costs.sizes.index(nodes)]
                 tree = ws.prefix(tree, nodes + 1, engine)
-                attend = min(round_up(committed + tree.size, step), ws.cache.capacity)
+                attend = ws.attend(committed + tree.size)
         else:
             tree.ids[0] = ws.bonus
         clock.mark("tree")
         if not self.params.greedy:
             tree.sampling_noise(engine.model.cfg.vocab_size, self.generator)
-        key = ("verify", tree.key, attend, self.params, bool(self.taps))
-        engine.graphs.run(key, lambda: self.verify(tree, attend))
+        self.run_verify(tree, attend)
         clock.mark("verify")
-        engine.graphs.run(("commit", tree.key), lambda: self.commit(tree), repeatable=False)
+        self.run_commit(tree)
         clock.mark("commit")
         out = tree.out.tolist()
         if self.auto is not None and size > 1:
             self.auto.observe(tree.size - 1, committed, time.perf_counter() - round_started, out[0], expected)
             self.stats["budgets"].append(tree.size - 1)
         return out[0], out[1:1 + out[0]]
+
+    # ----- stages through the graph cache: one key per stage and shape, shared with the calibration ----
+
+    def run_draft(self, attend: int) -> None:
+        self.engine.graphs.run(("draft", attend), lambda: self.draft(self.workspace.features, attend))
+
+    def run_tree(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> None:
+        self.engine.graphs.run(("tree", self.method, tree.key), lambda: self.build_tree(tree, plan))
+
+    def run_verify(self, tree: "TreeBuffers", attend: int) -> None:
+        key = ("verify", tree.key, attend, self.params, bool(self.taps))
+        self.engine.graphs.run(key, lambda: self.verify(tree, attend))
+
+    def run_commit(self, tree: "TreeBuffers") -> None:
+        self.engine.graphs.run(("commit", tree.key), lambda: self.commit(tree), repeatable=False)
 
     # ----- stages: each reads and writes only workspace buffers ----------------------------------------
 

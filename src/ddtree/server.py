@@ -175,7 +175,7 @@ class Scheduler:
             job.send("error", APIError(500, f"generation failed: {exc}", kind="server_error"))
             return
         stats = {"seconds": time.perf_counter() - started, "acceptance_lengths": lengths,
-                 "cancelled": job.cancelled.is_set()}
+                 "cancelled": job.cancelled.is_set(), "budget": generation.stats["budget"]}
         self.on_done(stats)
         job.send("done", stats)
 
@@ -354,7 +354,6 @@ def generation_settings(body: GenerationRequest, ids: list[int], max_tokens: int
     budget = body.budget if body.budget is not None else settings.budget
     if isinstance(budget, int) and budget < 1:
         raise APIError(400, f"budget must be 'auto' or at least 1, got {budget}", "budget")
-    budget = (budget or engine.default_budget()) if method == "ddtree" else None
     try:
         SamplingParams(float(body.temperature), body.top_k, float(body.top_p)).validate()
     except DDTreeError as exc:
@@ -382,7 +381,7 @@ class Reply:
 
     def acceptance(self, stats: dict) -> dict:
         lengths = stats["acceptance_lengths"]
-        return {"method": self.settings["method"], "budget": self.settings["budget"], "rounds": len(lengths),
+        return {"method": self.settings["method"], "budget": stats["budget"], "rounds": len(lengths),
                 "mean_acceptance": sum(lengths) / len(lengths) if lengths else 0.0,
                 "tokens_per_second": self.completion_tokens / stats["seconds"] if stats["seconds"] > 0 else 0.0}
 
