@@ -125,7 +125,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
     """Times every stage of a ddtree round at each context length, and the verify at every size.
 
     Each shape runs twice untimed first: a new shape's first runs pay one-off costs (kernel choice,
-    allocation; on the CPU the first pass over the sizes measured up to 30% slow)."""
+    allocation; on the CPU a first pass over the sizes measured up to a third slow)."""
     from .engine import Generation
     from .sampling import SamplingParams
     from .stopping import StopChecker
