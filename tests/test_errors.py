@@ -328,3 +328,14 @@ def test_published_style_config_parses():
     assert cfg.block_size == 16 and cfg.mask_token_id == 151669
     assert cfg.target_layer_ids == [1, 9, 17, 25, 33] and cfg.num_target_layers == 36
     assert cfg.rope_parameters["rope_theta"] == 1000000
+
+
+def test_bundled_drafter_is_found_by_alias_and_by_a_local_copy_of_the_model():
+    from ddtree.api import BUNDLED_DRAFTERS, RANDOM_DRAFTER, bundled_drafter
+
+    bundled = BUNDLED_DRAFTERS["smollm2-135m-instruct"]
+    assert bundled_drafter("smollm2-135m-instruct", "anything") == bundled
+    assert bundled_drafter("/tmp/x/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf") == bundled
+    assert bundled_drafter("/models/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct") == bundled
+    assert bundled_drafter("/models/SmolLM2-135M", "SmolLM2-135M") == RANDOM_DRAFTER
+    assert bundled_drafter("/models/SmolLM2-135M-Instruct-v2", "SmolLM2-135M-Instruct-v2") == RANDOM_DRAFTER

@@ -80,6 +80,16 @@ def default_mask_token(target: Target) -> int:
     return max(special) if special else target.model.cfg.vocab_size - 1
 
 
+def bundled_drafter(target_spec: str, target_name: str) -> str:
+    """The drafter bundled for this target, by alias or by the model's own name (a local copy of the
+    SmolLM2 GGUF, say); 'random' where none is bundled."""
+    name = target_name.lower()
+    for alias, path in BUNDLED_DRAFTERS.items():
+        if (target_spec == alias or name == alias or name.startswith(alias + ".")) and os.path.isdir(path):
+            return path
+    return RANDOM_DRAFTER
+
+
 def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True) -> Engine:
     """An engine for a target and its drafter.
@@ -94,9 +104,7 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
     target_spec = target or DEFAULT_TARGET
     loaded = load_target(target_spec, dev, dt)
     if drafter is None:
-        drafter = BUNDLED_DRAFTERS.get(target_spec)
-        if drafter is None or not os.path.isdir(drafter):
-            drafter = RANDOM_DRAFTER
+        drafter = bundled_drafter(target_spec, loaded.name)
     if drafter == RANDOM_DRAFTER:
         if not quiet:
             print("ddtree: using a randomly initialised drafter (no trained drafter given): expect little speedup",

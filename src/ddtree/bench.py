@@ -214,13 +214,15 @@ def logit_margin(engine, ids: list[int]) -> float:
 
 
 def git_commit() -> str:
-    """This checkout's commit; where the code runs from a copy without git metadata (a lent GPU
-    machine), the caller passes it as DDTREE_GIT_COMMIT."""
+    """DDTREE_GIT_COMMIT when set (a lent GPU machine runs a copy whose git metadata, if any, is not
+    the commit that was sent), else this checkout's commit."""
+    if os.environ.get("DDTREE_GIT_COMMIT"):
+        return os.environ["DDTREE_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(__file__)).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DDTREE_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(engine) -> dict:
