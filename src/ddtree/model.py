@@ -206,7 +206,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     groups = heads // k.shape[1]
     q = q.transpose(1, 2).reshape(batch, k.shape[1], groups * length, dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return out.view(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
 
 
 class Attention(nn.Module):
