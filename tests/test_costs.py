@@ -1,11 +1,13 @@
-"""`--budget auto`: the choice rule on synthetic costs, the online corrections, calibration files that
+"""`--budget auto`: the choice rule on synthetic costs, probe spacing, learned acceptance, calibration files that
 are missing, stale or corrupt, and auto's output (still exactly ar's)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import torch
 
 import ddtree.costs as costs
 from ddtree.cli import main
@@ -14,9 +16,10 @@ from ddtree.costs import AutoBudget, RoundCosts, interpolate
 TARGET = "llama"
 
 
-def synthetic(verify_ms: dict[int, float], fixed_ms: float = 10.0) -> RoundCosts:
-    sizes = sorted(verify_ms)
-    return RoundCosts(sizes, [100, 1000], [fixed_ms / 1000] * 2, {s: [verify_ms[s] / 1000] * 2 for s in sizes})
+def synthetic(round_ms: dict[int, float], fixed_ms: float = 10.0, probe_ms: float = 1.0) -> RoundCosts:
+    sizes = sorted(round_ms)
+    return RoundCosts(sizes, [100, 1000], [fixed_ms / 1000] * 2, {s: [round_ms[s] / 1000] * 2 for s in sizes},
+                      [probe_ms / 1000] * 2)
 
 
 CURVES = [
@@ -28,36 +31,41 @@ CURVES = [
 
 @pytest.mark.parametrize("curve", CURVES)
 def test_choice_is_the_true_maximum_of_yield_per_second(curve):
-    auto = AutoBudget(synthetic(curve))
+    auto = AutoBudget(synthetic(curve), torch.device("cpu"))
     sizes = auto.costs.sizes
     for yields in ([1.5, 1.9, 2.2, 2.4, 2.5], [2.9, 3.6, 4.4, 5.0, 5.3], [1.01, 1.02, 1.03, 1.04, 1.05]):
-        auto.rounds = 0  # away from an exploration round
         best = max(sizes, key=lambda s: yields[sizes.index(s)] / (0.010 + curve[s] / 1000))
         assert auto.choose(yields, 500) == best
 
 
-def test_exploration_tries_a_neighbour_now_and_then():
-    auto = AutoBudget(synthetic(CURVES[0]))
-    picks = [auto.choose([1.5, 1.9, 2.2, 2.4, 2.5], 500) for _ in range(4 * AutoBudget.EXPLORE)]
-    usual = max(set(picks), key=picks.count)
-    others = [p for p in picks if p != usual]
-    assert 1 <= len(others) <= 4 and all(abs(auto.costs.sizes.index(p) - auto.costs.sizes.index(usual)) == 1
-                                         for p in others)
+@pytest.mark.parametrize("probe_ms, every", [(0.1, 1), (0.3, 2), (1.0, 5), (100.0, 32)])
+def test_probes_come_as_often_as_two_percent_of_the_time_allows(probe_ms, every):
+    auto = AutoBudget(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms), torch.device("cpu"))
+    assert auto.probe_every == every  # the cheapest round is 10 ms; at most every 32 rounds
+    probes = []
+    for _ in range(3 * every + 1):
+        probes.append(auto.probe_due())
+        if probes[-1]:
+            auto.choose([2.0, 2.5], 500)
+    assert [i for i, p in enumerate(probes) if p] == list(range(0, 3 * every + 1, every))
 
 
-def test_online_corrections_follow_measured_rounds():
-    auto = AutoBudget(synthetic({3: 5, 7: 6, 15: 8}))
-    yields = [1.8, 2.1, 2.6]
-    auto.rounds = 1
-    assert auto.choose(yields, 500) == 15
-    for _ in range(200):  # size 15 really costs 4x what was calibrated, and accepts less than Φ says
-        auto.observe(15, 500, 4 * auto.costs.predict(15, 500), accepted=2, expected=2.6)
-    assert auto.correction[15] == pytest.approx(4, rel=0.05)
-    assert auto.confidence == pytest.approx(1 / 1.6, rel=0.05)
-    auto.rounds = 1
-    assert auto.choose(yields, 500) != 15
-    auto.observe(7, 500, 1e9, accepted=1, expected=2.1)  # one stalled round moves a size by a bounded step
-    assert auto.correction[7] < 1.5
+def test_expected_yields_learn_what_is_really_accepted():
+    """Nodes the drafter gives 0.9 are accepted half the time here: the calibrated yield follows, and
+    a size chosen on the drafter's word alone stops paying."""
+    auto = AutoBudget(synthetic({3: 5, 7: 18}), torch.device("cpu"))
+    scores = torch.full((7,), math.log(0.9))
+    index = torch.tensor([2, 6])
+    before = auto.expected_yields(scores, index)
+    assert before.tolist() == pytest.approx([1 + 3 * 0.9, 1 + 7 * 0.9], rel=0.05)
+    assert auto.choose(before.tolist(), 500) == 7
+    for round in range(400):
+        auto.learn(scores, torch.arange(7) < (7 if round % 2 else 0))  # all or nothing, half the rounds
+    after = auto.expected_yields(scores, index)
+    assert after.tolist() == pytest.approx([1 + 3 * 0.5, 1 + 7 * 0.5], rel=0.05)
+    assert auto.choose(after.tolist(), 500) == 3  # 2.5 tokens / 15 ms beats 4.5 / 28 ms
+    lower = auto.expected_yields(torch.full((7,), math.log(0.1)), index)  # another bin keeps its prior
+    assert lower.tolist() == pytest.approx([1 + 3 * 0.1, 1 + 7 * 0.1], rel=0.15)
 
 
 def test_interpolation_in_context():
@@ -99,7 +107,7 @@ def test_broken_calibration_files_are_rebuilt(kind, engine, capsys):
         stored["costs"]["fixed"][0] = -1.0
         text = json.dumps(stored)
     elif kind == "wrong shape":
-        stored["costs"]["verify"].popitem()
+        stored["costs"]["per_size"].popitem()
         text = json.dumps(stored)
     with open(path, "w") as f:
         f.write(text)

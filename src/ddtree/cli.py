@@ -371,11 +371,11 @@ def run_profile(args) -> None:
         raise DDTreeError("--repeats must be >= 1")
     engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
     if args.calibrate:
-        from .costs import AutoBudget, calibration_path, costs_table, load_or_calibrate
+        from .costs import calibration_path, costs_table, load_or_calibrate
 
         if engine.drafter is None:
             raise DDTreeError("--calibrate measures drafting rounds and needs a drafter")
-        engine.auto = AutoBudget(load_or_calibrate(engine, force=True))
+        engine.use_costs(load_or_calibrate(engine, force=True))
         print(costs_table(engine.auto.costs))
         print(f"stored in {calibration_path(engine)}", file=sys.stderr)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))

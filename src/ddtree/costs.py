@@ -1,15 +1,20 @@
-"""Round costs on this device, and `--budget auto`: the tree size chosen per round from them.
+"""Round costs on this device, and `--budget auto`: the tree size chosen from them as decoding goes.
 
-A round's expected yield under the drafter's factorised surrogate is 1 + Φ(n), Φ(n) being the sum
-of the probabilities of the tree's n best prefixes; its cost is what this device takes for a round
-with n nodes at this context length. `auto` builds the tree once at the largest size it may use,
-reads Φ at every candidate size (one small copy to the host), and verifies the prefix of the tree
-(nodes come in score order, so any prefix is a tree) whose size maximises Φ-yield per second.
+A round with an n-node tree is expected to add 1 + Σ P(node accepted) tokens, the sum over its n
+nodes (a round accepts exactly the nodes of one root path). The drafter's path probability of a
+node says how likely that is, but it is overconfident, so `auto` learns, on the device and from
+every round it verifies, the share of nodes accepted at each path probability, and uses that
+calibrated chance instead. It divides the expected tokens by what a round of n nodes costs on this
+device at this context length, and takes the best n.
 
-Costs come from a calibration stored per device and model pair: every stage of a round timed at a
-few context lengths, the verify stage at every candidate size (the sizes are graph shapes, so the
-cost is a step function of n, measured rather than fitted). While decoding, measured round times correct the prediction per
-size, so a calibration made under other load, or one slightly off, converges to what is true now.
+Seeing every candidate size's expected tokens needs the tree built at the largest size, which costs
+more than building the chosen size. So `auto` does that only on probe rounds, as rarely as keeps
+that extra cost to 2% of the decoding time (every round on the CPU, where a round is slow; every
+dozen or so on a GPU with graphs), and between probes builds and verifies the size it chose.
+
+Costs come from a calibration stored per device and model pair: each stage of a round timed at a
+few context lengths, every candidate size measured (the sizes are graph shapes and the cost is a
+step function of n: measured, not fitted).
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 # Candidate tree sizes (nodes, root not counted): with the root, multiples of 4 rows on the CPU and of
 # 8 on CUDA, shapes the matrix kernels handle well (on the 2-core CPU a 3-row forward took 112 ms and
 # a 4-row one 75 ms). The CPU's verify cost rises steeply with width, so its sizes stop sooner.
@@ -63,34 +68,42 @@ def calibration_path(engine) -> str:
 
 @dataclass
 class RoundCosts:
-    """Seconds per round stage: `fixed[context]` (draft, tree at the largest size, commit, host) and
-    `verify[size][context]`, measured at `contexts`."""
+    """Seconds per round, measured at `contexts`: `fixed[c]` (the drafter pass), `per_size[n][c]`
+    (building, verifying and committing an n-node tree, and reading the result on the host), and
+    `probe[c]` (building the tree at the largest size and reading every size's expected yield)."""
 
     sizes: list[int]
     contexts: list[int]
     fixed: list[float]
-    verify: dict[int, list[float]]
+    per_size: dict[int, list[float]]
+    probe: list[float]
 
     def predict(self, size: int, context: int) -> float:
-        return interpolate(self.contexts, self.fixed, context) + interpolate(self.contexts, self.verify[size], context)
+        return interpolate(self.contexts, self.fixed, context) + interpolate(self.contexts, self.per_size[size], context)
+
+    def probe_interval(self, share: float) -> int:
+        """Rounds per probe so that probing costs at most `share` of the decoding time."""
+        context = self.contexts[-1]
+        cheapest = min(self.predict(size, context) for size in self.sizes)
+        return max(1, min(MAX_PROBE_INTERVAL, math.ceil(interpolate(self.contexts, self.probe, context) / (share * cheapest))))
 
     def to_json(self) -> dict:
         return {"sizes": self.sizes, "contexts": self.contexts, "fixed": self.fixed,
-                "verify": {str(k): v for k, v in self.verify.items()}}
+                "per_size": {str(k): v for k, v in self.per_size.items()}, "probe": self.probe}
 
     @classmethod
     def from_json(cls, data: dict) -> "RoundCosts":
         """Raises ValueError on anything that is not a complete, sane calibration."""
         sizes, contexts = [int(s) for s in data["sizes"]], [int(c) for c in data["contexts"]]
-        fixed = [float(x) for x in data["fixed"]]
-        verify = {int(k): [float(x) for x in v] for k, v in data["verify"].items()}
-        numbers = fixed + [x for v in verify.values() for x in v]
-        if (not sizes or sorted(verify) != sorted(sizes) or len(fixed) != len(contexts)
-                or any(len(v) != len(contexts) for v in verify.values())
+        fixed, probe = [float(x) for x in data["fixed"]], [float(x) for x in data["probe"]]
+        per_size = {int(k): [float(x) for x in v] for k, v in data["per_size"].items()}
+        numbers = fixed + probe + [x for v in per_size.values() for x in v]
+        if (not sizes or sorted(per_size) != sorted(sizes) or len(fixed) != len(contexts)
+                or len(probe) != len(contexts) or any(len(v) != len(contexts) for v in per_size.values())
                 or contexts != sorted(set(contexts))
                 or not all(math.isfinite(x) and x > 0 for x in numbers)):
             raise ValueError("incomplete or invalid calibration")
-        return cls(sizes, contexts, fixed, verify)
+        return cls(sizes, contexts, fixed, per_size, probe)
 
 
 def interpolate(xs: list[int], ys: list[float], x: float) -> float:
@@ -139,7 +152,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
                       if c + max(sizes) + depth + 2 < engine.context_limit) or [min(64, engine.context_limit // 4)]
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (max(contexts),), generator=generator).tolist()
-    fixed, verify = [], {size: [] for size in sizes}
+    fixed, probe, per_size = [], [], {size: [] for size in sizes}
     bar = tqdm(total=len(contexts) * (len(sizes) + 1), desc="calibrating round costs", unit="stage",
                file=sys.stderr)
     with torch.inference_mode():
@@ -148,22 +161,20 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
             gen = Generation(engine, prompt[:context], "ddtree", max(sizes), SamplingParams(), None, stopper)
             gen.prefill()
             ws = gen.workspace
-            seconds = time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context)), repeats)
-            largest = ws.tree(max(sizes) + 1, engine)
-            plan = ws.plan(max(sizes))
-            seconds += time_stage(engine, lambda: gen.run_tree(largest, plan), repeats)
-            seconds += commit_and_host_seconds(engine, gen, largest, repeats)
-            fixed.append(seconds)
+            fixed.append(time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context)), repeats))
+            largest, plan = ws.tree(max(sizes) + 1, engine), ws.plan(max(sizes))
+            probe.append(time_stage(engine, lambda: (gen.run_tree(largest, plan), largest.out[:1].tolist()), repeats))
             bar.update(1)
             for size in sizes:
-                tree = ws.prefix(largest, size + 1, engine)
-                verify[size].append(time_stage(engine, lambda: gen.run_verify(tree, ws.attend(context + tree.size)),
-                                               repeats))
+                tree, plan = ws.tree(size + 1, engine), ws.plan(size)
+                seconds = time_stage(engine, lambda: gen.run_tree(tree, plan), repeats)
+                seconds += time_stage(engine, lambda: gen.run_verify(tree, ws.attend(context + tree.size)), repeats)
+                per_size[size].append(seconds + commit_and_host_seconds(engine, gen, tree, repeats))
                 bar.update(1)
     bar.close()
     # Every candidate size is measured, so no curve is fitted over sizes: the cost is a step function of
     # the shape (graph buckets, matrix-kernel choices), and need not even rise with the size.
-    return RoundCosts(sizes, contexts, fixed, verify)
+    return RoundCosts(sizes, contexts, fixed, per_size, probe)
 
 
 def commit_and_host_seconds(engine, gen, tree, repeats: int) -> float:
@@ -209,61 +220,70 @@ def load_or_calibrate(engine, force: bool = False) -> RoundCosts:
 
 
 def costs_table(costs: RoundCosts) -> str:
-    """Milliseconds per round at each calibrated context: the fixed part, and fixed + verify per size."""
-    head = ["nodes"] + [f"ms at context {c}" for c in costs.contexts]
+    """Milliseconds per round at each calibrated context: a round of each size, and a probe's extra."""
+    head = ["nodes"] + [f"ms per round at context {c}" for c in costs.contexts]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines.append("| (draft + tree + commit + host) | " + " | ".join(f"{1000 * x:.2f}" for x in costs.fixed) + " |")
     for size in costs.sizes:
-        cells = [f"{1000 * (f + v):.2f}" for f, v in zip(costs.fixed, costs.verify[size])]
-        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+        lines.append(f"| {size} | " + " | ".join(f"{1000 * costs.predict(size, c):.2f}" for c in costs.contexts) + " |")
+    lines.append("| (a probe's extra: the largest tree) | " + " | ".join(f"{1000 * x:.2f}" for x in costs.probe) + " |")
+    lines.append(f"\nauto probes every {costs.probe_interval(PROBE_SHARE)} rounds\n")
     return "\n".join(lines) + "\n"
 
 
 # ----- choosing ---------------------------------------------------------------------------------------
 
+PROBE_SHARE = 0.02  # the most of the decoding time that probe rounds may add
+MAX_PROBE_INTERVAL = 32
+# Path log-probability bins over which the acceptance of drafted nodes is learned (a quarter nat each).
+SCORE_EDGES = tuple(x / 4 for x in range(-48, 1))
+PRIOR_NODES = 4.0  # each bin starts as if this many nodes had been accepted at the drafter's own probability
+DECAY = 0.99  # per round: what was learned 100 rounds ago weighs a third as much
 
-@dataclass
+
 class AutoBudget:
-    """Chooses each round's tree size, and learns from every round it runs.
+    """Chooses the tree size on probe rounds, and learns from every round it verifies.
 
-    Two corrections are learned online (exponential averages): the drafter's surrogate is
-    overconfident (on SmolLM2 the accepted tokens beyond the bonus were 0.73-0.82 of Φ at every size),
-    so one factor scales Φ by what rounds really accept; and each size's cost is scaled by measured
-    over predicted round time. (A factor common to all sizes would never change the choice, so
-    sizes not yet run keep their calibrated cost.) Every EXPLORE-th round tries a size next to the
-    best, so an estimate that is too pessimistic gets corrected too."""
+    Device tensors `seen` and `hits` count, per path-probability bin, the nodes verified and the nodes
+    accepted (with decay); their ratio is a node's calibrated chance of acceptance. Stages captured as
+    CUDA graphs read and update them in place, so they live as long as this object."""
 
-    costs: RoundCosts
-    correction: dict[int, float] = field(default_factory=dict)  # measured / predicted round time
-    confidence: float = 1.0  # accepted beyond the bonus token / Φ of the chosen size
-    rounds: int = 0
-
-    EXPLORE = 16
+    def __init__(self, costs: RoundCosts, device: torch.device):
+        self.costs = costs
+        self.edges = torch.tensor(SCORE_EDGES, device=device)
+        centres = [SCORE_EDGES[0] - 0.125] + [(a + b) / 2 for a, b in zip(SCORE_EDGES, SCORE_EDGES[1:])] + [0.0]
+        self.seen = torch.full((len(centres),), PRIOR_NODES, device=device)
+        self.hits = self.seen * torch.tensor(centres, device=device).exp()
+        self.probe_every = costs.probe_interval(PROBE_SHARE)
+        self.current: int | None = None  # the size chosen at the last probe
+        self.until_probe = 0
 
     @property
     def largest(self) -> int:
         return max(self.costs.sizes)
 
-    def rate(self, size: int, expected: float, context: int) -> float:
-        cost = self.costs.predict(size, context) * self.correction.get(size, 1.0)
-        return (1 + self.confidence * (expected - 1)) / cost
+    # on the device, inside the tree and commit stages
+
+    def expected_yields(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """1 + the calibrated expected accepted nodes among the best n, at each candidate n (`index` = n - 1);
+        `scores`: the tree's node path log-probabilities, best first."""
+        chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)]
+        return 1 + chance.cumsum(0)[index]
+
+    def learn(self, scores: torch.Tensor, accepted: torch.Tensor) -> None:
+        """One verified round: the nodes' path log-probabilities and which of them were accepted."""
+        bins = torch.bucketize(scores, self.edges)
+        self.seen.mul_(DECAY).index_add_(0, bins, torch.ones_like(scores))
+        self.hits.mul_(DECAY).index_add_(0, bins, accepted.to(scores.dtype))
+
+    # on the host
+
+    def probe_due(self) -> bool:
+        self.until_probe -= 1
+        return self.current is None or self.until_probe < 0
 
     def choose(self, yields: list[float], context: int) -> int:
-        """The size maximising expected tokens per second; `yields[k]` is 1 + Φ(sizes[k])."""
+        """The size maximising expected tokens per second; `yields[k]` is the expected tokens at sizes[k]."""
         sizes = self.costs.sizes
-        best = max(range(len(sizes)), key=lambda k: self.rate(sizes[k], yields[k], context))
-        self.rounds += 1
-        if self.rounds % self.EXPLORE == 0:  # a neighbour, alternately smaller and larger
-            step = -1 if (self.rounds // self.EXPLORE) % 2 else 1
-            best = min(max(best + step, 0), len(sizes) - 1)
-        return sizes[best]
-
-    def observe(self, size: int, context: int, seconds: float, accepted: int, expected: float) -> None:
-        """A finished round: its size, context, wall time, tokens added and the 1 + Φ it was chosen for."""
-        predicted = self.costs.predict(size, context)
-        if predicted > 0 and seconds > 0:
-            ratio = min(max(seconds / predicted, 0.25), 4.0)  # one stalled round must not swing it far
-            self.correction[size] = 0.9 * self.correction.get(size, 1.0) + 0.1 * ratio
-        if expected > 1:
-            share = min(max((accepted - 1) / (expected - 1), 0.1), 2.0)
-            self.confidence = 0.95 * self.confidence + 0.05 * share
+        self.current = sizes[max(range(len(sizes)), key=lambda k: yields[k] / self.costs.predict(sizes[k], context))]
+        self.until_probe = self.probe_every - 1
+        return self.current

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .costs import AutoBudget, load_or_calibrate
+from .costs import AutoBudget, RoundCosts, load_or_calibrate
 from .drafter import Drafter
 from .errors import DDTreeError
 from .loading import Target
@@ -140,8 +140,14 @@ class Engine:
     def auto_budget(self) -> AutoBudget:
         """The per-round budget chooser, from this device's stored calibration (made on first use)."""
         if self.auto is None:
-            self.auto = AutoBudget(load_or_calibrate(self))
+            self.use_costs(load_or_calibrate(self))
         return self.auto
+
+    def use_costs(self, costs: RoundCosts) -> None:
+        """A new calibration for `auto`, whose learned acceptance starts afresh; graphs that wrote
+        into the old chooser's tensors are dropped with it."""
+        self.auto = AutoBudget(costs, self.device)
+        self.graphs.captured.clear()
 
     # ----- prompts -------------------------------------------------------------------------------
 
@@ -247,7 +253,7 @@ class Workspace:
             self.features = torch.zeros(1, self.block, width, device=device, dtype=engine.dtype)
             self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
-        self.trees: dict[int, "TreeBuffers"] = {}
+        self.trees: dict[tuple[int, bool], "TreeBuffers"] = {}
         self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
         self.auto_sizes: torch.Tensor | None = None
         self.plans: dict[int, FrontierPlan] = {}
@@ -273,10 +279,11 @@ class Workspace:
             self.plans[budget] = FrontierPlan(budget, depth, vocab, self.log_probs.device)
         return self.plans[budget]
 
-    def tree(self, size: int, engine: "Engine") -> "TreeBuffers":
-        if size not in self.trees:
-            self.trees[size] = TreeBuffers(size, engine, self)
-        return self.trees[size]
+    def tree(self, size: int, engine: "Engine", scored: bool = False) -> "TreeBuffers":
+        """Tree buffers of `size` rows; `scored` ones (auto's) also keep their nodes' scores."""
+        if (size, scored) not in self.trees:
+            self.trees[size, scored] = TreeBuffers(size, engine, self, scored=scored)
+        return self.trees[size, scored]
 
     def prefix(self, tree: "TreeBuffers", size: int, engine: "Engine") -> "TreeBuffers":
         """The first `size` rows of `tree`, as a tree of its own (cached)."""
@@ -293,19 +300,23 @@ class TreeBuffers:
     depths and mask, which is a tree because nodes come in score order; it has its own outputs.
     `key` tells graphs over different buffers apart."""
 
-    def __init__(self, size: int, engine: "Engine", workspace: "Workspace", parent: "TreeBuffers | None" = None):
+    def __init__(self, size: int, engine: "Engine", workspace: "Workspace", parent: "TreeBuffers | None" = None,
+                 scored: bool = False):
         device = engine.device
         self.size, self.path_rows = size, min(workspace.block, size)  # the longest path such a tree can have
         if parent is None:
-            self.key = f"tree{size}"
+            self.key = f"tree{size}" + ("-scored" if scored else "")
             self.ids = torch.zeros(size, dtype=torch.long, device=device)
             self.parents = torch.zeros(size, dtype=torch.long, device=device)
             self.depths = torch.zeros(size, dtype=torch.long, device=device)
             self.mask = torch.eye(size, dtype=torch.bool, device=device)  # ancestor-or-self
+            # auto: the nodes' path log-probabilities, from which it learns what gets accepted
+            self.scores = torch.zeros(size - 1, device=device) if scored else None
         else:
             self.key = f"{parent.key}[:{size}]"
             self.ids, self.parents, self.depths = parent.ids[:size], parent.parents[:size], parent.depths[:size]
             self.mask = parent.mask[:size, :size]
+            self.scores = parent.scores[:size - 1] if parent.scores is not None else None
         self.choices = torch.zeros(size, dtype=torch.long, device=device)
         self.features = workspace.features.new_zeros(1, size, workspace.features.shape[-1]) if engine.taps else None
         self.noise: torch.Tensor | None = None  # exponential noise for sampling, refilled every round
@@ -330,7 +341,7 @@ class Generation:
         drafter = engine.drafter
         self.block = drafter.cfg.block_size if drafter is not None and method != "ar" else 1
         depth = self.block - 1
-        # auto: the tree is built at the largest candidate size; each round verifies the prefix it chooses
+        # auto: room for the largest candidate size (a probe round builds it and verifies the prefix it chooses)
         self.auto = engine.auto_budget() if self.budget == "auto" else None
         nodes = self.auto.largest if self.auto is not None else budget
         self.tree_budget = nodes if method == "ddtree" else None
@@ -386,8 +397,7 @@ class Generation:
     def round(self, size: int, committed: int, first: bool, clock: StageClock) -> tuple[int, list[int]]:
         """Runs one round's stages; returns how many tokens it added, and those tokens (one host sync)."""
         engine, ws = self.engine, self.workspace
-        round_started = time.perf_counter()
-        tree = ws.tree(size, engine)
+        tree = ws.tree(size, engine, scored=self.auto is not None)
         attend = ws.attend(committed + size)
         if size > 1:
             draft_attend = ws.draft_attend(committed)
@@ -397,16 +407,12 @@ class Generation:
             else:
                 self.run_draft(draft_attend)
             clock.mark("draft")
-            plan = ws.plan(self.tree_budget) if self.method == "ddtree" else None  # made outside any capture
-            if self.auto is not None and tree.yields is None:
-                tree.yields = torch.zeros(len(self.auto.costs.sizes), device=engine.device)
-            self.run_tree(tree, plan)
-            if self.auto is not None:  # a second host read this round: the yields decide the size
-                yields = tree.yields.tolist()
-                nodes = self.auto.choose(yields, committed)
-                expected = yields[self.auto.costs.sizes.index(nodes)]
-                tree = ws.prefix(tree, nodes + 1, engine)
+            if self.auto is not None:
+                tree = self.auto_tree(tree, committed)
                 attend = ws.attend(committed + tree.size)
+                self.stats["budgets"].append(tree.size - 1)
+            else:
+                self.run_tree(tree, ws.plan(self.tree_budget) if self.method == "ddtree" else None)
         else:
             tree.ids[0] = ws.bonus
         clock.mark("tree")
@@ -417,10 +423,20 @@ class Generation:
         self.run_commit(tree)
         clock.mark("commit")
         out = tree.out.tolist()
-        if self.auto is not None and size > 1:
-            self.auto.observe(tree.size - 1, committed, time.perf_counter() - round_started, out[0], expected)
-            self.stats["budgets"].append(tree.size - 1)
         return out[0], out[1:1 + out[0]]
+
+    def auto_tree(self, largest: "TreeBuffers", committed: int) -> "TreeBuffers":
+        """auto's tree this round. A probe builds the largest, reads every candidate size's expected
+        tokens (a second host read) and keeps the best prefix; other rounds build the size chosen last."""
+        auto, ws, engine = self.auto, self.workspace, self.engine
+        if not auto.probe_due():
+            tree = ws.tree(auto.current + 1, engine, scored=True)
+            self.run_tree(tree, ws.plan(auto.current))
+            return tree
+        if largest.yields is None:
+            largest.yields = torch.zeros(len(auto.costs.sizes), device=engine.device)
+        self.run_tree(largest, ws.plan(auto.largest))
+        return ws.prefix(largest, auto.choose(largest.yields.tolist(), committed) + 1, engine)
 
     # ----- stages through the graph cache: one key per stage and shape, shared with the calibration ----
 
@@ -462,8 +478,10 @@ class Generation:
         ws = self.workspace
         if plan is not None:
             tokens, parents, depths, scores = best_first_nodes(ws.log_probs, plan)
-            if tree.yields is not None:  # 1 + Φ(n): the surrogate's expected acceptance of the best n nodes
-                tree.yields.copy_(1 + scores.exp().cumsum(0)[ws.auto_index(self.engine)])
+            if tree.scores is not None:
+                tree.scores.copy_(scores)
+            if tree.yields is not None:
+                tree.yields.copy_(self.engine.auto.expected_yields(scores, ws.auto_index(self.engine)))
         else:
             tokens, parents, depths = chain_nodes(ws.log_probs)
         tree.ids[0] = ws.bonus
@@ -482,7 +500,7 @@ class Generation:
         hidden, features = engine.model(
             tree.ids[None], (ws.committed + tree.depths)[None], mask[None, None], ws.cache, slots, self.taps
         )
-        tree.choices.copy_(choose_tokens(engine.model.lm_head(hidden[0]), self.params, noise=tree.noise))
+        tree.choices.copy_(choose_tokens(engine.model.logits(hidden[0]), self.params, noise=tree.noise))
         if features is not None:
             tree.features.copy_(features)
 
@@ -505,6 +523,8 @@ class Generation:
         ws.bonus.copy_(emitted.index_select(0, (count - 1).view(1))[0])
         ws.pending_start.copy_(ws.committed)
         ws.committed.add_(count)
+        if tree.scores is not None:
+            self.engine.auto.learn(tree.scores, accepted[1:])
         tree.out[0] = count
         tree.out[1:] = emitted
 

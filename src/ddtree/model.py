@@ -8,6 +8,7 @@ speculative decoding needs from a target: trees are just masks and positions.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -300,7 +301,27 @@ class Decoder(nn.Module):
         return self.norm(x), features
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """float32 logits, never rounded to a bf16/fp16 model's dtype: rounded logits tie often (steps
+        of 0.125 between 16 and 32), and a tie that a differently shaped forward breaks the other way
+        makes a speculative method leave the target-alone output."""
+        weight = self.lm_head.weight
+        if weight.dtype == torch.float32:
+            return F.linear(hidden, weight)
+        if hidden.is_cuda and mm_out_dtype_works(hidden.device):  # a bf16 GEMM that writes float32
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            return torch.mm(flat, weight.t(), out_dtype=torch.float32).view(*hidden.shape[:-1], -1)
+        return F.linear(hidden.float(), weight.float())
+
+
+@functools.cache
+def mm_out_dtype_works(device: torch.device) -> bool:
+    """torch.mm(..., out_dtype=float32) on half-precision inputs: CUDA in recent PyTorch only."""
+    try:
+        torch.mm(torch.ones(1, 8, device=device, dtype=torch.bfloat16),
+                 torch.ones(8, 8, device=device, dtype=torch.bfloat16), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = ()) -> None:
