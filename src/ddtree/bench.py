@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .data import REASONING_SUFFIX, data_dir, read_jsonl
 from .errors import DDTreeError
+from .parallel import gather_objects, world
 from .results import GenerationResult
 
 DATASETS = ("mt-bench", "gsm8k", "math500", "humaneval", "mbpp", "alpaca")
@@ -236,25 +237,9 @@ def environment(engine) -> dict:
             "dtype": str(engine.dtype).removeprefix("torch."), "target": engine.target.name}
 
 
-def world() -> tuple[int, int]:
-    """(rank, size) of a torchrun data-parallel run, or (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather(responses: list[dict]) -> list[dict]:
     """Every rank's responses, in conversation order (a stable sort keeps each conversation's turns in order)."""
-    rank, size = world()
-    if size == 1:
-        return responses
-    import torch.distributed as dist
-
-    parts: list[list[dict] | None] = [None] * size
-    dist.all_gather_object(parts, responses)
-    return sorted((r for part in parts for r in part), key=lambda r: r["conversation"])
+    return sorted((r for part in gather_objects(responses) for r in part), key=lambda r: r["conversation"])
 
 
 def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: list[float], limit: int | None,

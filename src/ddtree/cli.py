@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -183,22 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--out", required=True, help="output JSONL file")
     prompts.set_defaults(handler=run_prompts)
 
-    regen = commands.add_parser("regenerate", help="answer training prompts with the target (batched greedy)",
+    regen = commands.add_parser("regenerate", help="answer training prompts with the target (batched)",
                                 description="Regenerate responses to training prompts with the target itself, "
-                                            "through its chat template, and save prompt+response token ids (.npz).")
+                                            "through its chat template, and save prompt+response token ids (.npz). "
+                                            "Under torchrun the prompts are shared out over the processes, one GPU each.")
     add_model_options(regen)
     regen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line (see `ddtree prompts`)")
     regen.add_argument("--out", required=True, help="output .npz of token sequences")
     regen.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default 256)")
     regen.add_argument("--batch-size", type=int, default=256, help="prompts per batch (default 256)")
     regen.add_argument("--limit", type=int, help="only the first N prompts")
+    regen.add_argument("--temperature", type=float, default=0.0,
+                       help="0 answers greedily (default); above 0 samples, which adds what the target says "
+                            "when sampling to the drafter's data")
+    regen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     regen.set_defaults(handler=run_regenerate)
 
     train = commands.add_parser("train-drafter", help="train a DFlash drafter on regenerated data",
                                 description="Train a DFlash drafter for a target: frozen target features, random "
                                             "anchors in responses, block-sparse attention, position-decayed loss, "
                                             "AdamW with cosine schedule. Checkpoints are drafters in the published "
-                                            "format; a held-out set reports teacher-forced acceptance.")
+                                            "format; a held-out set reports teacher-forced acceptance. Under torchrun "
+                                            "each process (one GPU each) takes a share of every batch.")
     add_model_options(train)
     train.add_argument("--data", required=True, nargs="+", help="one or more .npz files from `ddtree regenerate`")
     train.add_argument("--out", required=True, help="output drafter directory (checkpoints, metrics.jsonl)")
@@ -307,6 +312,7 @@ def method_specs(methods: list[str], budgets: list, allowed: tuple[str, ...]) ->
 def run_bench(args) -> None:
     from .api import load
     from .bench import bench
+    from .parallel import data_parallel
 
     specs = method_specs(args.methods, args.budgets, ("hf", "ar", "dflash", "ddtree"))
     if args.repeats < 1:
@@ -332,33 +338,6 @@ def write_bench_outputs(result: dict, out: str) -> None:
     print(table)
     for path in plot(result, prefix):
         print(f"wrote {path}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def data_parallel(device: str | None):
-    """Under torchrun (WORLD_SIZE > 1): join the process group, one GPU per rank (gloo on the CPU).
-
-    Yields (rank, device). On the way out every rank waits for the others before leaving the group:
-    a rank that exits while rank 0 still writes would tear down gloo's connections under it.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield 0, device
-        return
-    import torch
-    import torch.distributed as dist
-
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            yield dist.get_rank(), f"cuda:{local}"
-        else:
-            yield dist.get_rank(), "cpu"
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run_profile(args) -> None:
@@ -440,17 +419,20 @@ def run_prompts(args) -> None:
 def run_regenerate(args) -> None:
     from .api import load
     from .data import SequenceFile, read_jsonl
+    from .parallel import data_parallel
     from .regenerate import regenerate
 
     rows = read_jsonl(args.prompts)[: args.limit]
     if not rows:
         raise DDTreeError(f"no prompts in {args.prompts}")
-    engine = load(args.target, "random", args.device, args.dtype, quiet=True)
-    prompts = [engine.encode(row["prompt"], chat=True) for row in rows]
-    responses = regenerate(engine.target, prompts, args.max_new_tokens, args.batch_size)
-    SequenceFile.save(args.out, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts])
-    ended = sum(bool(r) and r[-1] in engine.target.eos_token_ids for r in responses)
-    print(json.dumps({"sequences": len(rows), "response_tokens": sum(map(len, responses)), "ended": ended}))
+    with data_parallel(args.device) as (rank, device):
+        engine = load(args.target, "random", device, args.dtype, quiet=True)
+        prompts = [engine.encode(row["prompt"], chat=True) for row in rows]
+        responses = regenerate(engine.target, prompts, args.max_new_tokens, args.batch_size, args.temperature, args.seed)
+        if rank == 0:
+            SequenceFile.save(args.out, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts])
+            ended = sum(bool(r) and r[-1] in engine.target.eos_token_ids for r in responses)
+            print(json.dumps({"sequences": len(rows), "response_tokens": sum(map(len, responses)), "ended": ended}))
 
 
 def run_train(args) -> None:
@@ -461,21 +443,24 @@ def run_train(args) -> None:
     from .drafter import load_drafter
     from .engine import check_pair
     from .loading import load_target
+    from .parallel import data_parallel
     from .train import TrainConfig, train
 
-    device = pick_device(args.device)
-    target = load_target(args.target or "smollm2-135m-instruct", device, pick_dtype(args.dtype, device))
-    sequences, starts = SequenceFile.load(args.data)
-    if args.init:
-        drafter = load_drafter(args.init, device, torch.float32)
-    else:
-        drafter = random_drafter(target, args.layers, args.block_size, None, args.target_layer_ids, args.seed)
-        drafter = drafter.to(dtype=torch.float32)
-    check_pair(target, drafter)
-    fields = train_config_defaults()
-    cfg = TrainConfig(**{name: getattr(args, name) for name in fields})
-    final = train(target, drafter, sequences, starts, args.out, cfg, resume=args.resume)
-    print(json.dumps(final))
+    with data_parallel(args.device) as (rank, device_name):
+        device = pick_device(device_name)
+        target = load_target(args.target or "smollm2-135m-instruct", device, pick_dtype(args.dtype, device))
+        sequences, starts = SequenceFile.load(args.data)
+        if args.init:
+            drafter = load_drafter(args.init, device, torch.float32)
+        else:
+            drafter = random_drafter(target, args.layers, args.block_size, None, args.target_layer_ids, args.seed)
+            drafter = drafter.to(dtype=torch.float32)
+        check_pair(target, drafter)
+        fields = train_config_defaults()
+        cfg = TrainConfig(**{name: getattr(args, name) for name in fields})
+        final = train(target, drafter, sequences, starts, args.out, cfg, resume=args.resume)
+        if rank == 0:
+            print(json.dumps(final))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
-"""Regenerate training responses with the target itself: batched greedy decoding with left padding.
+"""Regenerate training responses with the target itself: batched decoding with left padding.
 
 A drafter learns to predict what the target would say, so its training responses come from the
-target (through its chat template), not from the dataset's original answers.
+target (through its chat template), not from the dataset's original answers. Greedy answers teach
+what the target says at temperature 0; sampled ones (temperature > 0) add what it may say when
+sampling, which is where a greedy-trained drafter is accepted least.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import torch
 from tqdm import tqdm
 
 from .loading import Target
+from .parallel import gather_objects, world
+from .sampling import SamplingParams, choose_tokens
 
 
 def left_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,8 +25,10 @@ def left_padded(batch: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
 
 
 @torch.inference_mode()
-def greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy responses for a batch of tokenised prompts; each ends at its first end token (kept)."""
+def respond_batch(target: Target, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                  generator: torch.Generator | None) -> list[list[int]]:
+    """Responses for a batch of tokenised prompts (greedy, or sampled per `params`); each ends at its
+    first end token (kept)."""
     model, device = target.model, target.model.embed_tokens.weight.device
     eos = torch.tensor(sorted(target.eos_token_ids), device=device)
     pad = int(eos[0])
@@ -36,7 +42,7 @@ def greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int) 
     # A padding query sees only itself, so no row of the mask is empty.
     mask = (causal[None] & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)[None]
     hidden, _ = model(ids, positions, mask[:, None], cache, 0)
-    token = model.logits(hidden[:, -1]).argmax(-1)
+    token = choose_tokens(model.logits(hidden[:, -1]), params, generator)
     out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -48,7 +54,7 @@ def greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int) 
         slot = width + step
         step_mask = valid[:, None, None, :slot + 1]
         hidden, _ = model(token[:, None], (slot - pads)[:, None], step_mask, cache, slot)
-        token = model.logits(hidden[:, -1]).argmax(-1)
+        token = choose_tokens(model.logits(hidden[:, -1]), params, generator)
     responses = []
     for row in out[:, :step + 1].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in target.eos_token_ids), len(row))
@@ -56,14 +62,23 @@ def greedy_batch(target: Target, prompts: list[list[int]], max_new_tokens: int) 
     return responses
 
 
-def regenerate(target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """Responses for all prompts, batched by similar length; returned in the prompts' order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    responses: list[list[int]] = [[] for _ in prompts]
-    with tqdm(total=len(prompts), desc="regenerating", unit="prompt") as bar:
-        for begin in range(0, len(order), batch_size):
-            chunk = order[begin:begin + batch_size]
-            for index, response in zip(chunk, greedy_batch(target, [prompts[i] for i in chunk], max_new_tokens)):
-                responses[index] = response
+def regenerate(target: Target, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+               temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Responses for all prompts, batched by similar length; returned in the prompts' order. Under
+    torchrun each rank answers every size-th prompt and every rank returns all the responses."""
+    rank, size = world()
+    params = SamplingParams(temperature).validate()
+    generator = None
+    if not params.greedy:
+        generator = torch.Generator(target.model.embed_tokens.weight.device).manual_seed(seed * 1000 + rank)
+    mine = sorted(range(rank, len(prompts), size), key=lambda i: len(prompts[i]))
+    answered: dict[int, list[int]] = {}
+    with tqdm(total=len(mine), desc="regenerating", unit="prompt", disable=rank != 0) as bar:
+        for begin in range(0, len(mine), batch_size):
+            chunk = mine[begin:begin + batch_size]
+            answers = respond_batch(target, [prompts[i] for i in chunk], max_new_tokens, params, generator)
+            answered.update(zip(chunk, answers))
             bar.update(len(chunk))
-    return responses
+    for part in gather_objects(answered):
+        answered.update(part)
+    return [answered[i] for i in range(len(prompts))]

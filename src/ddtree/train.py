@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .drafter import Drafter, save_drafter
+from .errors import DDTreeError
 from .loading import Target
 from .model import causal_mask
+from .parallel import average_gradients, world
 from .tree import best_first_tree
 
 STATE_NAME = "train_state.pt"
@@ -185,12 +187,18 @@ def autocast(device: torch.device):
 
 def train(target: Target, drafter: Drafter, sequences, response_starts, out: str, cfg: TrainConfig,
           resume: bool = False, log=print) -> dict:
-    """Trains `drafter` in place; checkpoints (published format + train_state.pt) go to `out`."""
+    """Trains `drafter` in place; checkpoints (published format + train_state.pt) go to `out`.
+
+    Under torchrun each rank takes its share of every step's batch and the gradients are averaged, so
+    a step is the same step on any number of GPUs; rank 0 evaluates, logs and saves."""
     device = target.model.embed_tokens.weight.device
+    rank, size = world()
+    if cfg.batch_size % size:
+        raise DDTreeError(f"--batch-size {cfg.batch_size} does not split evenly over {size} processes")
+    share = cfg.batch_size // size
     target.model.requires_grad_(False)
     drafter.train().requires_grad_(True)
     os.makedirs(out, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
     order = list(range(len(sequences)))
     random.Random(cfg.seed).shuffle(order)
     held = max(1, min(cfg.eval_sequences, len(order) // 10))
@@ -208,17 +216,20 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         state = torch.load(state_path, map_location=device, weights_only=False)
         drafter.load_state_dict(state["drafter"])
         optimizer.load_state_dict(state["optimizer"])
-        step, rng = state["step"], state["rng"]
-        log(f"resumed from step {step}")
+        step = state["step"]
+        if rank == 0:
+            log(f"resumed from step {step}")
     metrics_path = os.path.join(out, METRICS_NAME)
     tokens_seen, started = 0, time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc="training", unit="step")
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=rank != 0)
     current_epoch, epoch_order = -1, None
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != current_epoch:  # a fresh order every epoch, reproducible on resume
             current_epoch, epoch_order = epoch, np.random.default_rng(cfg.seed + epoch).permutation(train_ids)
-        picked = epoch_order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+        first = index * cfg.batch_size + rank * share
+        picked = epoch_order[first:first + share]
+        rng = np.random.default_rng([cfg.seed, step, rank])  # this step's anchors, the same after a resume
         batch = make_batch([cut(i) for i in picked], [response_starts[i] for i in picked], cfg.anchors,
                            drafter.cfg.block_size, drafter.cfg.mask_token_id, rng, device)
         lr = cosine_lr(step, total, warmup_steps, cfg.lr)
@@ -230,14 +241,17 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         loss, extra = weighted_loss(logits, batch.labels, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(drafter)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip))
         optimizer.step()
         step += 1
-        tokens_seen += int((batch.labels >= 0).sum())
+        tokens_seen += int((batch.labels >= 0).sum()) * size
         elapsed = time.perf_counter() - started
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{extra['top1']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, **extra, "seconds": elapsed}
+        if rank != 0:
+            continue
         if step % cfg.eval_every == 0 or step == total:
             drafter.eval()
             record |= teacher_forced_acceptance(target, drafter, *eval_data, cfg.eval_budgets)
@@ -249,6 +263,6 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         if step % cfg.save_every == 0 or step == total:
             save_drafter(drafter, out, dtype=torch.bfloat16)
             torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "rng": rng, "config": asdict(cfg)}, state_path)
+                        "config": asdict(cfg)}, state_path)
     bar.close()
     return record
