@@ -77,6 +77,8 @@ def test_train_checkpoint_and_resume(model_dirs, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in rows)
     state = torch.load(out / "train_state.pt", weights_only=False)
     first_steps = state["step"]
+    assert main([*common, "--epochs", "2", "--resume", "--max-minutes", "0"]) == 0  # one step, then out of time
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == first_steps + 1
     assert main([*common, "--epochs", "2", "--resume"]) == 0
     assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2 * first_steps
     assert os.path.getsize(out / "model.safetensors") > 0

@@ -91,13 +91,15 @@ def bundled_drafter(target_spec: str, target_name: str) -> str:
 
 
 def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
-         dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True) -> Engine:
+         dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True,
+         compile: bool = False) -> Engine:
     """An engine for a target and its drafter.
 
     target: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (the default).
     drafter: a drafter directory (z-lab DFlash format), 'random' for an untrained one, or None for
     the drafter bundled with the target (random where none is bundled, said on stderr).
     cuda_graphs: on CUDA, capture each decoding stage once as a CUDA graph and replay it (the fast path).
+    compile: torch.compile the target's layers (`Decoder.compile_layers`).
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -112,6 +114,8 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
         draft_model = random_drafter(loaded)
     else:
         draft_model = load_drafter(drafter, dev, dt)
+    if compile:
+        loaded.model.compile_layers()
     return Engine(loaded, draft_model, dev, dt, cuda_graphs)
 
 

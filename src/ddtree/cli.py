@@ -23,6 +23,9 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
     if decoding:
         parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                             help="run every forward eagerly on cuda (slower; for measuring what the graphs save)")
+        parser.add_argument("--compile", action="store_true",
+                            help="torch.compile the target's layers (fuses the small kernels around each GEMM; "
+                                 "the first use of each shape compiles, which takes seconds)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +233,14 @@ def train_config_defaults() -> dict:
     return asdict(TrainConfig())
 
 
+def load_engine(args, device: str | None = None, quiet: bool = False):
+    """The engine a decoding command's model options ask for (`device` overrides --device)."""
+    from .api import load
+
+    return load(args.target, args.drafter, device or args.device, args.dtype, quiet=quiet,
+                cuda_graphs=args.cuda_graphs, compile=args.compile)
+
+
 def read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
@@ -243,12 +254,12 @@ def read_prompt(args) -> str:
 
 
 def run_generate(args) -> None:
-    from .api import DEFAULT_TARGET, load
+    from .api import DEFAULT_TARGET
 
     prompt = read_prompt(args)
     if not prompt.strip():
         raise DDTreeError("the prompt is empty")
-    engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    engine = load_engine(args)
     chat = (args.chat or (args.target in (None, DEFAULT_TARGET))) and not args.raw
     options = dict(method=args.method, budget=args.budget, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -310,7 +321,6 @@ def method_specs(methods: list[str], budgets: list, allowed: tuple[str, ...]) ->
 
 
 def run_bench(args) -> None:
-    from .api import load
     from .bench import bench
     from .parallel import data_parallel
 
@@ -318,7 +328,7 @@ def run_bench(args) -> None:
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
     with data_parallel(args.device) as (rank, device):
-        engine = load(args.target, args.drafter, device, args.dtype, quiet=rank != 0, cuda_graphs=args.cuda_graphs)
+        engine = load_engine(args, device, quiet=rank != 0)
         result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens,
                        args.repeats, args.seed, args.data_dir, args.hf_limit)
         if rank == 0:
@@ -341,14 +351,13 @@ def write_bench_outputs(result: dict, out: str) -> None:
 
 
 def run_profile(args) -> None:
-    from .api import load
     from .bench import environment
     from .profile import profile, profile_table, table_row
 
     specs = method_specs(args.methods, args.budgets, ("ar", "dflash", "ddtree"))
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
-    engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    engine = load_engine(args)
     if args.calibrate:
         from .costs import calibration_path, costs_table, load_or_calibrate
 
@@ -372,14 +381,13 @@ def run_profile(args) -> None:
 
 
 def run_serve(args) -> None:
-    from .api import load
     from .server import ServerSettings, serve
 
     if args.max_queue < 1:
         raise DDTreeError("--max-queue must be >= 1")
     if args.budget not in (None, "auto") and args.budget < 1:
         raise DDTreeError(f"--budget must be 'auto' or >= 1, got {args.budget}")
-    engine = load(args.target, args.drafter, args.device, args.dtype, cuda_graphs=args.cuda_graphs)
+    engine = load_engine(args)
     if args.budget == "auto" and engine.drafter is not None:
         engine.auto_budget()  # calibrate (or load the calibration) before the first request
     settings = ServerSettings(args.model_name or engine.target.name, args.method, args.budget, args.max_queue)

@@ -137,14 +137,14 @@ class DraftAttention(nn.Module):
         k = apply_rotary(self.heads(x, self.k_proj, self.num_kv_heads, self.k_norm), cos, sin)
         return k.transpose(1, 2), self.heads(x, self.v_proj, self.num_kv_heads).transpose(1, 2)
 
-    def forward(self, block, context, rope_block, rope_context, bias, cache, layer, slots):
+    def forward(self, block, context, rope_block, rope_context, bias, kv, slots):
         """block: [B, S, H] normed block states; context: [B, C, H] fused context rows (new rows only with a cache)."""
         q = apply_rotary(self.heads(block, self.q_proj, self.num_heads, self.q_norm), *rope_block)
         k_ctx, v_ctx = self.keys_values(context, *rope_context)
         k_blk, v_blk = self.keys_values(block, *rope_block)
         k, v = torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)
-        if cache is not None:
-            k, v = cache.write(layer, slots, k, v, bias.shape[-1])
+        if kv is not None:
+            k, v = kv.write(slots, k, v, bias.shape[-1])
         return self.o_proj(attention(q, k, v, bias))
 
 
@@ -156,8 +156,8 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, context, rope_block, rope_context, bias, cache, layer, slots):
-        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, bias, cache, layer, slots)
+    def forward(self, x, context, rope_block, rope_context, bias, kv, slots):
+        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, bias, kv, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -207,7 +207,8 @@ class Drafter(nn.Module):
         bias = attention_bias(mask, groups, dtype) if mask is not None else None
         x = block_embeds
         for index, layer in enumerate(self.layers):
-            x = layer(x, context, rope_block, rope_context, bias, cache, index, slots)
+            kv = cache.layer(index) if cache is not None else None
+            x = layer(x, context, rope_block, rope_context, bias, kv, slots)
         return self.norm(x)
 
 

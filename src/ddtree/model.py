@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +161,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class LayerKV(NamedTuple):
+    """One layer's part of a KVCache (views): keys and values [batch, kv_heads, capacity, head_dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def write(self, slots, k: torch.Tensor, v: torch.Tensor, length: int):
+        """Stores k/v [B, kv_heads, T, D] at `slots` (the first slot as an int, or a tensor of T slot
+        indices, which keeps shapes static for graph capture) and returns rows 0..length."""
+        if isinstance(slots, int):
+            self.keys[:, :, slots:slots + k.shape[2]] = k
+            self.values[:, :, slots:slots + k.shape[2]] = v
+        else:
+            self.keys.index_copy_(2, slots, k)
+            self.values.index_copy_(2, slots, v)
+        return self.keys[:, :, :length], self.values[:, :, :length]
+
+
 class KVCache:
     """Preallocated keys and values for every layer: [layers, batch, kv_heads, capacity, head_dim].
 
@@ -173,16 +192,8 @@ class KVCache:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
-    def write(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor, length: int):
-        """Stores k/v [B, kv_heads, T, D] at `slots` (the first slot as an int, or a tensor of T slot
-        indices, which keeps shapes static for graph capture) and returns rows 0..length."""
-        if isinstance(slots, int):
-            self.keys[layer, :, :, slots:slots + k.shape[2]] = k
-            self.values[layer, :, :, slots:slots + k.shape[2]] = v
-        else:
-            self.keys[layer].index_copy_(2, slots, k)
-            self.values[layer].index_copy_(2, slots, v)
-        return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
+    def layer(self, index: int) -> "LayerKV":
+        return LayerKV(self.keys[index], self.values[index])
 
     def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         """Copies rows `sources` to slots `destinations` (tensors of slot indices), all layers at once."""
@@ -222,7 +233,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, bias, cache: KVCache | None, layer: int, slots):
+    def project(self, x, cos, sin):
+        """Queries [B, T, heads, D], keys and values [B, kv_heads, T, D], rotated."""
         batch, length = x.shape[:2]
         qkv = self.qkv_proj(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -232,13 +244,13 @@ class Attention(nn.Module):
             qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=2)
         # queries and keys rotate together: one set of kernels instead of two
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.write(layer, slots, k, v, bias.shape[-1])
-        return self.o_proj(attention(q, k, v, bias))
+        return q, k.transpose(1, 2), v.transpose(1, 2)
 
 
 class DecoderLayer(nn.Module):
+    """Between the cache write and the attention (which take any mask and slots) the layer's work is
+    two pure functions of fixed shapes, `project` and `finish`, which `Decoder.compile_layers` compiles."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -246,9 +258,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, bias, cache, layer, slots):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, layer, slots)
+    def project(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x, attended):
+        x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, bias, kv: LayerKV | None, slots):
+        q, k, v = self.project(x, cos, sin)
+        if kv is not None:
+            k, v = kv.write(slots, k, v, bias.shape[-1])
+        return self.finish(x, attention(q, k, v, bias))
 
 
 class Decoder(nn.Module):
@@ -293,12 +314,27 @@ class Decoder(nn.Module):
         bias = attention_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         tapped = {}
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, bias, cache, index, slots)
+            x = layer(x, cos, sin, bias, cache.layer(index) if cache is not None else None, slots)
             if index in taps:
                 tapped[index] = x
         # in the order asked for, repeats included: the drafter's fc expects exactly that layout
         features = torch.cat([tapped[i] for i in taps], dim=-1) if taps else None
         return self.norm(x), features
+
+    def compile_layers(self) -> None:
+        """torch.compile every layer's `project` and `finish`, fusing the norms, rotary, SiLU and residual
+        adds around the GEMMs. One compiled graph per input shape serves all layers: they differ only in
+        their weights, which the compiler takes as inputs. The cache write and the attention stay eager."""
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        config.cache_size_limit = max(config.cache_size_limit, 256)  # one entry per (rows, context) shape
+        config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 4096)
+        project = torch.compile(DecoderLayer.project, dynamic=False, fullgraph=True)
+        finish = torch.compile(DecoderLayer.finish, dynamic=False, fullgraph=True)
+        for layer in self.layers:
+            layer.project = functools.partial(project, layer)
+            layer.finish = functools.partial(finish, layer)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits, never rounded to a bf16/fp16 model's dtype: rounded logits tie often (steps

@@ -27,6 +27,16 @@ def gather_objects(obj) -> list:
     return parts
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any (one tiny all-reduce)."""
+    rank, size = world()
+    if size == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
 def average_gradients(module: torch.nn.Module) -> None:
     """Replaces each gradient by its mean over the ranks, all in one flat all-reduce."""
     rank, size = world()

@@ -26,7 +26,7 @@ from .drafter import Drafter, save_drafter
 from .errors import DDTreeError
 from .loading import Target
 from .model import causal_mask
-from .parallel import average_gradients, world
+from .parallel import any_rank, average_gradients, world
 from .tree import best_first_tree
 
 STATE_NAME = "train_state.pt"
@@ -49,6 +49,7 @@ class TrainConfig:
     eval_sequences: int = 64
     eval_budgets: tuple[int, ...] = (16, 64, 256)
     seed: int = 0
+    max_minutes: float | None = None  # checkpoint and stop after this long (resume with --resume)
 
 
 def loss_weights(block_size: int, gamma: float | None) -> torch.Tensor:
@@ -223,6 +224,7 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
     tokens_seen, started = 0, time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=rank != 0)
     current_epoch, epoch_order = -1, None
+    record = {"step": step}
     while step < total:
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != current_epoch:  # a fresh order every epoch, reproducible on resume
@@ -250,19 +252,23 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{extra['top1']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
         record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, **extra, "seconds": elapsed}
-        if rank != 0:
-            continue
-        if step % cfg.eval_every == 0 or step == total:
-            drafter.eval()
-            record |= teacher_forced_acceptance(target, drafter, *eval_data, cfg.eval_budgets)
-            drafter.train()
-            log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if step % 50 == 0 or "chain_tau" in record:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if step % cfg.save_every == 0 or step == total:
-            save_drafter(drafter, out, dtype=torch.bfloat16)
-            torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "config": asdict(cfg)}, state_path)
+        # every rank must stop at the same step, so they agree on the clock (a one-number all-reduce)
+        out_of_time = cfg.max_minutes is not None and any_rank(elapsed > 60 * cfg.max_minutes, device)
+        last = step == total or out_of_time
+        if rank == 0:
+            if step % cfg.eval_every == 0 or last:
+                drafter.eval()
+                record |= teacher_forced_acceptance(target, drafter, *eval_data, cfg.eval_budgets)
+                drafter.train()
+                log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if step % 50 == 0 or "chain_tau" in record:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if step % cfg.save_every == 0 or last:
+                save_drafter(drafter, out, dtype=torch.bfloat16)
+                torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "config": asdict(cfg)}, state_path)
+        if out_of_time:
+            break
     bar.close()
     return record
