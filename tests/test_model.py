@@ -133,3 +133,24 @@ def test_smollm2_tokenizer_ends_turns_with_im_end(smollm2_target):
     assert tok.eos_token == "<|im_end|>"
     assert smollm2_target.eos_token_ids == {2}
     assert tok.convert_tokens_to_ids("<|im_end|>") == 2
+
+
+def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dirs):
+    """--compile: every method's output unchanged, and the layers (4 here) share the compiled code: two
+    functions, each compiled at most three times (the first row count, then any, and one row, which
+    the compiler always specialises), whatever the prompt lengths; per-layer code would be 8 or more."""
+    import torch._dynamo
+
+    from conftest import random_prompts
+    from ddtree.api import load
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plain = load(model_dirs["qwen3"], "random", "cpu", "float32", quiet=True)
+    compiled = load(model_dirs["qwen3"], "random", "cpu", "float32", quiet=True, compile=True)
+    for prompt in random_prompts(3, plain.model.cfg.vocab_size, seed=5, min_len=3, max_len=30):
+        for method in ("ar", "ddtree"):
+            want = plain.generate(prompt, method=method, budget=6, max_new_tokens=10)
+            got = compiled.generate(prompt, method=method, budget=6, max_new_tokens=10)
+            assert got.token_ids == want.token_ids and got.acceptance_lengths == want.acceptance_lengths
+    assert 2 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 6

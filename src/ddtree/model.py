@@ -323,15 +323,12 @@ class Decoder(nn.Module):
 
     def compile_layers(self) -> None:
         """torch.compile every layer's `project` and `finish`, fusing the norms, rotary, SiLU and residual
-        adds around the GEMMs. One compiled graph per input shape serves all layers: they differ only in
-        their weights, which the compiler takes as inputs. The cache write and the attention stay eager."""
-        import torch._dynamo
-
-        config = torch._dynamo.config
-        config.cache_size_limit = max(config.cache_size_limit, 256)  # one entry per (rows, context) shape
-        config.accumulated_cache_size_limit = max(config.accumulated_cache_size_limit, 4096)
-        project = torch.compile(DecoderLayer.project, dynamic=False, fullgraph=True)
-        finish = torch.compile(DecoderLayer.finish, dynamic=False, fullgraph=True)
+        adds around the GEMMs. The layers share the compiled code: they differ only in their weights,
+        which the compiler takes as inputs; and only the row count varies, which the compiler makes
+        symbolic once it has seen two (so prompts of any length do not each compile). The cache write
+        and the attention, which take any mask and slots, stay as they are."""
+        project = torch.compile(DecoderLayer.project, fullgraph=True)
+        finish = torch.compile(DecoderLayer.finish, fullgraph=True)
         for layer in self.layers:
             layer.project = functools.partial(project, layer)
             layer.finish = functools.partial(finish, layer)
