@@ -215,14 +215,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     defaults = train_config_defaults()
     for name, value in defaults.items():
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        described = f"{TRAIN_OPTION_HELP[name]} (default {shown})"
         if isinstance(value, tuple):
             train.add_argument(f"--{name.replace('_', '-')}", type=lambda s: tuple(comma(int)(s)),
-                               default=value, help=f"comma-separated (default {','.join(map(str, value))})")
+                               default=value, help=described)
         else:
             train.add_argument(f"--{name.replace('_', '-')}", type=float if isinstance(value, float) or value is None
-                               else int, default=value, help=f"default {value}")
+                               else int, default=value, help=described)
     train.set_defaults(handler=run_train)
     return parser
+
+
+TRAIN_OPTION_HELP = {
+    "epochs": "passes over the training sequences",
+    "batch_size": "sequences per optimizer step (split over the processes under torchrun)",
+    "anchors": "random block anchors per sequence per step",
+    "max_len": "sequences are cut to this many tokens",
+    "lr": "peak learning rate of the cosine schedule",
+    "warmup": "share of the steps spent warming the learning rate up",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient norm clip",
+    "gamma": "loss weight exp(-(k-1)/gamma) at block position k; none picks 7 for block 16",
+    "eval_every": "steps between held-out acceptance evaluations",
+    "save_every": "steps between checkpoints",
+    "eval_sequences": "held-out sequences for the acceptance evaluation",
+    "eval_budgets": "tree budgets at which the evaluation reports τ",
+    "seed": "seed for the data order, anchors and a random initial drafter",
+    "max_minutes": "checkpoint and stop after this many minutes (go on with --resume); none runs to the end",
+}
 
 
 def train_config_defaults() -> dict:
