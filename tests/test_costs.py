@@ -55,16 +55,15 @@ def test_expected_yields_learn_what_is_really_accepted():
     a size chosen on the drafter's word alone stops paying."""
     auto = AutoBudget(synthetic({3: 5, 7: 18}), torch.device("cpu"))
     scores = torch.full((7,), math.log(0.9))
-    index = torch.tensor([2, 6])
-    before = auto.expected_yields(scores, index)
+    before = auto.expected_yields(scores)
     assert before.tolist() == pytest.approx([1 + 3 * 0.9, 1 + 7 * 0.9], rel=0.05)
     assert auto.choose(before.tolist(), 500) == 7
     for round in range(400):
         auto.learn(scores, torch.arange(7) < (7 if round % 2 else 0))  # all or nothing, half the rounds
-    after = auto.expected_yields(scores, index)
+    after = auto.expected_yields(scores)
     assert after.tolist() == pytest.approx([1 + 3 * 0.5, 1 + 7 * 0.5], rel=0.05)
     assert auto.choose(after.tolist(), 500) == 3  # 2.5 tokens / 15 ms beats 4.5 / 28 ms
-    lower = auto.expected_yields(torch.full((7,), math.log(0.1)), index)  # another bin keeps its prior
+    lower = auto.expected_yields(torch.full((7,), math.log(0.1)))  # another bin keeps its prior
     assert lower.tolist() == pytest.approx([1 + 3 * 0.1, 1 + 7 * 0.1], rel=0.15)
 
 

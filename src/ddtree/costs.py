@@ -253,6 +253,7 @@ class AutoBudget:
         centres = [SCORE_EDGES[0] - 0.125] + [(a + b) / 2 for a, b in zip(SCORE_EDGES, SCORE_EDGES[1:])] + [0.0]
         self.seen = torch.full((len(centres),), PRIOR_NODES, device=device)
         self.hits = self.seen * torch.tensor(centres, device=device).exp()
+        self.index = torch.tensor([n - 1 for n in costs.sizes], device=device)  # where each size's sum ends
         self.probe_every = costs.probe_interval(PROBE_SHARE)
         self.current: int | None = None  # the size chosen at the last probe
         self.until_probe = 0
@@ -263,11 +264,11 @@ class AutoBudget:
 
     # on the device, inside the tree and commit stages
 
-    def expected_yields(self, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """1 + the calibrated expected accepted nodes among the best n, at each candidate n (`index` = n - 1);
+    def expected_yields(self, scores: torch.Tensor) -> torch.Tensor:
+        """1 + the calibrated expected accepted nodes among the best n, at each candidate size n;
         `scores`: the tree's node path log-probabilities, best first."""
         chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)]
-        return 1 + chance.cumsum(0)[index]
+        return 1 + chance.cumsum(0)[self.index]
 
     def learn(self, scores: torch.Tensor, accepted: torch.Tensor) -> None:
         """One verified round: the nodes' path log-probabilities and which of them were accepted."""

@@ -255,7 +255,6 @@ class Workspace:
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
         self.trees: dict[tuple[int, bool], "TreeBuffers"] = {}
         self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
-        self.auto_sizes: torch.Tensor | None = None
         self.plans: dict[int, FrontierPlan] = {}
         self.owner: object | None = None
 
@@ -266,12 +265,6 @@ class Workspace:
     def draft_attend(self, committed: int) -> int:
         """Drafter cache slots a draft attends: the scratch block and the committed context rows."""
         return min(round_up(self.block + committed, self.attend_step), self.draft_cache.capacity)
-
-    def auto_index(self, engine: "Engine") -> torch.Tensor:
-        """Where each auto candidate size's Φ sits in a tree's cumulative node probabilities."""
-        if self.auto_sizes is None:
-            self.auto_sizes = torch.tensor([n - 1 for n in engine.auto_budget().costs.sizes], device=engine.device)
-        return self.auto_sizes
 
     def plan(self, budget: int) -> FrontierPlan:
         if budget not in self.plans:
@@ -481,7 +474,7 @@ class Generation:
             if tree.scores is not None:
                 tree.scores.copy_(scores)
             if tree.yields is not None:
-                tree.yields.copy_(self.engine.auto.expected_yields(scores, ws.auto_index(self.engine)))
+                tree.yields.copy_(self.engine.auto.expected_yields(scores))
         else:
             tokens, parents, depths = chain_nodes(ws.log_probs)
         tree.ids[0] = ws.bonus
