@@ -48,7 +48,8 @@ def device_key(engine) -> str:
     else:
         name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
     graphs = "graphs" if engine.graphs.enabled else "eager"
-    return f"{name}-torch{torch.__version__}-{str(engine.dtype).removeprefix('torch.')}-{graphs}"
+    compiled = "-compiled" if engine.model.compiled else ""
+    return f"{name}-torch{torch.__version__}-{str(engine.dtype).removeprefix('torch.')}-{graphs}{compiled}"
 
 
 def pair_key(engine) -> str:

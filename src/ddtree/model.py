@@ -285,6 +285,7 @@ class Decoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(inv_freq, rope_scaling, cfg.max_positions)
+        self.compiled = False  # set by compile_layers; round costs differ, so calibrations are kept apart
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         cfg, weight = self.cfg, self.embed_tokens.weight
@@ -329,6 +330,7 @@ class Decoder(nn.Module):
         and the attention, which take any mask and slots, stay as they are."""
         project = torch.compile(DecoderLayer.project, fullgraph=True)
         finish = torch.compile(DecoderLayer.finish, fullgraph=True)
+        self.compiled = True
         for layer in self.layers:
             layer.project = functools.partial(project, layer)
             layer.finish = functools.partial(finish, layer)
