@@ -127,6 +127,14 @@ def run_conversation(generate, turns: list[str], options: dict, repeats: int, in
     return responses
 
 
+def longest_context(engine, conversations: list[list[str]], max_new_tokens: int) -> int:
+    """About the most tokens any of these conversations holds: its turns through the chat template and
+    a full answer to each (what `Engine.prepare` sizes the buffers and graphs for)."""
+    def tokens(turns: list[str]) -> int:
+        return sum(len(engine.encode(turn, chat=True)) + max_new_tokens for turn in turns)
+    return max(tokens(turns) for turns in conversations)
+
+
 def summarise(responses: list[dict]) -> dict:
     tokens = sum(r["num_new_tokens"] for r in responses)
     seconds = sum(r["seconds"] for r in responses)
@@ -270,6 +278,8 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
                     generate = hf.generate
                 else:
                     generate = functools.partial(engine.generate, method=spec.method, budget=spec.budget)
+                    engine.prepare(spec.method, spec.budget, longest_context(engine, convs, max_new_tokens),
+                                   temperature)
                 responses = []
                 for index in mine(per_spec(spec, convs)):
                     responses += run_conversation(generate, convs[index], options, repeats, index)

@@ -88,6 +88,11 @@ class Graphs:
         if not self.enabled:
             stage()
             return
+        self.capture(key, stage, repeatable).replay()
+
+    def capture(self, key: tuple, stage: Callable[[], None], repeatable: bool = True) -> "torch.cuda.CUDAGraph":
+        """The stage's graph, captured now if it is new. Capturing runs nothing but a repeatable stage's
+        warm-up, so graphs can be made ahead of time without disturbing the decoding state."""
         graph = self.captured.get(key)
         if graph is None:
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -99,11 +104,16 @@ class Graphs:
                 stage()
             torch.cuda.current_stream().wait_stream(self.stream)
             self.captured[key] = graph
-        graph.replay()
+        return graph
 
 
 def round_up(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def buckets(attend: Callable[[int], int], low: int, high: int, step: int) -> list[int]:
+    """The graph shapes `attend` gives to the values low..high (it is step-wise, rounding up by `step`)."""
+    return sorted({attend(value) for value in [*range(low, high, step), high]})
 
 
 class Engine:
@@ -174,6 +184,15 @@ class Engine:
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     # ----- generation ----------------------------------------------------------------------------
+
+    def prepare(self, method: str = "ddtree", budget: int | str | None = None, context: int = 1024,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> int:
+        """Allocates the buffers for requests of up to `context` tokens (prompt and answer together) and
+        captures every CUDA graph their decoding can replay, as a server does at start-up, so that no
+        request pays for a capture mid-stream. Returns how many graphs were new (0 without graphs)."""
+        generation = self.stream([0], method, budget, max(1, min(context, self.context_limit) - 1),
+                                 temperature, top_k, top_p)
+        return generation.capture_graphs()
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generates to completion; keyword arguments as for `stream`."""
@@ -340,8 +359,8 @@ class Generation:
         self.tree_budget = nodes if method == "ddtree" else None
         self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(nodes or 1, depth, engine.model.cfg.vocab_size)}[method]
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
-        context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
-        self.workspace = engine.workspace_for(context, self.size)
+        self.context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
+        self.workspace = engine.workspace_for(self.context, self.size)
         self.prompt_features: torch.Tensor | None = None  # drafter context for the first round
 
     def __iter__(self) -> Iterator[StreamChunk]:
@@ -401,7 +420,7 @@ class Generation:
                 self.run_draft(draft_attend)
             clock.mark("draft")
             if self.auto is not None:
-                tree = self.auto_tree(tree, committed)
+                tree = self.auto_tree(self.auto_largest(), committed)
                 attend = ws.attend(committed + tree.size)
                 self.stats["budgets"].append(tree.size - 1)
             else:
@@ -423,28 +442,86 @@ class Generation:
         tokens (a second host read) and keeps the best prefix; other rounds build the size chosen last."""
         auto, ws, engine = self.auto, self.workspace, self.engine
         if not auto.probe_due():
-            tree = ws.tree(auto.current + 1, engine, scored=True)
+            # the chosen size built into the largest tree's first rows: the same buffers, and so the same
+            # verify and commit graphs, as a probe round that chose it
+            tree = ws.prefix(largest, auto.current + 1, engine)
             self.run_tree(tree, ws.plan(auto.current))
             return tree
-        if largest.yields is None:
-            largest.yields = torch.zeros(len(auto.costs.sizes), device=engine.device)
         self.run_tree(largest, ws.plan(auto.largest))
         return ws.prefix(largest, auto.choose(largest.yields.tolist(), committed) + 1, engine)
 
+    def auto_largest(self) -> "TreeBuffers":
+        """auto's largest tree: probes build it and read every candidate size's expected yield from it."""
+        largest = self.workspace.tree(self.size, self.engine, scored=True)
+        if largest.yields is None:
+            largest.yields = torch.zeros(len(self.auto.costs.sizes), device=self.engine.device)
+        return largest
+
     # ----- stages through the graph cache: one key per stage and shape, shared with the calibration ----
 
+    def draft_stage(self, attend: int) -> tuple:
+        return ("draft", attend), lambda: self.draft(self.workspace.features, attend)
+
+    def tree_stage(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> tuple:
+        return ("tree", self.method, tree.key), lambda: self.build_tree(tree, plan)
+
+    def verify_stage(self, tree: "TreeBuffers", attend: int) -> tuple:
+        return ("verify", tree.key, attend, self.params, bool(self.taps)), lambda: self.verify(tree, attend)
+
+    def commit_stage(self, tree: "TreeBuffers") -> tuple:
+        return ("commit", tree.key), lambda: self.commit(tree), False  # not repeatable: it moves the state on
+
     def run_draft(self, attend: int) -> None:
-        self.engine.graphs.run(("draft", attend), lambda: self.draft(self.workspace.features, attend))
+        self.engine.graphs.run(*self.draft_stage(attend))
 
     def run_tree(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> None:
-        self.engine.graphs.run(("tree", self.method, tree.key), lambda: self.build_tree(tree, plan))
+        self.engine.graphs.run(*self.tree_stage(tree, plan))
 
     def run_verify(self, tree: "TreeBuffers", attend: int) -> None:
-        key = ("verify", tree.key, attend, self.params, bool(self.taps))
-        self.engine.graphs.run(key, lambda: self.verify(tree, attend))
+        self.engine.graphs.run(*self.verify_stage(tree, attend))
 
     def run_commit(self, tree: "TreeBuffers") -> None:
-        self.engine.graphs.run(("commit", tree.key), lambda: self.commit(tree), repeatable=False)
+        self.engine.graphs.run(*self.commit_stage(tree))
+
+    def capture_graphs(self) -> int:
+        """Captures now every graph this generation's rounds can replay, at every context its workspace
+        holds, and returns how many were new. Otherwise each is captured on first use, in the middle
+        of decoding: `auto` switches between several tree sizes, each verified at several context
+        lengths, so a benchmark would time dozens of captures. Called before the prefill: only a draft's,
+        a tree's and a verify's warm-up run, at an empty context, and what they write the prefill and
+        the rounds rewrite before reading."""
+        engine, ws = self.engine, self.workspace
+        if not engine.graphs.enabled:
+            return 0
+        before = len(engine.graphs.captured)
+        with torch.inference_mode():
+            ws.committed.zero_()  # the warm-ups' cache rows, then, lie inside every shape's attended slots
+            ws.pending_start.zero_()
+            built, verified = self.round_trees()
+            stages = [self.tree_stage(tree, plan) for tree, plan in built]
+            for tree in verified:
+                if not self.params.greedy:
+                    tree.sampling_noise(engine.model.cfg.vocab_size, torch.Generator(engine.device))
+                attends = buckets(ws.attend, len(self.ids) + tree.size, self.context + tree.size, ws.attend_step)
+                stages += [self.verify_stage(tree, attend) for attend in attends] + [self.commit_stage(tree)]
+            if built:
+                attends = buckets(ws.draft_attend, len(self.ids), self.context, ws.attend_step)
+                stages += [self.draft_stage(attend) for attend in attends]
+            for stage in stages:
+                engine.graphs.capture(*stage)
+        return len(engine.graphs.captured) - before
+
+    def round_trees(self) -> tuple[list[tuple["TreeBuffers", FrontierPlan | None]], list["TreeBuffers"]]:
+        """The trees this generation's drafting rounds build (with their plans), and those they verify."""
+        engine, ws = self.engine, self.workspace
+        if self.auto is not None:
+            largest = self.auto_largest()
+            prefixes = [ws.prefix(largest, size + 1, engine) for size in self.auto.costs.sizes]
+            return ([(largest, ws.plan(self.auto.largest))] + [(p, ws.plan(p.size - 1)) for p in prefixes]), prefixes
+        tree = ws.tree(self.size, engine)
+        if self.method == "ar":
+            return [], [tree]
+        return [(tree, ws.plan(self.tree_budget) if self.method == "ddtree" else None)], [tree]
 
     # ----- stages: each reads and writes only workspace buffers ----------------------------------------
 

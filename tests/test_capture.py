@@ -1,0 +1,80 @@
+"""Ahead-of-time graph capture (`Engine.prepare`): every graph a generation replays must already be
+captured, so no request (and no benchmark) pays for a capture mid-stream. CUDA graphs need a GPU, so
+here the graph cache is replaced by one that records which stage shapes are captured and which run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ddtree.costs as costs
+from ddtree.engine import Graphs, buckets
+
+TARGET = "qwen3"
+
+
+class RecordingGraphs(Graphs):
+    """Enabled like a CUDA graph cache, but stages run eagerly; keeps the keys captured and the keys run."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.enabled = True
+        self.used: set[tuple] = set()
+
+    def capture(self, key, stage, repeatable=True):
+        if key not in self.captured:
+            if repeatable:
+                stage()
+            self.captured[key] = key
+        return key
+
+    def run(self, key, stage, repeatable=True):
+        self.used.add(key)
+        stage()
+
+
+@pytest.fixture
+def engine(make_engine, tmp_path, monkeypatch):
+    monkeypatch.setattr(costs, "calibration_path", lambda engine: str(tmp_path / "calibration.json"))
+    built = make_engine(TARGET, layers=1, block_size=8)
+    plain, built.graphs, built.auto, built.workspace = built.graphs, RecordingGraphs(), None, None
+    yield built
+    built.graphs, built.auto, built.workspace = plain, None, None
+
+
+@pytest.mark.parametrize("method, budget", [("ar", None), ("dflash", None), ("ddtree", 12), ("ddtree", "auto")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prepare_captures_every_graph_a_generation_replays(engine, method, budget, temperature):
+    from conftest import random_prompts
+
+    prompts = random_prompts(3, engine.model.cfg.vocab_size, seed=5, min_len=2, max_len=60)
+    new_tokens = 70  # past two 32-slot attention buckets beyond the longest prompt
+    context = max(map(len, prompts)) + new_tokens
+    count = engine.prepare(method, budget, context, temperature)
+    assert count == len(engine.graphs.captured) > 0
+    ahead = set(engine.graphs.captured)
+    engine.graphs.used.clear()  # auto's first use calibrates, through graphs of its own
+    for prompt in prompts:
+        out = engine.generate(prompt, method=method, budget=budget, max_new_tokens=new_tokens,
+                              temperature=temperature, seed=0)
+        assert out.num_new_tokens == new_tokens or temperature > 0  # (a sample may end early)
+    assert engine.graphs.used, "the generation ran no stage through the graph cache"
+    assert engine.graphs.used <= ahead, sorted(map(str, engine.graphs.used - ahead))
+    assert set(engine.graphs.captured) == ahead  # and nothing was captured during the generations
+    assert engine.prepare(method, budget, context, temperature) == 0  # a second time, all are there
+
+
+def test_prepare_keeps_the_output(engine):
+    from conftest import random_prompts
+
+    prompt = random_prompts(1, engine.model.cfg.vocab_size, seed=9, min_len=20, max_len=20)[0]
+    expected = engine.generate(prompt, method="ar", max_new_tokens=40).token_ids
+    engine.prepare("ddtree", "auto", 200)
+    assert engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=40).token_ids == expected
+
+
+def test_buckets_are_every_shape_between_the_ends():
+    attend = lambda rows: min(-(-rows // 32) * 32, 300)  # noqa: E731
+    assert buckets(attend, 5, 130, 32) == [32, 64, 96, 128, 160]
+    assert buckets(attend, 40, 40, 32) == [64]
+    assert buckets(attend, 250, 900, 32) == [256, 288, 300]
