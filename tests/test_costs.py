@@ -67,6 +67,22 @@ def test_expected_yields_learn_what_is_really_accepted():
     assert lower.tolist() == pytest.approx([1 + 3 * 0.1, 1 + 7 * 0.1], rel=0.15)
 
 
+def test_measured_round_times_correct_the_calibration():
+    costs = synthetic({7: 5, 15: 6, 31: 8})  # with the drafter's 10 ms: 15, 16 and 18 ms a round
+    auto = AutoBudget(costs, torch.device("cpu"))
+    yields = [2.0, 2.5, 2.9]  # tokens per ms: 0.133, 0.156, 0.161
+    assert auto.choose(yields, 500) == 31
+    for _ in range(30):  # 31-node rounds really take twice their calibrated time
+        auto.observe(31, 500, 2 * costs.predict(31, 500), probed=False)
+    assert auto.correction[31] == pytest.approx(2.0, rel=0.05)
+    assert auto.choose(yields, 500) == 15
+    auto.observe(15, 500, 100 * costs.predict(15, 500), probed=False)  # a capture or a pause: ignored
+    assert auto.correction[15] == 1.0
+    # a probe round is compared with its prediction plus the probe's extra (1 ms here), not counted as slow
+    auto.observe(15, 500, costs.predict(15, 500) + 0.001, probed=True)
+    assert auto.correction[15] == pytest.approx(1.0)
+
+
 def test_interpolation_in_context():
     assert interpolate([100, 1000], [1.0, 2.0], 550) == pytest.approx(1.5)
     assert interpolate([100, 1000], [1.0, 2.0], 1900) == pytest.approx(3.0)  # extended past the end

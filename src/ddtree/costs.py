@@ -14,7 +14,8 @@ dozen or so on a GPU with graphs), and between probes builds and verifies the si
 
 Costs come from a calibration stored per device and model pair: each stage of a round timed at a
 few context lengths, every candidate size measured (the sizes are graph shapes and the cost is a
-step function of n: measured, not fitted).
+step function of n: measured, not fitted). Decoding then corrects each size's cost by the wall time
+its rounds really take (the calibration times stages alone, on a quiet machine).
 """
 
 from __future__ import annotations
@@ -239,6 +240,8 @@ MAX_PROBE_INTERVAL = 32
 SCORE_EDGES = tuple(x / 4 for x in range(-48, 1))
 PRIOR_NODES = 4.0  # each bin starts as if this many nodes had been accepted at the drafter's own probability
 DECAY = 0.99  # per round: what was learned 100 rounds ago weighs a third as much
+CORRECTION_RATE = 0.1  # how far one measured round moves its size's cost correction
+OUTLIER = 3.0  # a round this many times its predicted cost (a graph capture, a pause) is not learned from
 
 
 class AutoBudget:
@@ -258,6 +261,8 @@ class AutoBudget:
         self.probe_every = costs.probe_interval(PROBE_SHARE)
         self.current: int | None = None  # the size chosen at the last probe
         self.until_probe = 0
+        # measured ÷ calibrated round time per size, learned from the rounds run
+        self.correction = dict.fromkeys(costs.sizes, 1.0)
 
     @property
     def largest(self) -> int:
@@ -286,6 +291,24 @@ class AutoBudget:
     def choose(self, yields: list[float], context: int) -> int:
         """The size maximising expected tokens per second; `yields[k]` is the expected tokens at sizes[k]."""
         sizes = self.costs.sizes
-        self.current = sizes[max(range(len(sizes)), key=lambda k: yields[k] / self.costs.predict(sizes[k], context))]
+        self.current = sizes[max(range(len(sizes)), key=lambda k: yields[k] / self.round_cost(sizes[k], context))]
         self.until_probe = self.probe_every - 1
         return self.current
+
+    def round_cost(self, size: int, context: int) -> float:
+        """Seconds a round of `size` nodes is expected to take: the calibration, times what rounds of that
+        size really took against it. A size not run yet keeps its calibrated cost, so when every size
+        runs slower than calibrated (a busier machine), auto tries the others, learns, and comes back."""
+        return self.costs.predict(size, context) * self.correction[size]
+
+    def observe(self, size: int, context: int, seconds: float, probed: bool) -> None:
+        """A finished round's wall time (its host read waited for the device) corrects its size's cost:
+        the calibration can be off for the real decoding's cache state, load or context, on the CPU by
+        a fifth. A probe round is compared with its prediction plus the probe's extra."""
+        predicted = self.costs.predict(size, context)
+        if probed:
+            predicted += interpolate(self.costs.contexts, self.costs.probe, context)
+        ratio = seconds / predicted
+        if ratio >= OUTLIER:
+            return
+        self.correction[size] += CORRECTION_RATE * (ratio - self.correction[size])

@@ -362,6 +362,7 @@ class Generation:
         self.context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
         self.workspace = engine.workspace_for(self.context, self.size)
         self.prompt_features: torch.Tensor | None = None  # drafter context for the first round
+        self.probed = False  # auto: whether the last round was a probe
 
     def __iter__(self) -> Iterator[StreamChunk]:
         engine, ws = self.engine, self.workspace
@@ -385,7 +386,11 @@ class Generation:
                 if ws.owner is not self or engine.workspace is not ws:
                     raise DDTreeError("another generation started on this engine; finish one stream before the next")
                 clock.mark("round")
+                round_started = time.perf_counter()
                 count, tokens = self.round(size, committed, first, clock)
+                if self.auto is not None and size > 1 and not first:  # (the first round's draft runs eagerly)
+                    self.auto.observe(self.stats["budgets"][-1], committed, time.perf_counter() - round_started,
+                                      self.probed)
                 first = False
                 committed += count
                 chunk = self.stopper.push(tokens)
@@ -441,7 +446,8 @@ class Generation:
         """auto's tree this round. A probe builds the largest, reads every candidate size's expected
         tokens (a second host read) and keeps the best prefix; other rounds build the size chosen last."""
         auto, ws, engine = self.auto, self.workspace, self.engine
-        if not auto.probe_due():
+        self.probed = auto.probe_due()
+        if not self.probed:
             # the chosen size built into the largest tree's first rows: the same buffers, and so the same
             # verify and commit graphs, as a probe round that chose it
             tree = ws.prefix(largest, auto.current + 1, engine)

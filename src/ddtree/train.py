@@ -100,22 +100,24 @@ def make_batch(sequences, response_starts, anchors_per_seq, block_size, mask_id,
         picked = np.unique(picked)
         anchors[row, :len(picked)] = torch.from_numpy(picked)
         live[row, :len(picked)] = True
-    offsets = torch.arange(size)
+    # The rest is built where it is used: the mask is tens of MB a step, too slow to make on one CPU
+    # thread (torchrun's default) and copy over.
+    ids, anchors, live = ids.to(device), anchors.to(device), live.to(device)
+    offsets = torch.arange(size, device=device)
     positions = anchors[:, :, None] + offsets  # [B, A, S]
-    lengths = torch.tensor([len(s) for s in sequences])
+    lengths = torch.tensor([len(s) for s in sequences], device=device)
     label_at = positions[:, :, 1:]
     has_label = live[:, :, None] & (label_at < lengths[:, None, None])
     labels = torch.where(has_label, ids.gather(1, label_at.clamp(max=width - 1).flatten(1)).view_as(label_at), -100)
     block_ids = torch.full_like(positions, mask_id)
     block_ids[:, :, 0] = ids.gather(1, anchors)
     # Block j sees the context strictly before its anchor and its own block, nothing else.
-    context_mask = torch.arange(width)[None, None, :] < anchors[:, :, None]  # [B, A, T]
+    context_mask = torch.arange(width, device=device)[None, None, :] < anchors[:, :, None]  # [B, A, T]
     context_mask = context_mask.repeat_interleave(size, dim=1)
-    block_of = torch.arange(count * size) // size
+    block_of = torch.arange(count * size, device=device) // size
     own_block = (block_of[:, None] == block_of[None, :])[None].expand(len(sequences), -1, -1)
     mask = torch.cat([context_mask, own_block], dim=-1)[:, None]
-    return Batch(ids.to(device), block_ids.flatten(1).to(device), positions.flatten(1).to(device),
-                 labels.to(device), mask.to(device))
+    return Batch(ids, block_ids.flatten(1), positions.flatten(1), labels, mask)
 
 
 def drafter_logits(target: Target, drafter: Drafter, batch: Batch, features: torch.Tensor) -> torch.Tensor:
