@@ -268,6 +268,7 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
     hf = None
     for name, convs in conversations.items():
         engine.generate(convs[0][0], chat=True, max_new_tokens=8, method="ar")  # warm-up
+        context = longest_context(engine, convs, max_new_tokens)
         for temperature in temperatures:
             per_method = {}
             for spec in specs:
@@ -278,8 +279,7 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
                     generate = hf.generate
                 else:
                     generate = functools.partial(engine.generate, method=spec.method, budget=spec.budget)
-                    engine.prepare(spec.method, spec.budget, longest_context(engine, convs, max_new_tokens),
-                                   temperature)
+                    engine.prepare(spec.method, spec.budget, context, temperature)
                 responses = []
                 for index in mine(per_spec(spec, convs)):
                     responses += run_conversation(generate, convs[index], options, repeats, index)
