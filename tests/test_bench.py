@@ -8,12 +8,16 @@ import os
 import subprocess
 import sys
 
-import pytest
+from types import SimpleNamespace
 
-from ddtree.bench import load_dataset
+import pytest
+import torch
+
+from ddtree.bench import MethodSpec, bench, load_dataset
 from ddtree.cli import main
 from ddtree.data import REASONING_SUFFIX
 from ddtree.errors import DDTreeError
+from ddtree.results import GenerationResult
 
 TARGET = "llama"
 REQUIRED = {"dataset", "method", "budget", "temperature", "num_prompts", "mean_acceptance", "tokens_per_second",
@@ -136,3 +140,44 @@ def test_divergences_give_the_position_and_the_logit_margin(small_run):
                 {"role": "user", "content": conversations[2][1]}]
     expected = logit_margin(engine, engine.encode(messages) + ar[3]["token_ids"][:position])
     assert found["margin"] == pytest.approx(expected) and found["margin"] >= 0
+
+
+class RecordingEngine:
+    """Just enough of an Engine for `bench`: records what is prepared and generated, in order."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+    target = SimpleNamespace(name="recording")
+    tokenizer = SimpleNamespace(decode=lambda ids, **_: "x")
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.prepared: set[tuple] = set()
+
+    def prepare(self, method, budget, context, temperature):
+        new = (method, budget, temperature) not in self.prepared
+        self.prepared.add((method, budget, temperature))
+        self.events.append(("prepare", method, budget))
+        return int(new)
+
+    def encode(self, text, chat=False):
+        return [1, 2, 3]
+
+    def generate(self, prompt, method, budget=None, **_):
+        self.events.append(("generate", method, budget, prompt))
+        return GenerationResult("x", [7], 3, [1], 0.01, {}, "length", method, budget)
+
+
+def test_methods_are_interleaved_prompt_by_prompt_after_every_graph_is_prepared(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
+    engine = RecordingEngine()
+    specs = [MethodSpec("ar", None), MethodSpec("ddtree", 4), MethodSpec("ddtree", "auto")]
+    bench(engine, [str(prompts)], specs, [0.0], None, 8, 1, 0)
+    timed = [e for e in engine.events if e[0] == "generate"][1:]  # after the warm-up
+    last_prepare = max(i for i, e in enumerate(engine.events) if e[0] == "prepare")
+    assert last_prepare < engine.events.index(timed[0])
+    # each prompt in turn, every method on it, the order rotating from prompt to prompt
+    assert [(e[3][0]["content"], e[1], e[2]) for e in timed] == [
+        ("q0", "ar", None), ("q0", "ddtree", 4), ("q0", "ddtree", "auto"),
+        ("q1", "ddtree", 4), ("q1", "ddtree", "auto"), ("q1", "ar", None),
+        ("q2", "ddtree", "auto"), ("q2", "ar", None), ("q2", "ddtree", 4)]

@@ -266,25 +266,33 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
     total = sum(len(mine(per_spec(spec, c))) for c in conversations.values() for spec in specs) * len(temperatures)
     bar = tqdm(total=total, desc="bench", unit="prompt", disable=rank != 0)
     hf = None
+
+    def generator(spec: MethodSpec):
+        nonlocal hf
+        if spec.method == "hf":
+            hf = hf or HFBaseline(engine)
+            return hf.generate
+        return functools.partial(engine.generate, method=spec.method, budget=spec.budget)
+
     for name, convs in conversations.items():
         engine.generate(convs[0][0], chat=True, max_new_tokens=8, method="ar")  # warm-up
         context = longest_context(engine, convs, max_new_tokens)
         for temperature in temperatures:
-            per_method = {}
-            for spec in specs:
-                bar.set_postfix(dataset=name, method=spec.label, t=temperature)
-                options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-                if spec.method == "hf":
-                    hf = hf or HFBaseline(engine)
-                    generate = hf.generate
-                else:
-                    generate = functools.partial(engine.generate, method=spec.method, budget=spec.budget)
-                    engine.prepare(spec.method, spec.budget, context, temperature)
-                responses = []
-                for index in mine(per_spec(spec, convs)):
-                    responses += run_conversation(generate, convs[index], options, repeats, index)
+            prepare_all(engine, specs, context, temperature)
+            generators = {spec.label: generator(spec) for spec in specs}
+            options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            per_method = {spec.label: [] for spec in specs}
+            # Prompt by prompt, every method in turn (the order rotating), so that a machine whose speed
+            # drifts over minutes slows every method alike instead of whichever ran during the slow spell.
+            for index in mine(len(convs)):
+                for spec in rotated(specs, index):
+                    if index >= per_spec(spec, convs):
+                        continue
+                    bar.set_postfix(dataset=name, method=spec.label, t=temperature)
+                    per_method[spec.label] += run_conversation(generators[spec.label], convs[index], options,
+                                                               repeats, index)
                     bar.update(1)
-                per_method[spec.label] = gather(responses)
+            per_method = {label: gather(responses) for label, responses in per_method.items()}
             ar, hf_responses = per_method.get("ar"), per_method.get("hf")
             for spec in specs:
                 responses = per_method[spec.label]
@@ -301,6 +309,20 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
                 result["runs"].append(record)
     bar.close()
     return result
+
+
+def prepare_all(engine, specs: list[MethodSpec], context: int, temperature: float) -> None:
+    """Buffers and graphs for every method before any is timed. Growing the workspace for a larger
+    tree, or calibrating `auto`, drops the graphs captured so far, so passes repeat until none is new."""
+    for _ in range(3):
+        if not sum(engine.prepare(spec.method, spec.budget, context, temperature)
+                   for spec in specs if spec.method != "hf"):
+            return
+
+
+def rotated(specs: list[MethodSpec], index: int) -> list[MethodSpec]:
+    shift = index % len(specs)
+    return specs[shift:] + specs[:shift]
 
 
 def markdown_table(result: dict) -> str:
