@@ -78,3 +78,13 @@ def test_buckets_are_every_shape_between_the_ends():
     assert buckets(attend, 5, 130, 32) == [32, 64, 96, 128, 160]
     assert buckets(attend, 40, 40, 32) == [64]
     assert buckets(attend, 250, 900, 32) == [256, 288, 300]
+
+
+def test_auto_running_rounds_ahead_gives_the_same_tokens(engine, monkeypatch):
+    from conftest import random_prompts
+
+    for prompt in random_prompts(3, engine.model.cfg.vocab_size, seed=4, min_len=5, max_len=30):
+        expected = engine.generate(prompt, method="ar", max_new_tokens=50).token_ids
+        monkeypatch.setattr(engine, "run_ahead", True)
+        assert engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=50).token_ids == expected
+        monkeypatch.setattr(engine, "run_ahead", False)

@@ -247,3 +247,32 @@ def test_context_limit_with_long_accepted_paths(method, budget, make_engine, mon
         result = generate(engine, prompt, method, budget, max_new_tokens=100)
         assert result.token_ids == refs[tuple(prompt)]
         assert result.mean_acceptance > 2
+
+
+# ----- rounds launched before the last one is read (on by default on a GPU) ------------------------------
+
+@pytest.mark.parametrize("method,budget", [("ar", 1), ("dflash", 1), ("ddtree", 4), ("ddtree", 64)],
+                         ids=["ar", "dflash", "ddtree4", "ddtree64"])
+def test_running_rounds_ahead_changes_nothing(method, budget, make_engine, monkeypatch):
+    """The same tokens and finish reasons, greedy and sampled, at the token limit, a stop string and the
+    context's end, as reading every round before launching the next."""
+    engine = make_engine("short_context", layers=1, block_size=8)
+    vocab = engine.model.cfg.vocab_size
+    for length, max_new, temperature in [(1, 100, 0.0), (9, 5, 0.0), (30, 100, 1.0), (44, 100, 0.0), (47, 3, 1.0),
+                                         (12, 17, 1.0)]:
+        prompt = random_prompts(1, vocab, seed=length, min_len=length, max_len=length)[0]
+        results = []
+        for ahead in (False, True):
+            monkeypatch.setattr(engine, "run_ahead", ahead)
+            results.append(generate(engine, prompt, method, budget, max_new_tokens=max_new,
+                                    temperature=temperature, seed=7))
+        plain, ahead = results
+        assert (ahead.token_ids, ahead.finish_reason) == (plain.token_ids, plain.finish_reason), (length, max_new)
+        assert ahead.acceptance_lengths == plain.acceptance_lengths
+    monkeypatch.setattr(engine, "run_ahead", False)
+    prompt = random_prompts(1, vocab, seed=3, min_len=6, max_len=6)[0]
+    whole = generate(engine, prompt, method, budget, max_new_tokens=30)
+    stop = engine.tokenizer.decode(whole.token_ids[10:12])
+    expected = generate(engine, prompt, method, budget, max_new_tokens=30, stop=[stop])
+    monkeypatch.setattr(engine, "run_ahead", True)
+    assert generate(engine, prompt, method, budget, max_new_tokens=30, stop=[stop]).token_ids == expected.token_ids

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -132,6 +133,9 @@ class Engine:
         self.workspace: Workspace | None = None
         self.graphs = Graphs(device, cuda_graphs)
         self.auto: AutoBudget | None = None
+        # Launch each round before reading the last one's outcome (`Generation.__iter__`): on a GPU the
+        # host's work then overlaps the device's; on the CPU the host is the device, nothing overlaps.
+        self.run_ahead = device.type == "cuda"
 
     def workspace_for(self, context: int, nodes: int) -> "Workspace":
         """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""
@@ -244,6 +248,45 @@ class Engine:
             generator.manual_seed(seed if seed is not None else torch.seed())
         stopper = StopChecker(self.tokenizer, self.target.eos_token_ids, stop or [], max_new_tokens)
         return Generation(self, ids, method, budget, params, generator, stopper)
+
+
+class OutcomeReader:
+    """Reads each round's `out` ([count, tokens...]) without stalling the device. On CUDA the copy goes
+    into one of two pinned host buffers behind the round's kernels (at most two rounds are unread: one
+    running, one launched), and reading waits for that round alone; elsewhere rounds run as they are
+    launched, so the values are read at once (the next round reuses the device buffer)."""
+
+    def __init__(self, device: torch.device, length: int):
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(length, dtype=torch.long, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self.turn = 0
+
+    def after(self, out: torch.Tensor) -> Callable[[], tuple[int, list[int]]]:
+        if not self.cuda:
+            values = out.tolist()
+            return lambda: (values[0], values[1:1 + values[0]])
+        buffer = self.buffers[self.turn][:len(out)]
+        self.turn ^= 1
+        buffer.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def read() -> tuple[int, list[int]]:
+            done.synchronize()
+            values = buffer.tolist()
+            return values[0], values[1:1 + values[0]]
+        return read
+
+
+@dataclass
+class Launched:
+    """A round on its way: how to read its outcome, and what auto learns from its time."""
+    read: Callable[[], tuple[int, list[int]]]
+    max_tokens: int  # the most tokens it can add
+    size: int  # auto: the nodes it verifies
+    probed: bool
+    observed: bool  # whether its time corrects auto's cost model
+    launched_at: float
 
 
 class Workspace:
@@ -363,41 +406,68 @@ class Generation:
         self.workspace = engine.workspace_for(self.context, self.size)
         self.prompt_features: torch.Tensor | None = None  # drafter context for the first round
         self.probed = False  # auto: whether the last round was a probe
+        self.rounds = 0  # launched so far
 
     def __iter__(self) -> Iterator[StreamChunk]:
+        """Rounds run one ahead of the host: round k+1 is launched before round k's outcome is read
+        (its inputs are on the device already), so the device never waits while the host reads,
+        streams text and checks for stops. Only its attended length needs the committed count, and
+        an upper bound serves (the mask comes from the device's exact count). A round launched past
+        the end is discarded; its time counts, since the next request would wait for it."""
         engine, ws = self.engine, self.workspace
         clock = StageClock(engine.device)
         started = time.perf_counter()
         ws.owner = self
+        reader = OutcomeReader(engine.device, self.block + 1)
         with torch.inference_mode():
             chunk = self.prefill()
             clock.mark("prefill")
             yield chunk
-            committed = len(self.ids)
-            size = self.size
-            first = True
+            committed, pending, read_at = len(self.ids), None, time.perf_counter()
             while chunk.finish_reason is None:
-                # A drafting round needs its deepest node inside the context; near the end, one token at a time.
-                if size > 1 and committed + self.block + 1 > engine.context_limit:
-                    size = 1
-                if committed + 2 > engine.context_limit:
-                    yield self.stopper.finish("length")
-                    break
                 if ws.owner is not self or engine.workspace is not ws:
                     raise DDTreeError("another generation started on this engine; finish one stream before the next")
-                clock.mark("round")
-                round_started = time.perf_counter()
-                count, tokens = self.round(size, committed, first, clock)
-                if self.auto is not None and size > 1 and not first:  # (the first round's draft runs eagerly)
-                    self.auto.observe(self.stats["budgets"][-1], committed, time.perf_counter() - round_started,
-                                      self.probed)
-                first = False
-                committed += count
-                chunk = self.stopper.push(tokens)
-                chunk.acceptance_length = len(chunk.token_ids)
-                yield chunk
+                launched = None
+                if pending is None or self.may_run_ahead(committed + pending.max_tokens, pending.max_tokens):
+                    bound = committed + (pending.max_tokens if pending else 0)
+                    if bound + 2 > engine.context_limit:  # (only reached with nothing pending: bound is exact)
+                        yield self.stopper.finish("length")
+                        break
+                    launched = self.launch(bound, clock, reader)
+                if pending is not None:
+                    count, tokens = pending.read()
+                    now = time.perf_counter()
+                    if pending.observed:
+                        self.auto.observe(pending.size, committed, now - max(read_at, pending.launched_at),
+                                          pending.probed)
+                    read_at = now
+                    committed += count
+                    chunk = self.stopper.push(tokens)
+                    chunk.acceptance_length = len(chunk.token_ids)
+                    yield chunk
+                pending = launched
+        self.stats["stage_seconds"] = clock.totals()  # waits for the kernels of a round launched past the end
         self.stats["seconds"] = time.perf_counter() - started
-        self.stats["stage_seconds"] = clock.totals()
+
+    def may_run_ahead(self, bound: int, unread: int) -> bool:
+        """Whether the next round is needed however many tokens the unread round adds (up to `unread`),
+        and fits the context as it would with the exact count; otherwise the host reads first."""
+        return (self.engine.run_ahead and self.stopper.remaining > unread
+                and bound + self.block + 2 <= self.engine.context_limit)
+
+    def launch(self, committed: int, clock: StageClock, reader: "OutcomeReader") -> "Launched":
+        """Starts one round, `committed` being at least the tokens in the cache when it runs."""
+        first, size = self.rounds == 0, self.size
+        self.rounds += 1
+        # A drafting round needs its deepest node inside the context; near the end, one token at a time.
+        if size > 1 and committed + self.block + 1 > self.engine.context_limit:
+            size = 1
+        clock.mark("round")
+        launched_at = time.perf_counter()
+        tree = self.round(size, committed, first, clock)
+        observed = self.auto is not None and size > 1 and not first  # (the first round's draft runs eagerly)
+        return Launched(reader.after(tree.out), tree.path_rows, self.stats["budgets"][-1] if observed else 0,
+                        self.probed, observed, launched_at)
 
     def prefill(self) -> StreamChunk:
         """The prompt fills the cache and its last logits choose the first new token (the first bonus)."""
@@ -411,8 +481,8 @@ class Generation:
         self.prompt_features = features
         return self.stopper.push([int(ws.bonus)])
 
-    def round(self, size: int, committed: int, first: bool, clock: StageClock) -> tuple[int, list[int]]:
-        """Runs one round's stages; returns how many tokens it added, and those tokens (one host sync)."""
+    def round(self, size: int, committed: int, first: bool, clock: StageClock) -> "TreeBuffers":
+        """Launches one round's stages; returns the tree whose `out` will hold [count, tokens added...]."""
         engine, ws = self.engine, self.workspace
         tree = ws.tree(size, engine, scored=self.auto is not None)
         attend = ws.attend(committed + size)
@@ -439,8 +509,7 @@ class Generation:
         clock.mark("verify")
         self.run_commit(tree)
         clock.mark("commit")
-        out = tree.out.tolist()
-        return out[0], out[1:1 + out[0]]
+        return tree
 
     def auto_tree(self, largest: "TreeBuffers", committed: int) -> "TreeBuffers":
         """auto's tree this round. A probe builds the largest, reads every candidate size's expected
@@ -584,6 +653,9 @@ class Generation:
         """Accepts the longest root path whose every token is the target's choice at its parent, moves
         its K/V rows into place, keeps its features for the drafter and sets the next bonus token."""
         ws = self.workspace
+        if tree.size == 1:  # the bonus token alone (ar): accepted, and its row is in place already
+            self.advance(tree, tree.choices[:1], tree.out.new_ones(()), tree.features)
+            return
         steps, rows = ws.steps, tree.path_rows
         matches = (tree.ids == tree.choices[tree.parents]) | (steps[:tree.size] == 0)
         accepted = ~(tree.mask & ~matches[None, :]).any(dim=1)  # every ancestor matches
@@ -593,14 +665,19 @@ class Generation:
         path.scatter_(0, torch.where(accepted, tree.depths, rows), steps[:tree.size])
         path = path[:rows]
         ws.cache.move_rows(ws.committed + path, ws.committed + steps[:rows])
-        if tree.features is not None:
-            ws.features[:, :rows].copy_(tree.features[:, path])
-        emitted = tree.choices[path]
+        if tree.scores is not None:
+            self.engine.auto.learn(tree.scores, accepted[1:])
+        self.advance(tree, tree.choices[path], count, tree.features[:, path] if tree.features is not None else None)
+
+    def advance(self, tree: TreeBuffers, emitted: torch.Tensor, count: torch.Tensor, features: torch.Tensor | None):
+        """The accepted path's `count` tokens join the context: `emitted` holds the target's choice after
+        each path node, the last being the next bonus token; `features` are the path rows' taps."""
+        ws = self.workspace
+        if features is not None:
+            ws.features[:, :features.shape[1]].copy_(features)
         ws.bonus.copy_(emitted.index_select(0, (count - 1).view(1))[0])
         ws.pending_start.copy_(ws.committed)
         ws.committed.add_(count)
-        if tree.scores is not None:
-            self.engine.auto.learn(tree.scores, accepted[1:])
         tree.out[0] = count
         tree.out[1:] = emitted
 
