@@ -21,6 +21,7 @@ the same stages run eagerly.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class Graphs:
         warm-up, so graphs can be made ahead of time without disturbing the decoding state."""
         graph = self.captured.get(key)
         if graph is None:
+            # Nothing may run while a graph is captured: a round launched ahead would still be in flight.
+            torch.cuda.current_stream().synchronize()
             self.stream.wait_stream(torch.cuda.current_stream())
             if repeatable:
                 with torch.cuda.stream(self.stream):
@@ -135,7 +138,7 @@ class Engine:
         self.auto: AutoBudget | None = None
         # Launch each round before reading the last one's outcome (`Generation.__iter__`): on a GPU the
         # host's work then overlaps the device's; on the CPU the host is the device, nothing overlaps.
-        self.run_ahead = device.type == "cuda"
+        self.run_ahead = device.type == "cuda" and os.environ.get("DDTREE_RUN_AHEAD", "1") != "0"
 
     def workspace_for(self, context: int, nodes: int) -> "Workspace":
         """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""
