@@ -88,3 +88,20 @@ def test_auto_running_rounds_ahead_gives_the_same_tokens(engine, monkeypatch):
         monkeypatch.setattr(engine, "run_ahead", True)
         assert engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=50).token_ids == expected
         monkeypatch.setattr(engine, "run_ahead", False)
+
+
+def test_a_padded_prefill_gives_the_tokens_of_an_unpadded_one(engine):
+    """With graphs, prompts run padded to a graph shape; the padding must change nothing."""
+    from conftest import random_prompts
+
+    prompts = random_prompts(3, engine.model.cfg.vocab_size, seed=2, min_len=3, max_len=50)
+    outputs = {}
+    for padded in (False, True):
+        engine.graphs.enabled, engine.workspace = padded, None  # the workspace fixes its padding when made
+        outputs[padded] = [engine.generate(p, method=method, budget=budget, max_new_tokens=30).token_ids
+                           for p in prompts for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12))]
+        assert (engine.workspace.prefill_rows(7) > 7) == padded
+        engine.generate(prompts[0], method="dflash", max_new_tokens=2)  # the prefill and the first draft
+        outputs[padded].append(engine.workspace.log_probs.clone())
+    assert outputs[True][:-1] == outputs[False][:-1]
+    torch.testing.assert_close(outputs[True][-1], outputs[False][-1], rtol=1e-4, atol=1e-4)

@@ -44,6 +44,8 @@ DEFAULT_BUDGET = {"cpu": 16, "cuda": 64}
 STAGES = ("prefill", "draft", "tree", "verify", "commit", "host")
 # Attended lengths are rounded up to a multiple of this, so a handful of graph shapes serve every context.
 ATTEND_STEP = {"cpu": 32, "cuda": 256}
+# With graphs, prompts are padded to a multiple of this many rows, so a few prefill graphs serve them all.
+PREFILL_STEP = 128
 
 
 class StageClock:
@@ -310,6 +312,10 @@ class Workspace:
         longest = max(self.cache.capacity, self.draft_cache.capacity if drafter is not None else 0)
         self.steps = torch.arange(longest, device=device)
         self.attend_step = ATTEND_STEP.get(device.type, 256)
+        self.prefill_step = PREFILL_STEP if engine.graphs.enabled else 1
+        self.context_limit = engine.context_limit
+        self.prompt = torch.zeros(context, dtype=torch.long, device=device)  # padded with stale ids
+        self.prompt_logits = torch.zeros(1, model.cfg.vocab_size, device=device)
         self.committed = torch.zeros((), dtype=torch.long, device=device)
         self.pending_start = torch.zeros((), dtype=torch.long, device=device)
         self.bonus = torch.zeros((), dtype=torch.long, device=device)
@@ -318,10 +324,16 @@ class Workspace:
             self.features = torch.zeros(1, self.block, width, device=device, dtype=engine.dtype)
             self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
+            self.prompt_features = self.features.new_zeros(1, context, width)  # the first draft's context
         self.trees: dict[tuple[int, bool], "TreeBuffers"] = {}
         self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
         self.plans: dict[int, FrontierPlan] = {}
         self.owner: object | None = None
+
+    def prefill_rows(self, length: int) -> int:
+        """Rows a prefill of `length` prompt tokens runs: padded to a graph shape. The padding's cache
+        rows and features lie past the committed context, so nothing attends them before rounds overwrite them."""
+        return min(round_up(length, self.prefill_step), self.context, self.context_limit)
 
     def attend(self, rows: int) -> int:
         """Target cache slots a verify attends when rows 0..rows are in use (rounded up to a graph shape)."""
@@ -407,7 +419,7 @@ class Generation:
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
         self.context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
         self.workspace = engine.workspace_for(self.context, self.size)
-        self.prompt_features: torch.Tensor | None = None  # drafter context for the first round
+        self.prompt_rows = 0  # rows of the prefill, whose features are the first draft's context
         self.probed = False  # auto: whether the last round was a probe
         self.rounds = 0  # launched so far
 
@@ -468,20 +480,19 @@ class Generation:
         clock.mark("round")
         launched_at = time.perf_counter()
         tree = self.round(size, committed, first, clock)
-        observed = self.auto is not None and size > 1 and not first  # (the first round's draft runs eagerly)
+        observed = self.auto is not None and size > 1 and not first  # (the first draft reads the whole prompt)
         return Launched(reader.after(tree.out), tree.path_rows, self.stats["budgets"][-1] if observed else 0,
                         self.probed, observed, launched_at)
 
     def prefill(self) -> StreamChunk:
         """The prompt fills the cache and its last logits choose the first new token (the first bonus)."""
-        engine, ws = self.engine, self.workspace
-        model, device, length = engine.model, engine.device, len(self.ids)
-        ids = torch.tensor([self.ids], device=device)
-        hidden, features = model(ids, ws.steps[None, :length], causal_mask(length, 0, device), ws.cache, 0, self.taps)
-        ws.bonus.copy_(choose_tokens(model.logits(hidden[0, -1:]), self.params, self.generator)[0])
+        ws, length = self.workspace, len(self.ids)
+        ws.prompt[:length].copy_(torch.tensor(self.ids))
         ws.committed.fill_(length)
         ws.pending_start.zero_()
-        self.prompt_features = features
+        self.prompt_rows = ws.prefill_rows(length)
+        self.engine.graphs.run(*self.prefill_stage(self.prompt_rows))
+        ws.bonus.copy_(choose_tokens(ws.prompt_logits, self.params, self.generator)[0])
         return self.stopper.push([int(ws.bonus)])
 
     def round(self, size: int, committed: int, first: bool, clock: StageClock) -> "TreeBuffers":
@@ -491,11 +502,7 @@ class Generation:
         attend = ws.attend(committed + size)
         if size > 1:
             draft_attend = ws.draft_attend(committed)
-            if first:  # the prompt's features: as many rows as the prompt, so this one runs eagerly
-                self.draft(self.prompt_features, draft_attend)
-                self.prompt_features = None
-            else:
-                self.run_draft(draft_attend)
+            self.run_draft(draft_attend, self.prompt_rows if first else None)
             clock.mark("draft")
             if self.auto is not None:
                 tree = self.auto_tree(self.auto_largest(), committed)
@@ -537,8 +544,14 @@ class Generation:
 
     # ----- stages through the graph cache: one key per stage and shape, shared with the calibration ----
 
-    def draft_stage(self, attend: int) -> tuple:
-        return ("draft", attend), lambda: self.draft(self.workspace.features, attend)
+    def prefill_stage(self, rows: int) -> tuple:
+        return ("prefill", rows, bool(self.taps)), lambda: self.run_prefill(rows)
+
+    def draft_stage(self, attend: int, prompt_rows: int | None = None) -> tuple:
+        """A round's draft; the first round's (`prompt_rows` given) reads the prefill's features instead."""
+        ws = self.workspace
+        features = ws.features if prompt_rows is None else ws.prompt_features[:, :prompt_rows]
+        return ("draft", attend, prompt_rows), lambda: self.draft(features, attend)
 
     def tree_stage(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> tuple:
         return ("tree", self.method, tree.key), lambda: self.build_tree(tree, plan)
@@ -549,8 +562,8 @@ class Generation:
     def commit_stage(self, tree: "TreeBuffers") -> tuple:
         return ("commit", tree.key), lambda: self.commit(tree), False  # not repeatable: it moves the state on
 
-    def run_draft(self, attend: int) -> None:
-        self.engine.graphs.run(*self.draft_stage(attend))
+    def run_draft(self, attend: int, prompt_rows: int | None = None) -> None:
+        self.engine.graphs.run(*self.draft_stage(attend, prompt_rows))
 
     def run_tree(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> None:
         self.engine.graphs.run(*self.tree_stage(tree, plan))
@@ -565,9 +578,9 @@ class Generation:
         """Captures now every graph this generation's rounds can replay, at every context its workspace
         holds, and returns how many were new. Otherwise each is captured on first use, in the middle
         of decoding: `auto` switches between several tree sizes, each verified at several context
-        lengths, so a benchmark would time dozens of captures. Called before the prefill: only a draft's,
-        a tree's and a verify's warm-up run, at an empty context, and what they write the prefill and
-        the rounds rewrite before reading."""
+        lengths, so a benchmark would time dozens of captures. Called before the prefill: only the
+        stages' warm-ups run, at an empty context, and what they write the prefill and the rounds
+        rewrite before reading."""
         engine, ws = self.engine, self.workspace
         if not engine.graphs.enabled:
             return 0
@@ -585,6 +598,12 @@ class Generation:
             if built:
                 attends = buckets(ws.draft_attend, len(self.ids), self.context, ws.attend_step)
                 stages += [self.draft_stage(attend) for attend in attends]
+            # every prompt this workspace holds: its prefill's rows and, when it drafts, the first draft's shape
+            lengths = range(1, min(self.context, engine.context_limit))
+            stages += [self.prefill_stage(rows) for rows in sorted({ws.prefill_rows(n) for n in lengths})]
+            if built:
+                firsts = sorted({(ws.draft_attend(n), ws.prefill_rows(n)) for n in lengths})
+                stages += [self.draft_stage(attend, rows) for attend, rows in firsts]
             for stage in stages:
                 engine.graphs.capture(*stage)
         return len(engine.graphs.captured) - before
@@ -602,6 +621,18 @@ class Generation:
         return [(tree, ws.plan(self.tree_budget) if self.method == "ddtree" else None)], [tree]
 
     # ----- stages: each reads and writes only workspace buffers ----------------------------------------
+
+    def run_prefill(self, rows: int) -> None:
+        """The prompt's first `rows` slots (padding included) through the target: its cache rows, the
+        logits after its last real token (the committed count says which) and its tapped features."""
+        engine, ws = self.engine, self.workspace
+        model, device = engine.model, engine.device
+        hidden, features = model(ws.prompt[None, :rows], ws.steps[None, :rows], causal_mask(rows, 0, device),
+                                 ws.cache, 0, self.taps)
+        last = (ws.committed - 1).clamp(min=0).view(1)  # (0 in a capture's warm-up, at an empty context)
+        ws.prompt_logits.copy_(model.logits(hidden[0].index_select(0, last)))
+        if features is not None:
+            ws.prompt_features[:, :rows].copy_(features)
 
     def draft(self, features: torch.Tensor, attend: int) -> None:
         """Per-depth log-probs of the tokens after the bonus token, from one drafter pass.
