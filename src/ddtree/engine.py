@@ -288,9 +288,8 @@ class Launched:
     """A round on its way: how to read its outcome, and what auto learns from its time."""
     read: Callable[[], tuple[int, list[int]]]
     max_tokens: int  # the most tokens it can add
-    size: int  # auto: the nodes it verifies
+    size: int | None  # auto: the nodes it verifies, when its time corrects auto's cost model
     probed: bool
-    observed: bool  # whether its time corrects auto's cost model
     launched_at: float
 
 
@@ -443,8 +442,8 @@ class Generation:
                 if ws.owner is not self or engine.workspace is not ws:
                     raise DDTreeError("another generation started on this engine; finish one stream before the next")
                 launched = None
-                if pending is None or self.may_run_ahead(committed + pending.max_tokens, pending.max_tokens):
-                    bound = committed + (pending.max_tokens if pending else 0)
+                bound = committed + (pending.max_tokens if pending else 0)  # what the cache may hold
+                if pending is None or self.may_run_ahead(bound, pending.max_tokens):
                     if bound + 2 > engine.context_limit:  # (only reached with nothing pending: bound is exact)
                         yield self.stopper.finish("length")
                         break
@@ -452,7 +451,7 @@ class Generation:
                 if pending is not None:
                     count, tokens = pending.read()
                     now = time.perf_counter()
-                    if pending.observed:
+                    if pending.size is not None:
                         self.auto.observe(pending.size, committed, now - max(read_at, pending.launched_at),
                                           pending.probed)
                     read_at = now
@@ -481,8 +480,8 @@ class Generation:
         launched_at = time.perf_counter()
         tree = self.round(size, committed, first, clock)
         observed = self.auto is not None and size > 1 and not first  # (the first draft reads the whole prompt)
-        return Launched(reader.after(tree.out), tree.path_rows, self.stats["budgets"][-1] if observed else 0,
-                        self.probed, observed, launched_at)
+        return Launched(reader.after(tree.out), tree.path_rows, self.stats["budgets"][-1] if observed else None,
+                        self.probed, launched_at)
 
     def prefill(self) -> StreamChunk:
         """The prompt fills the cache and its last logits choose the first new token (the first bonus)."""
