@@ -12,7 +12,7 @@ import torch
 from ddtree.cli import main
 from ddtree.data import SequenceFile, remove_overlap
 from ddtree.drafter import load_drafter
-from ddtree.train import make_batch
+from ddtree.train import loss_weights, make_batch, weighted_loss
 
 TARGET = "qwen3"
 
@@ -59,6 +59,23 @@ def test_training_blocks_see_only_context_before_their_anchor():
             assert labels == truth
 
 
+def test_expected_acceptance_is_the_chain_product_and_its_term_favours_early_positions():
+    # One block of 3 labels, the last missing (the sequence ended): p = 0.5, 0.25 on the true tokens.
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.75, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    logits = probs.clamp(min=1e-30).log()[None, None].requires_grad_(True)
+    labels = torch.tensor([[[0, 0, -100]]])
+    weights = loss_weights(4, None)
+    _, stats = weighted_loss(logits, labels, weights)
+    assert stats["expected_accept"] == pytest.approx(0.5 + 0.5 * 0.25)
+    ce_only, _ = weighted_loss(logits, labels, weights)
+    with_term, _ = weighted_loss(logits, labels, weights, accept_weight=1.0)
+    assert with_term.item() == pytest.approx(ce_only.item() - (0.5 + 0.125) / 2)
+    # The term's gradient pushes the first position (which gates both) harder than the second.
+    (term_grad,) = torch.autograd.grad(with_term - ce_only, logits)
+    first, second = -term_grad[0, 0, 0, 0], -term_grad[0, 0, 1, 0]
+    assert first > second > 0 and term_grad[0, 0, 2].abs().sum() == 0
+
+
 def test_train_checkpoint_and_resume(model_dirs, tmp_path):
     rng = np.random.default_rng(1)
     sequences = [rng.integers(3, 250, size=int(rng.integers(20, 40))).tolist() for _ in range(24)]
@@ -67,14 +84,14 @@ def test_train_checkpoint_and_resume(model_dirs, tmp_path):
     out = tmp_path / "drafter"
     common = ["train-drafter", "--target", model_dirs[TARGET], "--data", str(data), "--out", str(out),
               "--layers", "1", "--block-size", "8", "--batch-size", "4", "--anchors", "4", "--eval-every", "4",
-              "--save-every", "4", "--eval-sequences", "4", "--eval-budgets", "4,16"]
+              "--save-every", "4", "--eval-sequences", "4", "--eval-budgets", "4,16", "--accept-loss", "0.5"]
     assert main([*common, "--epochs", "1"]) == 0
     drafter = load_drafter(str(out))
     assert drafter.cfg.block_size == 8 and drafter.cfg.num_layers == 1
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     evals = [r for r in rows if "chain_tau" in r]
     assert evals and all(r["chain_tau"] >= 1 and r["tree_tau_16"] >= r["tree_tau_4"] >= 1 for r in evals)
-    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert all(np.isfinite(r["loss"]) and 0 <= r["expected_accept"] <= 7 for r in rows)
     state = torch.load(out / "train_state.pt", weights_only=False)
     first_steps = state["step"]
     assert main([*common, "--epochs", "2", "--resume", "--max-minutes", "0"]) == 0  # one step, then out of time

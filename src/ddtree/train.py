@@ -5,7 +5,8 @@ layer outputs become context features. Many random anchors inside each response 
 block [x_a, mask, ...] whose labels are the next block_size-1 tokens. All blocks of a sequence
 train in one drafter pass under a block-sparse mask: a block sees its own tokens (both ways) and
 the context strictly before its anchor, never another block. The loss is cross-entropy per block
-position, weighted by exp(-(k-1)/gamma).
+position, weighted by exp(-(k-1)/gamma), optionally minus a multiple of the block's expected accepted
+length under teacher forcing (`accept_loss`), which is what decoding rewards.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     gamma: float | None = None  # loss decay over block positions (None: 7 for block 16)
+    accept_loss: float = 0.0  # weight of the expected-acceptance term (0: cross-entropy alone)
     eval_every: int = 500
     save_every: int = 500
     eval_sequences: int = 64
@@ -143,14 +145,30 @@ def target_features(target: Target, drafter: Drafter, ids: torch.Tensor) -> torc
     return features
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                  accept_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Position-weighted cross-entropy, minus `accept_weight` times the expected accepted share.
+
+    The expected accepted length of a block is sum_k prod_{j<=k} p_j, with p_j the drafter's
+    probability of the true token at position j: a chain accepts position k only if every earlier
+    one was right. Cross-entropy treats positions as independent, so it spends as much effort on a
+    position behind an early likely miss as on the first; the acceptance term weighs each position
+    by how often decoding reaches it. Divided by the block's label count it lies in [0, 1]; the
+    cross-entropy keeps a gradient where every p is tiny (the product's vanishes there).
+    """
     valid = labels >= 0
     ce = F.cross_entropy(logits.float().flatten(0, 2), labels.clamp(min=0).flatten(), reduction="none").view_as(labels)
     w = weights.to(logits.device)[None, None, :] * valid
     loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    # Labels run out only at a sequence's end, so a missing label ends the chain: its -log p counts as inf.
+    reached = torch.exp(-torch.where(valid, ce, math.inf).cumsum(-1))  # [B, A, S-1]: prod_{j<=k} p_j
+    blocks = valid[..., 0]
+    expected = reached.sum(-1)[blocks]  # accepted drafted tokens per block (the target's token adds 1)
+    if accept_weight:
+        loss = loss - accept_weight * (expected / valid.sum(-1)[blocks]).mean()
     with torch.no_grad():
         top1 = ((logits.argmax(-1) == labels) & valid).float().sum() / valid.sum().clamp(min=1)
-    return loss, {"top1": float(top1)}
+    return loss, {"top1": float(top1), "expected_accept": float(expected.detach().mean()) if len(expected) else 0.0}
 
 
 @torch.no_grad()
@@ -242,7 +260,7 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         features = target_features(target, drafter, batch.ids)
         with autocast(device):
             logits = drafter_logits(target, drafter, batch, features)
-        loss, extra = weighted_loss(logits, batch.labels, weights)
+        loss, extra = weighted_loss(logits, batch.labels, weights, cfg.accept_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(drafter)
