@@ -33,7 +33,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         help="ar: target alone; dflash: one drafted chain per round; ddtree: a draft tree (default)")
     parser.add_argument("--budget", type=budget_value, default=None,
                         help="ddtree: drafted nodes per round, root not counted, or 'auto' to choose per round from "
-                             "this device's measured costs (calibrated on first use) (default 16 on cpu, 64 on cuda)")
+                             "this device's measured costs (calibrated once per device and model pair, stored in "
+                             "the cache directory) (default auto)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve, decoding=True)
     serve.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
                        help="default method for requests that do not name one (default ddtree)")
-    serve.add_argument("--budget", type=budget_value, help="default ddtree budget, or 'auto' (default: the device's)")
+    serve.add_argument("--budget", type=budget_value, help="default ddtree budget for requests that give none: nodes, or 'auto' (default auto)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-queue", type=int, default=64,
@@ -181,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Collect GSM8K-train and ShareGPT prompts, drop duplicates and any "
                                               "prompt sharing a word 8-gram with an evaluation set, write JSONL.")
     prompts.add_argument("--data-dir", help="benchmark directory (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
-    prompts.add_argument("--sharegpt-limit", type=int, help="use at most this many ShareGPT prompts")
+    prompts.add_argument("--sharegpt-limit", type=int, help="use at most this many ShareGPT prompts (of each kind)")
+    prompts.add_argument("--sharegpt-later-turns", action="store_true",
+                         help="also use ShareGPT's user turns after the first, each as a prompt of its own "
+                              "(about 47,000 more chat prompts; the first turns alone are about 9,000)")
     prompts.add_argument("--out", required=True, help="output JSONL file")
     prompts.set_defaults(handler=run_prompts)
 
@@ -440,7 +444,7 @@ def run_loadtest(args) -> None:
 def run_prompts(args) -> None:
     from .data import data_dir, training_prompts
 
-    rows, report = training_prompts(data_dir(args.data_dir), args.sharegpt_limit)
+    rows, report = training_prompts(data_dir(args.data_dir), args.sharegpt_limit, args.sharegpt_later_turns)
     with open(args.out, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
