@@ -1,0 +1,168 @@
+"""The best-first draft tree and its ancestor mask in one Triton kernel (CUDA only).
+
+`tree.best_first_nodes` builds the tree from a dozen small PyTorch operations per depth, and at
+these sizes every kernel costs its launch, not its work: about 100 launches, 0.4-0.5 ms a round on
+the H200, a quarter of a round. This kernel does the same in a single program: per depth it scores
+the plan's (prefix, token) pairs, sorts them and keeps the best `width` (a bitonic sort of packed
+score-and-index keys); then it ranks every depth's candidates together, shallower first on ties,
+links each node to its parent and writes the ancestor-or-self mask by walking up the parents.
+Between steps the program passes data through global scratch memory, with a barrier after every
+write that later loads read. The per-depth top tokens come from one `torch.topk` beforehand.
+
+Used where `available(device)`: Triton importable and a CUDA device. Tested against the PyTorch
+path in Triton's interpreter (TRITON_INTERPRET=1) on the CPU, and on the GPU by
+`scripts/check-tree-kernel`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path needs no Triton
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    """On CUDA with Triton, unless DDTREE_TREE_KERNEL=0 asks for the PyTorch path; =cpu also allows the
+    CPU, which only Triton's interpreter serves (tests)."""
+    mode = os.environ.get("DDTREE_TREE_KERNEL", "1")
+    return triton is not None and mode != "0" and (device.type == "cuda" or mode == "cpu")
+
+
+def power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+class KernelPlan:
+    """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps."""
+
+    def __init__(self, plan, device):
+        depth = len(plan.widths)
+        self.depth, self.size, self.tokens = depth, plan.size, plan.tokens
+        self.width_pad = power_of_two(max(plan.widths))
+        spans = plan.spans or [(0, 0)]
+        self.pair_pad = power_of_two(max(end - start for start, end in spans))
+        self.candidate_pad = power_of_two(depth * self.width_pad)
+        self.node_pad = power_of_two(plan.size + 1)
+        left = torch.zeros(max(depth - 1, 1), self.pair_pad, dtype=torch.int32)
+        token = torch.zeros_like(left)
+        count = torch.zeros(max(depth - 1, 1), dtype=torch.int32)
+        for level, (start, end) in enumerate(plan.spans):
+            left[level, :end - start] = plan.left[start:end].cpu().to(torch.int32)
+            token[level, :end - start] = plan.token[start:end].cpu().to(torch.int32)
+            count[level] = end - start
+        self.left, self.token, self.pair_count = left.to(device), token.to(device), count.to(device)
+        self.widths = torch.tensor(plan.widths, dtype=torch.int32, device=device)
+        self.scores = torch.empty(depth, self.width_pad, dtype=torch.float32, device=device)
+        self.pairs = torch.empty(depth, self.width_pad, dtype=torch.int32, device=device)
+        self.node_of = torch.empty(depth * self.width_pad, dtype=torch.int32, device=device)
+        self.parents = torch.empty(self.node_pad, dtype=torch.int32, device=device)
+        self.node_scores = torch.empty(plan.size, dtype=torch.float32, device=device)
+
+
+def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents: torch.Tensor,
+          depths: torch.Tensor, scores: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """Fills nodes 1..size of `ids`, `parents` and `depths` (row 0, the root, is the caller's), the
+    nodes' path scores into `scores` [size] (when given), and the ancestor-or-self `mask`
+    [size+1, size+1] (rows may be strided)."""
+    top_values, top_ids = log_probs.float().topk(kplan.tokens, dim=-1)
+    _best_first_tree[(1,)](
+        top_values, top_ids, kplan.left, kplan.token, kplan.pair_count, kplan.widths,
+        kplan.scores, kplan.pairs, kplan.node_of, kplan.parents,
+        ids, parents, depths, kplan.node_scores if scores is None else scores, mask, mask.stride(0),
+        DEPTH=kplan.depth, SIZE=kplan.size, WIDTH_PAD=kplan.width_pad,
+        PAIR_PAD=kplan.pair_pad, CANDIDATE_PAD=kplan.candidate_pad, NODE_PAD=kplan.node_pad,
+        CLEAR_ROWS=max(1, 4096 // kplan.node_pad), num_warps=8,
+    )
+
+
+if triton is not None:
+    @triton.jit
+    def _sort_key(score, index, valid, INDEX_LIMIT: tl.constexpr):
+        """An int64 whose order is the score's, then the lower index first: sorted descending, the
+        best score comes first and ties keep their listed order. Padding (not `valid`) sorts below
+        every score, -inf included (a drafter may give a token no chance at all)."""
+        bits = score.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-integer order
+        ordered = tl.where(valid, ordered, -2147483647 - 1)
+        return (ordered.to(tl.int64) << 32) | (INDEX_LIMIT - index).to(tl.int64)
+
+    @triton.jit
+    def _unpack(key, INDEX_LIMIT: tl.constexpr):
+        ordered = (key >> 32).to(tl.int32)
+        bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+        low = key - ((key >> 32) << 32)  # the index part, without a 64-bit mask literal
+        return bits.to(tl.float32, bitcast=True), INDEX_LIMIT - low.to(tl.int32)
+
+    @triton.jit
+    def _best_first_tree(top_values, top_ids, left_table, token_table, pair_count, widths,
+                         cand_scores, cand_pairs, node_of, parents_full,
+                         out_ids, out_parents, out_depths, out_scores, mask, mask_stride,
+                         DEPTH: tl.constexpr, SIZE: tl.constexpr, WIDTH_PAD: tl.constexpr,
+                         PAIR_PAD: tl.constexpr, CANDIDATE_PAD: tl.constexpr, NODE_PAD: tl.constexpr,
+                         CLEAR_ROWS: tl.constexpr):
+        ranks = tl.arange(0, WIDTH_PAD)
+        # depth 1: the best tokens themselves (already sorted by topk)
+        first_width = tl.load(widths)
+        tl.store(cand_scores + ranks, tl.load(top_values + ranks, mask=ranks < first_width, other=float("-inf")))
+        tl.debug_barrier()
+        pair = tl.arange(0, PAIR_PAD)
+        for level in range(1, DEPTH):
+            count = tl.load(pair_count + level - 1)
+            live = pair < count
+            left = tl.load(left_table + (level - 1) * PAIR_PAD + pair, mask=live, other=0)
+            token = tl.load(token_table + (level - 1) * PAIR_PAD + pair, mask=live, other=0)
+            above = tl.load(cand_scores + (level - 1) * WIDTH_PAD + left, mask=live, other=float("-inf"))
+            value = tl.load(top_values + token, mask=live, other=float("-inf"))
+            summed = tl.where(live, above + value, float("-inf"))
+            best = tl.sort(_sort_key(summed, pair, live, PAIR_PAD), descending=True)
+            score, which = _unpack(best, PAIR_PAD)
+            width = tl.load(widths + level)
+            keep = pair < width
+            score = tl.where(keep, score, float("-inf"))
+            tl.store(cand_scores + level * WIDTH_PAD + pair, score, mask=pair < WIDTH_PAD)
+            tl.store(cand_pairs + level * WIDTH_PAD + pair, which, mask=keep)
+            tl.debug_barrier()
+        # every depth's candidates, listed depth by depth: the best SIZE, shallower first on ties
+        flat = tl.arange(0, CANDIDATE_PAD)
+        listed = flat < DEPTH * WIDTH_PAD
+        real_candidate = listed & (flat % WIDTH_PAD < tl.load(widths + flat // WIDTH_PAD, mask=listed, other=0))
+        cand = tl.load(cand_scores + flat, mask=listed, other=float("-inf"))
+        ranked = tl.sort(_sort_key(cand, flat, real_candidate, CANDIDATE_PAD), descending=True)
+        score, chosen = _unpack(ranked, CANDIDATE_PAD)
+        picked = flat < SIZE
+        tl.store(node_of + chosen, flat + 1, mask=picked)
+        tl.debug_barrier()
+        level = chosen // WIDTH_PAD
+        rank = chosen % WIDTH_PAD
+        deeper = picked & (level > 0)
+        pair_index = tl.load(cand_pairs + chosen, mask=deeper, other=0)
+        pair_at = (level - 1) * PAIR_PAD + pair_index
+        parent_rank = tl.load(left_table + pair_at, mask=deeper, other=0)
+        token_at = tl.where(deeper, tl.load(token_table + pair_at, mask=deeper, other=0), rank)
+        parent = tl.load(node_of + (level - 1) * WIDTH_PAD + parent_rank, mask=deeper, other=0)
+        parent = tl.where(deeper, parent, 0)
+        tl.store(out_ids + 1 + flat, tl.load(top_ids + token_at, mask=picked, other=0), mask=picked)
+        tl.store(out_parents + 1 + flat, parent.to(tl.int64), mask=picked)
+        tl.store(out_depths + 1 + flat, (level + 1).to(tl.int64), mask=picked)
+        tl.store(out_scores + flat, score, mask=picked)
+        # the ancestor-or-self mask over the root and the nodes: clear it, then walk every node up
+        node = tl.arange(0, NODE_PAD)
+        real = node <= SIZE
+        tl.store(parents_full + 1 + flat, parent, mask=picked)
+        tl.store(parents_full + node, 0, mask=node == 0)
+        rows = tl.arange(0, CLEAR_ROWS)
+        for first in range(0, SIZE + 1, CLEAR_ROWS):
+            row = first + rows[:, None]
+            tl.store(mask + row * mask_stride + node[None, :], 0, mask=(row <= SIZE) & real[None, :])
+        tl.debug_barrier()
+        current = node
+        tl.store(mask + node * mask_stride + node, 1, mask=real)
+        for _ in range(DEPTH):
+            current = tl.load(parents_full + current, mask=real, other=0)
+            tl.store(mask + node * mask_stride + current, 1, mask=real)

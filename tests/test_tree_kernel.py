@@ -1,0 +1,99 @@
+"""The one-kernel tree build (ddtree.tree_kernel) against the PyTorch path, in Triton's interpreter on
+the CPU: the same prefixes as the heap, parents before children, and the ancestor mask."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_tree import brute_ancestors, check_structure, node_prefixes, random_log_probs  # noqa: E402
+
+from ddtree import tree_kernel  # noqa: E402
+from ddtree.tree import DraftTree, FrontierPlan, best_first_tree, tree_size  # noqa: E402
+
+# Triton reads TRITON_INTERPRET when it is first imported (its own library functions, tl.sort among
+# them, are decorated then), so the kernel's tests run in a pytest process of their own that sets it.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the launcher")
+def test_tree_kernel_in_triton_interpreter():
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "7 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
+
+
+def kernel_tree(log_probs: torch.Tensor, budget: int):
+    depth, vocab = log_probs.shape
+    plan = FrontierPlan(budget, depth, vocab)
+    kplan = tree_kernel.KernelPlan(plan, log_probs.device)
+    rows = plan.size + 1
+    ids, parents, depths = (torch.full((rows,), -7, dtype=torch.long) for _ in range(3))
+    scores = torch.full((plan.size,), float("nan"))
+    mask = torch.ones(rows, rows, dtype=torch.bool)  # stale content the kernel must clear
+    tree_kernel.build(log_probs, kplan, ids, parents, depths, scores, mask)
+    tree = DraftTree(ids[1:].tolist(), parents[1:].tolist(), depths[1:].tolist(), scores.tolist(),
+                     {(p, t): i + 1 for i, (p, t) in enumerate(zip(parents[1:].tolist(), ids[1:].tolist()))})
+    assert ids[0] == -7 and parents[0] == -7 and depths[0] == -7  # the root's row is the caller's
+    assert torch.equal(mask, brute_ancestors([0] + tree.parents))
+    return tree
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+@pytest.mark.parametrize("vocab,depth,seed", [(3, 5, 0), (7, 1, 1), (7, 15, 2), (40, 2, 3), (300, 15, 4)])
+def test_kernel_tree_equals_the_heap(vocab, depth, seed):
+    log_probs = random_log_probs(depth, vocab, seed)
+    for budget in (1, 3, 8, 17, 64, 130):
+        tree = kernel_tree(log_probs, budget)
+        assert len(tree) == tree_size(budget, depth, vocab)
+        prefixes = check_structure(tree, log_probs)
+        assert set(prefixes) == set(node_prefixes(best_first_tree(log_probs, budget)))
+        assert tree.scores == sorted(tree.scores, reverse=True)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+def test_kernel_tree_with_impossible_tokens_keeps_parents_first():
+    log_probs = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [-1e9, 0.0, -1e9], [0.5, 0.2, 0.1]]), dim=-1)
+    log_probs[1] = torch.tensor([float("-inf"), 0.0, float("-inf")])
+    for budget in range(1, 8):
+        check_structure(kernel_tree(log_probs, budget), log_probs)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+def test_engine_rounds_with_the_kernel_match_the_pytorch_path(make_engine, monkeypatch):
+    """Decoding with the kernel building every tree (forced on the CPU): the same tokens and the same
+    acceptance lengths as the PyTorch path, with an accepting drafter so that long tree paths are taken;
+    and `auto` (its trees built into the largest tree's strided first rows) stays lossless."""
+    from test_costs import synthetic
+    from test_lossless import DRAFTERS, family_prompts, oracle_continuation, second_rank_every_fourth
+
+    from conftest import Oracle
+
+    family, new_tokens = "qwen3", 20
+    engine = make_engine(family, **DRAFTERS[family])
+    prompts = family_prompts(family)[:2]
+    truth = [engine.generate(p, method="ar", max_new_tokens=new_tokens + 16).token_ids for p in prompts]
+    Oracle(oracle_continuation(prompts, truth), rank=second_rank_every_fourth).install(monkeypatch)
+    runs = {}
+    for mode in ("0", "cpu"):
+        monkeypatch.setenv("DDTREE_TREE_KERNEL", mode)
+        engine.workspace = None  # a workspace decides its tree builder when it is made
+        for budget in (8, 32):
+            results = [engine.generate(p, method="ddtree", budget=budget, max_new_tokens=new_tokens) for p in prompts]
+            runs[mode, budget] = [(r.token_ids, r.acceptance_lengths) for r in results]
+            assert [r.token_ids for r in results] == [t[:new_tokens] for t in truth]
+    assert engine.workspace.tree_kernel is tree_kernel
+    for budget in (8, 32):
+        assert runs["cpu", budget] == runs["0", budget]
+        assert max(max(lengths) for _, lengths in runs["cpu", budget]) > 3  # long paths were accepted
+    engine.use_costs(synthetic({3: 5, 7: 6, 15: 8, 31: 14, 63: 30}))
+    for prompt, want in zip(prompts, truth):
+        result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=new_tokens)
+        assert result.token_ids == want[:new_tokens] and result.chosen_budgets
