@@ -146,11 +146,10 @@ def test_parser_defaults():
         "ddtree", None, 0.0, 0, 1.0, 256)
 
 
-def test_default_budget_is_the_devices(capsys, model_dirs, drafter_dir):
-    from ddtree.engine import DEFAULT_BUDGET
-
+def test_default_budget_is_auto(capsys, model_dirs, drafter_dir):
     result = run_json(capsys, model_dirs, drafter_dir)
-    assert result["budget"] == DEFAULT_BUDGET["cpu"] == 16
+    assert result["budget"] == "auto"
+    assert len(result["chosen_budgets"]) == result["rounds"] and min(result["chosen_budgets"]) >= 1
 
 
 def test_python_load_api(model_dirs, drafter_dir, capsys):

@@ -39,8 +39,10 @@ from .stopping import StopChecker
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes, chain_nodes, tree_size
 
 METHODS = ("ar", "dflash", "ddtree")
-# Default tree budgets: measured best on the 2-core CPU (docs/results/cpu-budgets.md) and on the H200.
-DEFAULT_BUDGET = {"cpu": 16, "cuda": 64}
+# The default tree budget: chosen per round from this device's measured costs. It reached 0.99-1.05x
+# the best fixed budget chosen after the fact on four datasets, on the 2-core CPU and on the H200
+# (docs/results/README.md, issue 6).
+DEFAULT_BUDGET = "auto"
 STAGES = ("prefill", "draft", "tree", "verify", "commit", "host")
 # Attended lengths are rounded up to a multiple of this, so a handful of graph shapes serve every context.
 ATTEND_STEP = {"cpu": 32, "cuda": 256}
@@ -153,9 +155,6 @@ class Engine:
             self.workspace = Workspace(self, round_up(context, 1024), nodes)
         return self.workspace
 
-    def default_budget(self) -> int:
-        return DEFAULT_BUDGET.get(self.device.type, 64)
-
     def auto_budget(self) -> AutoBudget:
         """The per-round budget chooser, from this device's stored calibration (made on first use)."""
         if self.auto is None:
@@ -223,7 +222,7 @@ class Engine:
         self,
         prompt,
         method: str = "ddtree",
-        budget: int | None = None,
+        budget: int | str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -238,7 +237,7 @@ class Engine:
         if method != "ar" and self.drafter is None:
             raise DDTreeError(f"method {method!r} needs a drafter")
         if budget is None:
-            budget = self.default_budget()
+            budget = DEFAULT_BUDGET
         if budget != "auto" and (not isinstance(budget, int) or budget < 1):
             raise DDTreeError(f"budget must be 'auto' or an integer >= 1, got {budget!r}")
         if max_new_tokens < 1:
@@ -327,6 +326,9 @@ class Workspace:
         self.trees: dict[tuple[int, bool], "TreeBuffers"] = {}
         self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
         self.plans: dict[int, FrontierPlan] = {}
+        # on CUDA the tree is built by one Triton kernel (tree_kernel.py), elsewhere by PyTorch operations
+        self.tree_kernel = tree_kernel_for(engine.device)
+        self.kernel_plans: dict = {}
         self.owner: object | None = None
 
     def prefill_rows(self, length: int) -> int:
@@ -347,6 +349,12 @@ class Workspace:
             depth, vocab = self.log_probs.shape
             self.plans[budget] = FrontierPlan(budget, depth, vocab, self.log_probs.device)
         return self.plans[budget]
+
+    def kernel_plan(self, plan: FrontierPlan):
+        """The Triton tree kernel's tables and scratch for `plan` (cached)."""
+        if plan.budget not in self.kernel_plans:
+            self.kernel_plans[plan.budget] = self.tree_kernel.KernelPlan(plan, self.log_probs.device)
+        return self.kernel_plans[plan.budget]
 
     def tree(self, size: int, engine: "Engine", scored: bool = False) -> "TreeBuffers":
         """Tree buffers of `size` rows; `scored` ones (auto's) also keep their nodes' scores."""
@@ -412,7 +420,7 @@ class Generation:
         depth = self.block - 1
         # auto: room for the largest candidate size (a probe round builds it and verifies the prefix it chooses)
         self.auto = engine.auto_budget() if self.budget == "auto" else None
-        nodes = self.auto.largest if self.auto is not None else budget
+        nodes = self.auto.largest if self.auto is not None else self.budget
         self.tree_budget = nodes if method == "ddtree" else None
         self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(nodes or 1, depth, engine.model.cfg.vocab_size)}[method]
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
@@ -654,6 +662,13 @@ class Generation:
 
     def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
         ws = self.workspace
+        if plan is not None and ws.tree_kernel is not None:
+            kernel_plan = ws.kernel_plan(plan)
+            tree.ids[0] = ws.bonus
+            ws.tree_kernel.build(ws.log_probs, kernel_plan, tree.ids, tree.parents, tree.depths, tree.scores, tree.mask)
+            if tree.yields is not None:
+                tree.yields.copy_(self.engine.auto.expected_yields(tree.scores))
+            return
         if plan is not None:
             tokens, parents, depths, scores = best_first_nodes(ws.log_probs, plan)
             if tree.scores is not None:
@@ -713,6 +728,16 @@ class Generation:
         ws.committed.add_(count)
         tree.out[0] = count
         tree.out[1:] = emitted
+
+
+def tree_kernel_for(device: torch.device):
+    """The module `tree_kernel` where it builds the trees on this device, else None. Imported only then
+    (Triton takes a while to import); DDTREE_TREE_KERNEL=cpu also takes it on the CPU, where it only
+    runs under Triton's interpreter (TRITON_INTERPRET=1, for tests)."""
+    if device.type != "cuda" and os.environ.get("DDTREE_TREE_KERNEL") != "cpu":
+        return None
+    from . import tree_kernel
+    return tree_kernel if tree_kernel.available(device) else None
 
 
 def check_pair(target: Target, drafter: Drafter) -> None:
