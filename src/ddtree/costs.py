@@ -48,9 +48,12 @@ def device_key(engine) -> str:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    from .engine import tree_kernel_for  # (engine imports this module)
+
     graphs = "graphs" if engine.graphs.enabled else "eager"
     compiled = "-compiled" if engine.model.compiled else ""
-    return f"{name}-torch{torch.__version__}-{str(engine.dtype).removeprefix('torch.')}-{graphs}{compiled}"
+    kernel = "-treekernel" if tree_kernel_for(device) is not None else ""  # the tree stage costs differ
+    return f"{name}-torch{torch.__version__}-{str(engine.dtype).removeprefix('torch.')}-{graphs}{compiled}{kernel}"
 
 
 def pair_key(engine) -> str:
