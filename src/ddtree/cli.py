@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--sharegpt-limit", type=int, help="use at most this many ShareGPT prompts (of each kind)")
     prompts.add_argument("--sharegpt-later-turns", action="store_true",
                          help="also use ShareGPT's user turns after the first, each as a prompt of its own "
-                              "(about 47,000 more chat prompts; the first turns alone are about 9,000)")
+                              "(about 41,000 more chat prompts once duplicates go; the first turns alone are about 9,000)")
     prompts.add_argument("--out", required=True, help="output JSONL file")
     prompts.set_defaults(handler=run_prompts)
 

@@ -35,6 +35,7 @@ def available(device: torch.device) -> bool:
 
 
 def power_of_two(n: int) -> int:
+    """The smallest power of two >= n, and at least 2: Triton's block sizes."""
     return 1 << max(n - 1, 1).bit_length()
 
 
