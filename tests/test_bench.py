@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ddtree.bench import MethodSpec, bench, load_dataset
+from ddtree.bench import MethodSpec, bench, load_dataset, read_results
 from ddtree.cli import main
 from ddtree.data import REASONING_SUFFIX
 from ddtree.errors import DDTreeError
@@ -97,9 +97,10 @@ def test_dataset_formats():
 
 
 def test_data_parallel_run_gathers_the_same_results(small_run, tmp_path):
-    """Two processes under torchrun (gloo, CPU) shard the prompts; rank 0 writes the gathered results."""
+    """Two processes under torchrun (gloo, CPU) shard the prompts; rank 0 writes the gathered results
+    (here xz-compressed, as docs/results keeps them)."""
     _, single, common = small_run
-    out = tmp_path / "dp.json"
+    out = tmp_path / "dp.json.xz"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ddtree.cli", "bench", *common, "--methods", "ar,ddtree", "--budgets", "4",
                "--device", "cpu", "--out", str(out)]
@@ -108,8 +109,9 @@ def test_data_parallel_run_gathers_the_same_results(small_run, tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     # torchrun's own traceback fills the tail; the ranks' messages come first.
     assert done.returncode == 0, done.stderr[:3000]
-    result = json.loads(out.read_text())
-    assert result["world_size"] == 2
+    assert out.read_bytes()[:6] == b"\xfd7zXZ\x00"  # the xz magic
+    result = read_results(str(out))
+    assert result["world_size"] == 2 and (tmp_path / "dp.md").exists()
     expected = {(r["method"], r["budget"]): r for r in single["runs"] if r["temperature"] == 0}
     for run in result["runs"]:
         want = expected[(run["method"], run["budget"])]

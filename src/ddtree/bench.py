@@ -11,6 +11,7 @@ import functools
 import gzip
 import importlib.metadata
 import json
+import lzma
 import os
 import platform
 import statistics
@@ -220,6 +221,18 @@ def logit_margin(engine, ids: list[int]) -> float:
                       causal_mask(length, 0, engine.device))
     top = model.logits(hidden[0, -1]).topk(2).values
     return float(top[0] - top[1])
+
+
+def results_opener(path: str):
+    """`open`, or `lzma.open` for an xz-compressed results file (NAME.json.xz: docs/results keeps them so,
+    13 times smaller)."""
+    return lzma.open if path.endswith(".xz") else open
+
+
+def read_results(path: str) -> dict:
+    """A `ddtree bench` results file, plain or xz-compressed."""
+    with results_opener(path)(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def git_commit() -> str:

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="time every response this many times; median (default 1)")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0 (default 0)")
     bench.add_argument("--data-dir", help="benchmark files (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
-    bench.add_argument("--out", required=True, help="results JSON path (the table goes to the same name with .md)")
+    bench.add_argument("--out", required=True, help="results JSON path, xz-compressed when it ends in .json.xz (the table goes to the same name with .md)")
     bench.set_defaults(handler=run_bench)
 
     prof = commands.add_parser("profile", help="time each stage of a decoding round",
@@ -363,12 +363,12 @@ def run_bench(args) -> None:
 
 
 def write_bench_outputs(result: dict, out: str) -> None:
-    from .bench import markdown_table, plot
+    from .bench import markdown_table, plot, results_opener
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
+    with results_opener(out)(out, "wt", encoding="utf-8") as f:
         json.dump(result, f)
-    prefix = os.path.splitext(out)[0]
+    prefix = os.path.splitext(out.removesuffix(".xz"))[0]
     table = markdown_table(result)
     with open(prefix + ".md", "w") as f:
         f.write(table)
