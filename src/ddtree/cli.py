@@ -24,7 +24,7 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
         parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                             help="run every forward eagerly on cuda (slower; for measuring what the graphs save)")
         parser.add_argument("--compile", action="store_true",
-                            help="torch.compile the target's layers (fuses the small kernels around each GEMM; "
+                            help="torch.compile the target's and the drafter's layers (fuses the small kernels around each GEMM; "
                                  "the first use of each shape compiles, which takes seconds)")
 
 

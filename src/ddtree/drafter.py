@@ -19,7 +19,8 @@ from torch import nn
 
 from .errors import DDTreeError
 from .model import (
-    MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, attention_bias, load_weights, rope_inverse_frequencies,
+    MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_halves, load_weights,
+    rope_inverse_frequencies,
 )
 
 WEIGHTS_NAME = "model.safetensors"
@@ -137,18 +138,19 @@ class DraftAttention(nn.Module):
         k = apply_rotary(self.heads(x, self.k_proj, self.num_kv_heads, self.k_norm), cos, sin)
         return k.transpose(1, 2), self.heads(x, self.v_proj, self.num_kv_heads).transpose(1, 2)
 
-    def forward(self, block, context, rope_block, rope_context, bias, kv, slots):
-        """block: [B, S, H] normed block states; context: [B, C, H] fused context rows (new rows only with a cache)."""
+    def project(self, block, context, rope_block, rope_context):
+        """block: [B, S, H] normed block states; context: [B, C, H] fused context rows (new rows only with
+        a cache). Queries of the block, keys and values of the context rows then the block rows."""
         q = apply_rotary(self.heads(block, self.q_proj, self.num_heads, self.q_norm), *rope_block)
         k_ctx, v_ctx = self.keys_values(context, *rope_context)
         k_blk, v_blk = self.keys_values(block, *rope_block)
-        k, v = torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)
-        if kv is not None:
-            k, v = kv.write(slots, k, v, bias.shape[-1])
-        return self.o_proj(attention(q, k, v, bias))
+        return q, torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)
 
 
 class DraftLayer(nn.Module):
+    """Like the target's layers: `project` and `finish` are pure functions around the cache write and
+    the attention, which `Drafter.compile_layers` compiles."""
+
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -156,9 +158,18 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, context, rope_block, rope_context, bias, kv, slots):
-        x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, bias, kv, slots)
+    def project(self, x, context, rope_block, rope_context):
+        return self.self_attn.project(self.input_layernorm(x), context, rope_block, rope_context)
+
+    def finish(self, x, attended):
+        x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, context, rope_block, rope_context, bias, kv, slots):
+        q, k, v = self.project(x, context, rope_block, rope_context)
+        if kv is not None:
+            k, v = kv.write(slots, k, v, bias.shape[-1])
+        return self.finish(x, attention(q, k, v, bias))
 
 
 class Drafter(nn.Module):
@@ -172,6 +183,10 @@ class Drafter(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         inv_freq, scaling = rope_inverse_frequencies(cfg.hf_config(), cfg.head_dim)
         self.rotary = Rotary(inv_freq, scaling, cfg.max_positions)
+
+    def compile_layers(self) -> None:
+        """torch.compile every layer's `project` and `finish`, as the target's (`compile_layer_halves`)."""
+        compile_layer_halves(self.layers)
 
     def new_cache(self, context: int) -> KVCache:
         """A cache laid out as [block scratch | context row of position p at slot block + p | one block of spare]:

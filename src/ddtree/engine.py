@@ -326,7 +326,8 @@ class Workspace:
         self.trees: dict[tuple[int, bool], "TreeBuffers"] = {}
         self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
         self.plans: dict[int, FrontierPlan] = {}
-        # on CUDA the tree is built by one Triton kernel (tree_kernel.py), elsewhere by PyTorch operations
+        # on CUDA trees of up to 256 nodes are built by one Triton kernel (tree_kernel.py), others and
+        # every tree elsewhere by PyTorch operations
         self.tree_kernel = tree_kernel_for(engine.device)
         self.kernel_plans: dict = {}
         self.owner: object | None = None
@@ -664,7 +665,7 @@ class Generation:
         ws = self.workspace
         tree.ids[0] = ws.bonus
         scores = None
-        if plan is not None and ws.tree_kernel is not None:  # nodes, scores and mask in one kernel
+        if plan is not None and ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
             ws.tree_kernel.build(ws.log_probs, ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,
                                  tree.scores, tree.mask)
             scores = tree.scores

@@ -272,6 +272,20 @@ class DecoderLayer(nn.Module):
         return self.finish(x, attention(q, k, v, bias))
 
 
+def compile_layer_halves(layers: nn.ModuleList) -> None:
+    """torch.compile each layer's `project` and `finish`, fusing the norms, rotary, SiLU and residual
+    adds around the GEMMs. The layers share the compiled code: they differ only in their weights,
+    which the compiler takes as inputs; and only the row count varies, which the compiler makes
+    symbolic once it has seen two (so prompts of any length do not each compile). The cache write
+    and the attention, which take any mask and slots, stay as they are."""
+    kind = type(layers[0])
+    project = torch.compile(kind.project, fullgraph=True)
+    finish = torch.compile(kind.finish, fullgraph=True)
+    for layer in layers:
+        layer.project = functools.partial(project, layer)
+        layer.finish = functools.partial(finish, layer)
+
+
 class Decoder(nn.Module):
     """The target model. Parameter names follow transformers' `*ForCausalLM` so checkpoints load as they are."""
 
@@ -323,17 +337,9 @@ class Decoder(nn.Module):
         return self.norm(x), features
 
     def compile_layers(self) -> None:
-        """torch.compile every layer's `project` and `finish`, fusing the norms, rotary, SiLU and residual
-        adds around the GEMMs. The layers share the compiled code: they differ only in their weights,
-        which the compiler takes as inputs; and only the row count varies, which the compiler makes
-        symbolic once it has seen two (so prompts of any length do not each compile). The cache write
-        and the attention, which take any mask and slots, stay as they are."""
-        project = torch.compile(DecoderLayer.project, fullgraph=True)
-        finish = torch.compile(DecoderLayer.finish, fullgraph=True)
+        """torch.compile every layer's `project` and `finish` (`compile_layer_halves`)."""
+        compile_layer_halves(self.layers)
         self.compiled = True
-        for layer in self.layers:
-            layer.project = functools.partial(project, layer)
-            layer.finish = functools.partial(finish, layer)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits, never rounded to a bf16/fp16 model's dtype: rounded logits tie often (steps

@@ -9,9 +9,9 @@ links each node to its parent and writes the ancestor-or-self mask by walking up
 Between steps the program passes data through global scratch memory, with a barrier after every
 write that later loads read. The per-depth top tokens come from one `torch.topk` beforehand.
 
-Used where `available(device)`: Triton importable and a CUDA device. Tested against the PyTorch
-path in Triton's interpreter (TRITON_INTERPRET=1) on the CPU, and on the GPU by
-`scripts/check-tree-kernel`.
+Used where `available(device)` (Triton importable and a CUDA device) for trees of up to MAX_NODES
+nodes. Tested against the PyTorch path in Triton's interpreter (TRITON_INTERPRET=1) on the CPU, and
+on the GPU by `scripts/check-tree-kernel`.
 """
 
 from __future__ import annotations
@@ -34,15 +34,28 @@ def available(device: torch.device) -> bool:
     return triton is not None and mode != "0" and (device.type == "cuda" or mode == "cpu")
 
 
+# One program sorts each depth's ~B ln B pairs, so its time grows faster than the PyTorch path's many
+# small kernels: on the H200 it is 4x faster up to 64 nodes, 1.3x at 256, and slower from 512 on
+# (0.55 against 0.71 ms at 256 nodes, 1.32 against 0.90 at 512; docs/results/h200-tree-kernel.json.xz).
+MAX_NODES = 256
+
+
+def serves(plan) -> bool:
+    """Whether the kernel builds this plan's tree (else the PyTorch path does)."""
+    return plan.size <= MAX_NODES
+
+
 def power_of_two(n: int) -> int:
     """The smallest power of two >= n, and at least 2: Triton's block sizes."""
     return 1 << max(n - 1, 1).bit_length()
 
 
 class KernelPlan:
-    """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps."""
+    """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps.
+    `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others)."""
 
-    def __init__(self, plan, device):
+    def __init__(self, plan, device, num_warps: int = 8):
+        self.num_warps = num_warps
         depth = len(plan.widths)
         self.depth, self.size, self.tokens = depth, plan.size, plan.tokens
         self.width_pad = power_of_two(max(plan.widths))
@@ -78,7 +91,7 @@ def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents
         ids, parents, depths, kplan.node_scores if scores is None else scores, mask, mask.stride(0),
         DEPTH=kplan.depth, SIZE=kplan.size, WIDTH_PAD=kplan.width_pad,
         PAIR_PAD=kplan.pair_pad, CANDIDATE_PAD=kplan.candidate_pad, NODE_PAD=kplan.node_pad,
-        CLEAR_ROWS=max(1, 4096 // kplan.node_pad), num_warps=8,
+        CLEAR_ROWS=max(1, 4096 // kplan.node_pad), num_warps=kplan.num_warps,
     )
 
 
