@@ -99,7 +99,7 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
     drafter: a drafter directory (z-lab DFlash format), 'random' for an untrained one, or None for
     the drafter bundled with the target (random where none is bundled, said on stderr).
     cuda_graphs: on CUDA, capture each decoding stage once as a CUDA graph and replay it (the fast path).
-    compile: torch.compile the target's and the drafter's layers (`compile_layer_halves`).
+    compile: torch.compile the target's and the drafter's layers (`compile_layer_functions`).
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)

@@ -19,8 +19,8 @@ from torch import nn
 
 from .errors import DDTreeError
 from .model import (
-    MLP, KVCache, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_halves, load_weights,
-    rope_inverse_frequencies,
+    MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions,
+    load_weights, rope_inverse_frequencies,
 )
 
 WEIGHTS_NAME = "model.safetensors"
@@ -140,11 +140,12 @@ class DraftAttention(nn.Module):
 
     def project(self, block, context, rope_block, rope_context):
         """block: [B, S, H] normed block states; context: [B, C, H] fused context rows (new rows only with
-        a cache). Queries of the block, keys and values of the context rows then the block rows."""
+        a cache). Queries of the block, and keys and values (stacked, [2, B, kv_heads, C + S, D]) of the
+        context rows then the block rows."""
         q = apply_rotary(self.heads(block, self.q_proj, self.num_heads, self.q_norm), *rope_block)
         k_ctx, v_ctx = self.keys_values(context, *rope_context)
         k_blk, v_blk = self.keys_values(block, *rope_block)
-        return q, torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)
+        return q, torch.stack([torch.cat([k_ctx, k_blk], dim=2), torch.cat([v_ctx, v_blk], dim=2)])
 
 
 class DraftLayer(nn.Module):
@@ -165,10 +166,9 @@ class DraftLayer(nn.Module):
         x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x, context, rope_block, rope_context, bias, kv, slots):
-        q, k, v = self.project(x, context, rope_block, rope_context)
-        if kv is not None:
-            k, v = kv.write(slots, k, v, bias.shape[-1])
+    def forward(self, x, context, rope_block, rope_context, bias, cache: LayerKV | None, slots):
+        q, kv = self.project(x, context, rope_block, rope_context)
+        k, v = cache.write(slots, kv, bias.shape[-1]) if cache is not None else kv
         return self.finish(x, attention(q, k, v, bias))
 
 
@@ -185,8 +185,8 @@ class Drafter(nn.Module):
         self.rotary = Rotary(inv_freq, scaling, cfg.max_positions)
 
     def compile_layers(self) -> None:
-        """torch.compile every layer's `project` and `finish`, as the target's (`compile_layer_halves`)."""
-        compile_layer_halves(self.layers)
+        """torch.compile every layer's `project` and `finish`, as the target's (`compile_layer_functions`)."""
+        compile_layer_functions(self.layers, ("project", "finish"))
 
     def new_cache(self, context: int) -> KVCache:
         """A cache laid out as [block scratch | context row of position p at slot block + p | one block of spare]:

@@ -162,43 +162,40 @@ class MLP(nn.Module):
 
 
 class LayerKV(NamedTuple):
-    """One layer's part of a KVCache (views): keys and values [batch, kv_heads, capacity, head_dim]."""
+    """One layer's part of a KVCache (a view): keys and values stacked, [2, batch, kv_heads, capacity, head_dim]."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    kv: torch.Tensor
 
-    def write(self, slots, k: torch.Tensor, v: torch.Tensor, length: int):
-        """Stores k/v [B, kv_heads, T, D] at `slots` (the first slot as an int, or a tensor of T slot
-        indices, which keeps shapes static for graph capture) and returns rows 0..length."""
+    def write(self, slots, kv: torch.Tensor, length: int):
+        """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (the first slot as an int, or a
+        tensor of T slot indices, which keeps shapes static for graph capture) in one copy, and returns
+        the keys and the values of rows 0..length."""
         if isinstance(slots, int):
-            self.keys[:, :, slots:slots + k.shape[2]] = k
-            self.values[:, :, slots:slots + k.shape[2]] = v
+            self.kv[:, :, :, slots:slots + kv.shape[3]] = kv
         else:
-            self.keys.index_copy_(2, slots, k)
-            self.values.index_copy_(2, slots, v)
-        return self.keys[:, :, :length], self.values[:, :, :length]
+            self.kv.index_copy_(3, slots, kv)
+        return self.kv[0, :, :, :length], self.kv[1, :, :, :length]
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [layers, batch, kv_heads, capacity, head_dim].
+    """Preallocated keys and values for every layer, in one tensor [layers, 2, batch, kv_heads, capacity,
+    head_dim] so that one copy writes a layer's keys and values; `keys` and `values` are views of it.
 
     Rows are written at explicit slots; nothing is allocated while decoding. Keys are stored after
     RoPE, so a row carries its position with it and can be moved to another slot (tree compaction).
     """
 
     def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, device, dtype):
-        shape = (num_layers, batch, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros((num_layers, 2, batch, num_kv_heads, capacity, head_dim), device=device, dtype=dtype)
+        self.keys, self.values = self.kv[:, 0], self.kv[:, 1]
         self.capacity = capacity
 
     def layer(self, index: int) -> "LayerKV":
-        return LayerKV(self.keys[index], self.values[index])
+        return LayerKV(self.kv[index])
 
     def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         """Copies rows `sources` to slots `destinations` (tensors of slot indices), all layers at once."""
-        self.keys.index_copy_(3, destinations, self.keys.index_select(3, sources))
-        self.values.index_copy_(3, destinations, self.values.index_select(3, sources))
+        self.kv.index_copy_(4, destinations, self.kv.index_select(4, sources))
 
 
 def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -234,7 +231,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def project(self, x, cos, sin):
-        """Queries [B, T, heads, D], keys and values [B, kv_heads, T, D], rotated."""
+        """Queries [B, T, heads, D] and keys and values stacked [2, B, kv_heads, T, D], rotated."""
         batch, length = x.shape[:2]
         qkv = self.qkv_proj(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
@@ -244,12 +241,15 @@ class Attention(nn.Module):
             qk, v = qkv.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=2)
         # queries and keys rotate together: one set of kernels instead of two
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=2)
-        return q, k.transpose(1, 2), v.transpose(1, 2)
+        return q, torch.stack([k, v]).transpose(2, 3)
 
 
 class DecoderLayer(nn.Module):
     """Between the cache write and the attention (which take any mask and slots) the layer's work is
-    two pure functions of fixed shapes, `project` and `finish`, which `Decoder.compile_layers` compiles."""
+    pure functions of fixed shapes, which `Decoder.compile_layers` compiles: `project` (norm, QKV,
+    rotary), `finish` (output projection, residual, norm, MLP, residual), and `finish_and_project`,
+    one layer's finish and the next layer's project in one function, so that the residual add and
+    the next norm fuse."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -265,25 +265,23 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward(self, x, cos, sin, bias, kv: LayerKV | None, slots):
-        q, k, v = self.project(x, cos, sin)
-        if kv is not None:
-            k, v = kv.write(slots, k, v, bias.shape[-1])
-        return self.finish(x, attention(q, k, v, bias))
+    def finish_and_project(self, following: "DecoderLayer", x, attended, cos, sin):
+        # the plain functions, not the compiled ones compile_layers put on the instances
+        x = DecoderLayer.finish(self, x, attended)
+        return x, DecoderLayer.project(following, x, cos, sin)
 
 
-def compile_layer_halves(layers: nn.ModuleList) -> None:
-    """torch.compile each layer's `project` and `finish`, fusing the norms, rotary, SiLU and residual
-    adds around the GEMMs. The layers share the compiled code: they differ only in their weights,
-    which the compiler takes as inputs; and only the row count varies, which the compiler makes
-    symbolic once it has seen two (so prompts of any length do not each compile). The cache write
-    and the attention, which take any mask and slots, stay as they are."""
+def compile_layer_functions(layers: nn.ModuleList, names: tuple[str, ...]) -> None:
+    """torch.compile the layers' functions `names`, fusing the norms, rotary, SiLU and residual adds
+    around the GEMMs. The layers share the compiled code: they differ only in their weights, which
+    the compiler takes as inputs; and only the row count varies, which the compiler makes symbolic
+    once it has seen two (so prompts of any length do not each compile). The cache write and the
+    attention, which take any mask and slots, stay as they are."""
     kind = type(layers[0])
-    project = torch.compile(kind.project, fullgraph=True)
-    finish = torch.compile(kind.finish, fullgraph=True)
-    for layer in layers:
-        layer.project = functools.partial(project, layer)
-        layer.finish = functools.partial(finish, layer)
+    for name in names:
+        compiled = torch.compile(getattr(kind, name), fullgraph=True)
+        for layer in layers:
+            setattr(layer, name, functools.partial(compiled, layer))
 
 
 class Decoder(nn.Module):
@@ -328,8 +326,15 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         bias = attention_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         tapped = {}
+        last = len(self.layers) - 1
+        q, kv = self.layers[0].project(x, cos, sin)
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, bias, cache.layer(index) if cache is not None else None, slots)
+            k, v = cache.layer(index).write(slots, kv, bias.shape[-1]) if cache is not None else kv
+            attended = attention(q, k, v, bias)
+            if index < last:
+                x, (q, kv) = layer.finish_and_project(self.layers[index + 1], x, attended, cos, sin)
+            else:
+                x = layer.finish(x, attended)
             if index in taps:
                 tapped[index] = x
         # in the order asked for, repeats included: the drafter's fc expects exactly that layout
@@ -337,8 +342,8 @@ class Decoder(nn.Module):
         return self.norm(x), features
 
     def compile_layers(self) -> None:
-        """torch.compile every layer's `project` and `finish` (`compile_layer_halves`)."""
-        compile_layer_halves(self.layers)
+        """torch.compile the layers' functions between the attentions (`compile_layer_functions`)."""
+        compile_layer_functions(self.layers, ("project", "finish", "finish_and_project"))
         self.compiled = True
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
