@@ -139,7 +139,7 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
     """--compile: every method's output unchanged, and the layers share the compiled code: three
     functions for the target's layers (4 here) and two for the drafter's, each compiled at most three
     times (the first row count, then any, and one row, which the compiler always specialises),
-    whatever the prompt lengths."""
+    whatever the prompt lengths; and the sampling noise, compiled too, draws what the eager one draws."""
     import torch._dynamo
 
     from conftest import random_prompts
@@ -154,7 +154,9 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
             want = plain.generate(prompt, method=method, budget=6, max_new_tokens=10)
             got = compiled.generate(prompt, method=method, budget=6, max_new_tokens=10)
             assert got.token_ids == want.token_ids and got.acceptance_lengths == want.acceptance_lengths
-    assert 5 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 15
+        sampled = dict(method="ddtree", budget=6, max_new_tokens=10, temperature=0.8, seed=3)  # compiled noise too
+        assert compiled.generate(prompt, **sampled).token_ids == plain.generate(prompt, **sampled).token_ids
+    assert 5 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 18
     for model, names in ((compiled.model, ("project", "finish", "finish_and_project")),
                          (compiled.drafter, ("project", "finish"))):
         for name in names:  # one compiled function, shared by the layers

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from ddtree.model import causal_mask
-from ddtree.sampling import SamplingParams, choose_tokens, filtered_logits
+from ddtree.sampling import (
+    SamplingParams, choose_tokens, filtered_logits, mix32, mul32, position_noise, seed_key, token_keys,
+)
 
 import ddtree.engine as engine_module
 
@@ -154,6 +156,64 @@ def test_same_seed_same_output(engine, make_engine):
     big = make_engine("qwen3", layers=1, block_size=16)
     kwargs = dict(method="ddtree", budget=32, max_new_tokens=24, temperature=0.8, top_k=20)
     assert big.generate([3, 4, 5], seed=7, **kwargs).token_ids == big.generate([3, 4, 5], seed=7, **kwargs).token_ids
+
+
+def test_every_method_and_budget_draws_the_same_sample(engine, monkeypatch):
+    """The sampling noise is keyed by (seed, position, token), so a seeded sample does not depend on which
+    method, tree or budget reached a position: speculative decoding reproduces the target alone token
+    for token at temperature > 0 too, here with trees that really accept (a flat drafter's trees hold
+    every first token) and a chain that does (the target's greedy continuation)."""
+    kwargs = dict(max_new_tokens=16, temperature=0.9, top_p=0.95)
+    want = {seed: engine.generate(PROMPT, method="ar", seed=seed, **kwargs).token_ids for seed in range(4)}
+    accepted = []
+    with monkeypatch.context() as patch:
+        flat_drafter(patch)
+        for budget in (4, 20, 64):
+            for seed, tokens in want.items():
+                result = engine.generate(PROMPT, method="ddtree", budget=budget, seed=seed, **kwargs)
+                assert result.token_ids == tokens, (budget, seed)
+                accepted += result.acceptance_lengths
+    Oracle(greedy_continuation(engine.model)).install(monkeypatch)
+    for seed, tokens in want.items():
+        result = engine.generate(PROMPT, method="dflash", seed=seed, **kwargs)
+        assert result.token_ids == tokens, ("dflash", seed)
+        accepted += result.acceptance_lengths
+    assert max(accepted) >= 3 and sum(accepted) / len(accepted) > 1.3
+
+
+def test_position_noise_is_exponential_and_keyed_by_seed_position_and_token():
+    keys = token_keys(1000, "cpu")
+    seed = torch.tensor(seed_key(12345))
+    rows = position_noise(seed, torch.tensor([5, 6, 7]), keys)
+    again = position_noise(seed, torch.tensor([7, 5]), keys)
+    assert torch.equal(rows[2], again[0]) and torch.equal(rows[0], again[1])  # whatever else is drawn with it
+    assert not torch.equal(rows[0], rows[1])
+    assert not torch.equal(position_noise(torch.tensor(seed_key(12346)), torch.tensor([5]), keys)[0], rows[0])
+    noise = position_noise(seed, torch.arange(200), keys).double()  # 200,000 draws
+    assert abs(noise.mean().item() - 1) < 0.01 and abs(noise.var().item() - 1) < 0.03
+    assert abs((noise > 1).double().mean().item() - math.exp(-1)) < 0.005
+    uniforms = torch.exp(-noise)
+    counts = torch.histc(uniforms, bins=64, min=0, max=1)
+    expected = uniforms.numel() / 64
+    assert ((counts - expected) ** 2 / expected).sum().item() < 63 + 5 * math.sqrt(2 * 63)  # chi-square, 63 dof
+    # neither neighbouring positions nor neighbouring tokens are correlated
+    for a, b in ((noise[:-1], noise[1:]), (noise[:, :-1], noise[:, 1:])):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.015
+
+
+def test_the_32_bit_hash_matches_its_definition():
+    def reference(x):
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2 ** 32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2 ** 32
+        return x ^ (x >> 16)
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randint(0, 2 ** 32, (1000,), generator=generator), torch.tensor([0, 1, 2 ** 32 - 1])])
+    assert mix32(values).tolist() == [reference(v) for v in values.tolist()]
+    assert mul32(values, 0x846CA68B).tolist() == [v * 0x846CA68B % 2 ** 32 for v in values.tolist()]
+    assert seed_key(2 ** 64 - 1) == 0 and seed_key(2 ** 40 + 3) == (2 ** 8) ^ 3 and seed_key(7) == 7
 
 
 # ----- the filters ------------------------------------------------------------------------------------

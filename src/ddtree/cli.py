@@ -38,7 +38,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="random seed for sampling (default: random); a seed gives the same text with every "
+                             "method and budget")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="at most this many new tokens (default 256)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when the output contains TEXT (not included in the output); repeatable")

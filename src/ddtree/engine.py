@@ -34,7 +34,7 @@ from .errors import DDTreeError
 from .loading import Target
 from .model import causal_mask
 from .results import GenerationResult, StreamChunk
-from .sampling import SamplingParams, choose_tokens
+from .sampling import SamplingParams, choose_tokens, position_noise, seed_key, token_keys
 from .stopping import StopChecker
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes, chain_nodes, tree_size
 
@@ -139,6 +139,8 @@ class Engine:
             self.taps = ()
         self.workspace: Workspace | None = None
         self.graphs = Graphs(device, cuda_graphs)
+        # sampling noise inside the verify stage: some twenty elementwise operations, fused when compiling
+        self.position_noise = torch.compile(position_noise) if self.model.compiled else position_noise
         self.auto: AutoBudget | None = None
         # Launch each round before reading the last one's outcome (`Generation.__iter__`): on a GPU the
         # host's work then overlaps the device's; on the CPU the host is the device, nothing overlaps.
@@ -246,12 +248,10 @@ class Engine:
         ids = self.encode(prompt, chat)
         if len(ids) >= self.context_limit:
             raise DDTreeError(f"the prompt has {len(ids)} tokens; the context holds {self.context_limit} in all")
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+        if not params.greedy and seed is None:
+            seed = torch.seed()
         stopper = StopChecker(self.tokenizer, self.target.eos_token_ids, stop or [], max_new_tokens)
-        return Generation(self, ids, method, budget, params, generator, stopper)
+        return Generation(self, ids, method, budget, params, seed, stopper)
 
 
 class OutcomeReader:
@@ -315,6 +315,8 @@ class Workspace:
         self.prompt = torch.zeros(context, dtype=torch.long, device=device)  # padded with stale ids
         self.prompt_logits = torch.zeros(1, model.cfg.vocab_size, device=device)
         self.committed = torch.zeros((), dtype=torch.long, device=device)
+        self.seed = torch.zeros((), dtype=torch.long, device=device)  # sampling: the request's seed_key
+        self.token_keys = token_keys(model.cfg.vocab_size, device)
         self.pending_start = torch.zeros((), dtype=torch.long, device=device)
         self.bonus = torch.zeros((), dtype=torch.long, device=device)
         if drafter is not None:
@@ -397,23 +399,17 @@ class TreeBuffers:
             self.scores = parent.scores[:size - 1] if parent.scores is not None else None
         self.choices = torch.zeros(size, dtype=torch.long, device=device)
         self.features = workspace.features.new_zeros(1, size, workspace.features.shape[-1]) if engine.taps else None
-        self.noise: torch.Tensor | None = None  # exponential noise for sampling, refilled every round
         self.out = torch.zeros(self.path_rows + 1, dtype=torch.long, device=device)  # [count, tokens added...]
         self.yields: torch.Tensor | None = None  # auto: 1 + Φ(n) at each candidate size n
-
-    def sampling_noise(self, vocab: int, generator: torch.Generator) -> torch.Tensor:
-        if self.noise is None:
-            self.noise = torch.empty(self.size, vocab, device=self.ids.device)
-        return self.noise.exponential_(generator=generator)
 
 
 class Generation:
     """One request's decoding loop, as an iterator of StreamChunk; `.stats` holds timing afterwards."""
 
-    def __init__(self, engine: Engine, ids, method, budget, params, generator, stopper: StopChecker):
+    def __init__(self, engine: Engine, ids, method, budget, params, seed: int | None, stopper: StopChecker):
         self.engine, self.ids, self.method, self.params = engine, ids, method, params
         self.budget = budget if method == "ddtree" else None
-        self.generator, self.stopper = generator, stopper
+        self.seed, self.stopper = seed, stopper  # the seed keys the sampling noise (None when greedy)
         self.taps = engine.taps if method != "ar" else ()  # target features only feed a drafter
         self.stats: dict = {"prompt_tokens": len(ids), "method": method, "budget": self.budget, "budgets": []}
         drafter = engine.drafter
@@ -500,7 +496,11 @@ class Generation:
         ws.pending_start.zero_()
         self.prompt_rows = ws.prefill_rows(length)
         self.engine.graphs.run(*self.prefill_stage(self.prompt_rows))
-        ws.bonus.copy_(choose_tokens(ws.prompt_logits, self.params, self.generator)[0])
+        noise = None
+        if not self.params.greedy:
+            ws.seed.fill_(seed_key(self.seed))  # read by the rounds' captured verify stages
+            noise = position_noise(ws.seed, ws.committed.view(1), ws.token_keys)
+        ws.bonus.copy_(choose_tokens(ws.prompt_logits, self.params, noise=noise)[0])
         return self.stopper.push([int(ws.bonus)])
 
     def round(self, size: int, committed: int, first: bool, clock: StageClock) -> "TreeBuffers":
@@ -521,8 +521,6 @@ class Generation:
         else:
             tree.ids[0] = ws.bonus
         clock.mark("tree")
-        if not self.params.greedy:
-            tree.sampling_noise(engine.model.cfg.vocab_size, self.generator)
         self.run_verify(tree, attend)
         clock.mark("verify")
         self.run_commit(tree)
@@ -599,8 +597,6 @@ class Generation:
             built, verified = self.round_trees()
             stages = [self.tree_stage(tree, plan) for tree, plan in built]
             for tree in verified:
-                if not self.params.greedy:
-                    tree.sampling_noise(engine.model.cfg.vocab_size, torch.Generator(engine.device))
                 attends = buckets(ws.attend, len(self.ids) + tree.size, self.context + tree.size, ws.attend_step)
                 stages += [self.verify_stage(tree, attend) for attend in attends] + [self.commit_stage(tree)]
             if built:
@@ -693,7 +689,11 @@ class Generation:
         hidden, features = engine.model(
             tree.ids[None], (ws.committed + tree.depths)[None], mask[None, None], ws.cache, slots, self.taps
         )
-        tree.choices.copy_(choose_tokens(engine.model.logits(hidden[0]), self.params, noise=tree.noise))
+        noise = None
+        if not self.params.greedy:  # a node at depth d chooses the token at position committed + d + 1
+            rows = min(tree.size, self.block)
+            noise = engine.position_noise(ws.seed, ws.committed + 1 + ws.steps[:rows], ws.token_keys)[tree.depths]
+        tree.choices.copy_(choose_tokens(engine.model.logits(hidden[0]), self.params, noise=noise))
         if features is not None:
             tree.features.copy_(features)
 
