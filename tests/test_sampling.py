@@ -214,6 +214,7 @@ def test_the_32_bit_hash_matches_its_definition():
     assert mix32(values).tolist() == [reference(v) for v in values.tolist()]
     assert mul32(values, 0x846CA68B).tolist() == [v * 0x846CA68B % 2 ** 32 for v in values.tolist()]
     assert seed_key(2 ** 64 - 1) == 0 and seed_key(2 ** 40 + 3) == (2 ** 8) ^ 3 and seed_key(7) == 7
+    assert seed_key(-1) == 0 and seed_key(-2) == 1 and 0 <= seed_key(-12345) < 2 ** 32  # (folds 128 bits)
 
 
 # ----- the filters ------------------------------------------------------------------------------------

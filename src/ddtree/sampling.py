@@ -84,8 +84,8 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seed_key(seed: int) -> int:
-    """A seed of any size folded to the 32 bits `position_noise` takes."""
-    key = 0
+    """A seed of any size or sign folded to the 32 bits `position_noise` takes."""
+    key, seed = 0, seed % (1 << 128)  # a negative seed as the 128-bit number with the same low bits
     while True:
         key ^= seed & MASK32
         seed >>= 32
