@@ -60,12 +60,14 @@ def test_results_json_has_every_run(small_run):
         assert run["speedup_vs_ar"] > 0
 
 
-def test_greedy_methods_agree_with_ar(small_run):
+def test_methods_agree_with_ar_at_every_temperature(small_run):
+    """fp32 on the CPU: greedy outputs equal ar's, and so do seeded samples (the draws are keyed by seed
+    and position); transformers' generate() samples its own way, so it has no agreement at T=1."""
     _, result, _ = small_run
     for run in result["runs"]:
-        if run["temperature"] == 0 and run["method"] != "hf":
-            assert run["token_agreement_with_ar"] == 1.0, run["method"]
-        if run["temperature"] == 1:
+        if run["method"] != "hf":
+            assert run["token_agreement_with_ar"] == 1.0, (run["method"], run["temperature"])
+        elif run["temperature"] == 1:
             assert run["token_agreement_with_ar"] is None
 
 

@@ -315,7 +315,10 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
                           "speedup_vs_ar": speedup(stats, ar),
                           "speedup_vs_hf": speedup(summarise(same_conversations(responses, hf_responses)),
                                                    hf_responses),
-                          "token_agreement_with_ar": agreement(responses, ar) if ar and temperature == 0 else None,
+                          # at temperature > 0 too: the engine's draws are keyed by seed and position, so
+                          # every method samples what `ar` samples (`hf` draws its own way)
+                          "token_agreement_with_ar": (agreement(responses, ar)
+                                                      if ar and (temperature == 0 or spec.method != "hf") else None),
                           "divergences": (divergences(engine, convs, responses, ar)
                                           if ar and temperature == 0 and spec.method != "ar" else []),
                           "responses": responses}
