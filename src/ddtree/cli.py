@@ -24,8 +24,8 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
         parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                             help="run every forward eagerly on cuda (slower; for measuring what the graphs save)")
         parser.add_argument("--compile", action="store_true",
-                            help="torch.compile the target's and the drafter's layers (fuses the small kernels around each GEMM; "
-                                 "the first use of each shape compiles, which takes seconds)")
+                            help="torch.compile the target's and the drafter's layers (fuses the small kernels "
+                                 "around each GEMM; the first use of each shape compiles, which takes seconds)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1, help="time every response this many times; median (default 1)")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0 (default 0)")
     bench.add_argument("--data-dir", help="benchmark files (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
-    bench.add_argument("--out", required=True, help="results JSON path, xz-compressed when it ends in .json.xz (the table goes to the same name with .md)")
+    bench.add_argument("--out", required=True,
+                       help="results JSON path, xz-compressed when it ends in .json.xz (the table goes to the "
+                            "same name with .md)")
     bench.set_defaults(handler=run_bench)
 
     prof = commands.add_parser("profile", help="time each stage of a decoding round",
@@ -157,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(serve, decoding=True)
     serve.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
                        help="default method for requests that do not name one (default ddtree)")
-    serve.add_argument("--budget", type=budget_value, help="default ddtree budget for requests that give none: nodes, or 'auto' (default auto)")
+    serve.add_argument("--budget", type=budget_value,
+                       help="default ddtree budget for requests that give none: nodes, or 'auto' (default auto)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-queue", type=int, default=64,

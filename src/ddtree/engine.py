@@ -39,9 +39,9 @@ from .stopping import StopChecker
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes, chain_nodes, tree_size
 
 METHODS = ("ar", "dflash", "ddtree")
-# The default tree budget: chosen per round from this device's measured costs. It reached 0.99-1.05x
-# the best fixed budget chosen after the fact on four datasets, on the 2-core CPU and on the H200
-# (docs/results/README.md, issue 6).
+# The default tree budget: chosen per round from this device's measured costs. Against the best fixed
+# budget chosen after the fact it reached 0.99-1.05x on four datasets on the 2-core CPU, 0.99-1.00x on
+# the H200 with the PyTorch tree build and 0.96-0.98x with the Triton tree kernel (docs/results/README.md).
 DEFAULT_BUDGET = "auto"
 STAGES = ("prefill", "draft", "tree", "verify", "commit", "host")
 # Attended lengths are rounded up to a multiple of this, so a handful of graph shapes serve every context.
@@ -499,7 +499,7 @@ class Generation:
         noise = None
         if not self.params.greedy:
             ws.seed.fill_(seed_key(self.seed))  # read by the rounds' captured verify stages
-            noise = position_noise(ws.seed, ws.committed.view(1), ws.token_keys)
+            noise = self.engine.position_noise(ws.seed, ws.committed.view(1), ws.token_keys)
         ws.bonus.copy_(choose_tokens(ws.prompt_logits, self.params, noise=noise)[0])
         return self.stopper.push([int(ws.bonus)])
 
