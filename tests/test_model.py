@@ -161,3 +161,16 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
                          (compiled.drafter, ("project", "finish"))):
         for name in names:  # one compiled function, shared by the layers
             assert len({getattr(layer, name).func for layer in model.layers}) == 1
+
+
+def test_compile_mode_comes_from_the_environment_and_is_checked(monkeypatch):
+    from ddtree.errors import DDTreeError
+    from ddtree.model import compile_mode
+
+    monkeypatch.delenv("DDTREE_COMPILE_MODE", raising=False)
+    assert compile_mode() == "default"
+    monkeypatch.setenv("DDTREE_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    assert compile_mode() == "max-autotune-no-cudagraphs"
+    monkeypatch.setenv("DDTREE_COMPILE_MODE", "reduce-overhead")  # its CUDA graphs would clash with the engine's
+    with pytest.raises(DDTreeError, match="DDTREE_COMPILE_MODE='reduce-overhead'"):
+        compile_mode()

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from .model import compile_mode
+
 CALIBRATION_VERSION = 2
 # Candidate tree sizes (nodes, root not counted): with the root, multiples of 4 rows on the CPU and of
 # 8 on CUDA, shapes the matrix kernels handle well (on the 2-core CPU a 3-row forward took 112 ms and
@@ -51,7 +53,7 @@ def device_key(engine) -> str:
     from .engine import tree_kernel_for  # (engine imports this module)
 
     graphs = "graphs" if engine.graphs.enabled else "eager"
-    compiled = "-compiled" if engine.model.compiled else ""
+    compiled = f"-compiled-{compile_mode()}" if engine.model.compiled else ""
     kernel = "-treekernel" if tree_kernel_for(device) is not None else ""  # the tree stage costs differ
     return f"{name}-torch{torch.__version__}-{str(engine.dtype).removeprefix('torch.')}-{graphs}{compiled}{kernel}"
 

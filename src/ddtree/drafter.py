@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import DDTreeError
 from .model import (
-    MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions,
+    MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions, keep,
     load_weights, rope_inverse_frequencies,
 )
 
@@ -149,8 +149,8 @@ class DraftAttention(nn.Module):
 
 
 class DraftLayer(nn.Module):
-    """Like the target's layers: `project` and `finish` are pure functions around the cache write and
-    the attention, which `Drafter.compile_layers` compiles."""
+    """Like the target's layers: `project` (the cache write included) and `finish` are pure functions
+    around the attention, which `Drafter.compile_layers` compiles."""
 
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
@@ -159,16 +159,18 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def project(self, x, context, rope_block, rope_context):
-        return self.self_attn.project(self.input_layernorm(x), context, rope_block, rope_context)
+    def project(self, x, context, rope_block, rope_context, cache: LayerKV | None = None, slots=0):
+        """Queries, and keys and values (None once stored in `cache`: see `model.keep`)."""
+        q, kv = self.self_attn.project(self.input_layernorm(x), context, rope_block, rope_context)
+        return q, keep(kv, cache, slots)
 
     def finish(self, x, attended):
         x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward(self, x, context, rope_block, rope_context, bias, cache: LayerKV | None, slots):
-        q, kv = self.project(x, context, rope_block, rope_context)
-        k, v = cache.write(slots, kv, bias.shape[-1]) if cache is not None else kv
+        q, kv = self.project(x, context, rope_block, rope_context, cache, slots)
+        k, v = cache.read(bias.shape[-1]) if cache is not None else kv
         return self.finish(x, attention(q, k, v, bias))
 
 

@@ -9,6 +9,7 @@ speculative decoding needs from a target: trees are just masks and positions.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -166,15 +167,27 @@ class LayerKV(NamedTuple):
 
     kv: torch.Tensor
 
-    def write(self, slots, kv: torch.Tensor, length: int):
+    def store(self, slots, kv: torch.Tensor) -> None:
         """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (the first slot as an int, or a
-        tensor of T slot indices, which keeps shapes static for graph capture) in one copy, and returns
-        the keys and the values of rows 0..length."""
+        tensor of T slot indices, which keeps shapes static for graph capture) in one copy."""
         if isinstance(slots, int):
             self.kv[:, :, :, slots:slots + kv.shape[3]] = kv
         else:
             self.kv.index_copy_(3, slots, kv)
+
+    def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and the values of slots 0..length."""
         return self.kv[0, :, :, :length], self.kv[1, :, :, :length]
+
+
+def keep(kv: torch.Tensor, cache: LayerKV | None, slots) -> torch.Tensor | None:
+    """Where a layer's projection leaves its keys and values: in the cache at `slots` (then None is
+    returned), or, without a cache, returned. Called inside the compiled projections, so that under
+    --compile the copy into the cache fuses with the rotary that makes the keys: one kernel fewer a layer."""
+    if cache is None:
+        return kv
+    cache.store(slots, kv)
+    return None
 
 
 class KVCache:
@@ -245,9 +258,8 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Between the cache write and the attention (which take any mask and slots) the layer's work is
-    pure functions of fixed shapes, which `Decoder.compile_layers` compiles: `project` (norm, QKV,
-    rotary), `finish` (output projection, residual, norm, MLP, residual), and `finish_and_project`,
+    """Around the attention (which takes any mask) the layer's work is pure functions of fixed shapes,
+    which `Decoder.compile_layers` compiles: `project` (norm, QKV, rotary, the cache write), `finish` (output projection, residual, norm, MLP, residual), and `finish_and_project`,
     one layer's finish and the next layer's project in one function, so that the residual add and
     the next norm fuse."""
 
@@ -258,28 +270,46 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def project(self, x, cos, sin):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+    def project(self, x, cos, sin, cache: LayerKV | None = None, slots=0):
+        """Queries, and keys and values (None once stored in `cache`: see `keep`)."""
+        q, kv = self.self_attn.project(self.input_layernorm(x), cos, sin)
+        return q, keep(kv, cache, slots)
 
     def finish(self, x, attended):
         x = x + self.self_attn.o_proj(attended)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def finish_and_project(self, following: "DecoderLayer", x, attended, cos, sin):
+    def finish_and_project(self, following: "DecoderLayer", x, attended, cos, sin, cache: LayerKV | None = None,
+                           slots=0):
         # the plain functions, not the compiled ones compile_layers put on the instances
         x = DecoderLayer.finish(self, x, attended)
-        return x, DecoderLayer.project(following, x, cos, sin)
+        return x, DecoderLayer.project(following, x, cos, sin, cache, slots)
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_mode() -> str:
+    """torch.compile's mode for the layers: DDTREE_COMPILE_MODE, or "default". "max-autotune-no-cudagraphs"
+    tries Triton GEMMs that can take the adds and the SiLU around them (longer compiles). Modes that add
+    CUDA graphs are refused: the engine captures its own."""
+    mode = os.environ.get("DDTREE_COMPILE_MODE") or "default"
+    if mode not in COMPILE_MODES:
+        from .errors import DDTreeError
+
+        raise DDTreeError(f"DDTREE_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    return mode
 
 
 def compile_layer_functions(layers: nn.ModuleList, names: tuple[str, ...]) -> None:
     """torch.compile the layers' functions `names`, fusing the norms, rotary, SiLU and residual adds
     around the GEMMs. The layers share the compiled code: they differ only in their weights, which
     the compiler takes as inputs; and only the row count varies, which the compiler makes symbolic
-    once it has seen two (so prompts of any length do not each compile). The cache write and the
-    attention, which take any mask and slots, stay as they are."""
+    once it has seen two (so prompts of any length do not each compile). The attention, which takes
+    any mask, stays as it is."""
     kind = type(layers[0])
     for name in names:
-        compiled = torch.compile(getattr(kind, name), fullgraph=True)
+        compiled = torch.compile(getattr(kind, name), fullgraph=True, mode=compile_mode())
         for layer in layers:
             setattr(layer, name, functools.partial(compiled, layer))
 
@@ -327,12 +357,14 @@ class Decoder(nn.Module):
         bias = attention_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
         tapped = {}
         last = len(self.layers) - 1
-        q, kv = self.layers[0].project(x, cos, sin)
+        caches = [cache.layer(i) if cache is not None else None for i in range(len(self.layers))]
+        q, kv = self.layers[0].project(x, cos, sin, caches[0], slots)
         for index, layer in enumerate(self.layers):
-            k, v = cache.layer(index).write(slots, kv, bias.shape[-1]) if cache is not None else kv
+            k, v = caches[index].read(bias.shape[-1]) if cache is not None else kv
             attended = attention(q, k, v, bias)
             if index < last:
-                x, (q, kv) = layer.finish_and_project(self.layers[index + 1], x, attended, cos, sin)
+                x, (q, kv) = layer.finish_and_project(self.layers[index + 1], x, attended, cos, sin,
+                                                      caches[index + 1], slots)
             else:
                 x = layer.finish(x, attended)
             if index in taps:
