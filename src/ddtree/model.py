@@ -259,9 +259,9 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Around the attention (which takes any mask) the layer's work is pure functions of fixed shapes,
-    which `Decoder.compile_layers` compiles: `project` (norm, QKV, rotary, the cache write), `finish` (output projection, residual, norm, MLP, residual), and `finish_and_project`,
-    one layer's finish and the next layer's project in one function, so that the residual add and
-    the next norm fuse."""
+    which `Decoder.compile_layers` compiles: `project` (norm, QKV, rotary, the cache write), `finish`
+    (output projection, residual, norm, MLP, residual), and `finish_and_project`, one layer's finish
+    and the next layer's project in one function, so that the residual add and the next norm fuse."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
