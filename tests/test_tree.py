@@ -216,3 +216,17 @@ def test_best_first_tree_gives_a_valid_mask():
     log_probs = random_log_probs(4, 5, 3)
     tree = best_first_tree(log_probs, 60)
     assert torch.equal(ancestor_mask(torch.tensor([0] + tree.parents), 4), brute_ancestors([0] + tree.parents))
+
+
+def test_a_plan_no_deeper_than_its_budget_builds_the_same_tree():
+    """A tree of B nodes is at most B deep, so the engine plans small budgets over their first B depths
+    only (and drafts only those): the nodes must be those of the full-depth plan."""
+    log_probs = random_log_probs(15, 40, 3)
+    log_probs[:, 0] += 6.0
+    log_probs = torch.log_softmax(log_probs, dim=-1)  # a confident drafter: chains run deep
+    for budget in (1, 3, 7, 14):
+        full = best_first_nodes(log_probs, FrontierPlan(budget, 15, 40))
+        short = best_first_nodes(log_probs[:budget], FrontierPlan(budget, budget, 40))
+        assert all(torch.equal(a, b) for a, b in zip(full, short))
+        if budget <= 7:  # so confident that these trees are chains: the depth limit is reached
+            assert int(full[2].max()) == budget

@@ -348,9 +348,10 @@ class Workspace:
         return min(round_up(self.block + committed, self.attend_step), self.draft_cache.capacity)
 
     def plan(self, budget: int) -> FrontierPlan:
+        """The tree plan of `budget` nodes: no deeper than the block, nor than `budget` (a tree's depth)."""
         if budget not in self.plans:
             depth, vocab = self.log_probs.shape
-            self.plans[budget] = FrontierPlan(budget, depth, vocab, self.log_probs.device)
+            self.plans[budget] = FrontierPlan(budget, min(depth, budget), vocab, self.log_probs.device)
         return self.plans[budget]
 
     def kernel_plan(self, plan: FrontierPlan):
@@ -419,6 +420,9 @@ class Generation:
         self.auto = engine.auto_budget() if self.budget == "auto" else None
         nodes = self.auto.largest if self.auto is not None else self.budget
         self.tree_budget = nodes if method == "ddtree" else None
+        # A tree of n nodes is at most n deep, so a small budget needs the drafter's distributions (its LM
+        # head, three one-row target forwards' work over all 15 depths) at fewer depths.
+        self.draft_depth = min(depth, nodes) if method == "ddtree" else depth
         self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(nodes or 1, depth, engine.model.cfg.vocab_size)}[method]
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
         self.context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
@@ -557,7 +561,7 @@ class Generation:
         """A round's draft; the first round's (`prompt_rows` given) reads the prefill's features instead."""
         ws = self.workspace
         features = ws.features if prompt_rows is None else ws.prompt_features[:, :prompt_rows]
-        return ("draft", attend, prompt_rows), lambda: self.draft(features, attend)
+        return ("draft", attend, prompt_rows, self.draft_depth), lambda: self.draft(features, attend)
 
     def tree_stage(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> tuple:
         return ("tree", self.method, tree.key), lambda: self.build_tree(tree, plan)
@@ -655,19 +659,20 @@ class Generation:
             model.embed_tokens(block_ids[None]), block_positions[None], features, context_positions[None],
             mask[None, None, None], ws.draft_cache, slots,
         )
-        ws.log_probs.copy_(torch.log_softmax(model.logits(hidden[0, 1:]), dim=-1))
+        depth = self.draft_depth
+        ws.log_probs[:depth].copy_(torch.log_softmax(model.logits(hidden[0, 1:depth + 1]), dim=-1))
 
     def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
         ws = self.workspace
         tree.ids[0] = ws.bonus
         scores = None
         if plan is not None and ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
-            ws.tree_kernel.build(ws.log_probs, ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,
+            ws.tree_kernel.build(ws.log_probs[:plan.depth], ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,
                                  tree.scores, tree.mask)
             scores = tree.scores
         else:
             if plan is not None:
-                tokens, parents, depths, scores = best_first_nodes(ws.log_probs, plan)
+                tokens, parents, depths, scores = best_first_nodes(ws.log_probs[:plan.depth], plan)
                 if tree.scores is not None:
                     tree.scores.copy_(scores)
             else:
