@@ -420,13 +420,13 @@ class Generation:
         self.auto = engine.auto_budget() if self.budget == "auto" else None
         nodes = self.auto.largest if self.auto is not None else self.budget
         self.tree_budget = nodes if method == "ddtree" else None
-        # A tree of n nodes is at most n deep, so a small budget needs the drafter's distributions (its LM
-        # head, three one-row target forwards' work over all 15 depths) at fewer depths.
-        self.draft_depth = min(depth, nodes) if method == "ddtree" else depth
         self.size = 1 + {"ar": 0, "dflash": depth, "ddtree": tree_size(nodes or 1, depth, engine.model.cfg.vocab_size)}[method]
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
         self.context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
         self.workspace = engine.workspace_for(self.context, self.size)
+        # The depths drafted: those the largest tree's plan has (a tree of n nodes is at most n deep), so a
+        # small budget runs the drafter's LM head, three one-row target forwards' work at 15 depths, at fewer.
+        self.draft_depth = self.workspace.plan(nodes).depth if method == "ddtree" else depth
         self.prompt_rows = 0  # rows of the prefill, whose features are the first draft's context
         self.probed = False  # auto: whether the last round was a probe
         self.rounds = 0  # launched so far

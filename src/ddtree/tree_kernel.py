@@ -56,7 +56,7 @@ class KernelPlan:
 
     def __init__(self, plan, device, num_warps: int = 8):
         self.num_warps = num_warps
-        depth = len(plan.widths)
+        depth = plan.depth
         self.depth, self.size, self.tokens = depth, plan.size, plan.tokens
         self.width_pad = power_of_two(max(plan.widths))
         spans = plan.spans or [(0, 0)]
