@@ -138,12 +138,15 @@ def test_smollm2_tokenizer_ends_turns_with_im_end(smollm2_target):
 def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dirs):
     """--compile: every method's output unchanged, and the layers share the compiled code: three
     functions for the target's layers (4 here) and two for the drafter's, each compiled at most three
-    times (the first row count, then any, and one row, which the compiler always specialises),
-    whatever the prompt lengths; and the sampling noise, compiled too, draws what the eager one draws."""
+    times with a cache (the first row count, then any, and one row, which the compiler always
+    specialises) and twice without one (the benchmark's margin forwards), whatever the prompt lengths
+    and tree sizes; and the sampling noise, compiled too, draws what the eager one draws. (The
+    compiler's default limit is eight variants a function, past which a compiled forward fails.)"""
     import torch._dynamo
 
     from conftest import random_prompts
     from ddtree.api import load
+    from ddtree.bench import logit_margin
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -156,6 +159,10 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
             assert got.token_ids == want.token_ids and got.acceptance_lengths == want.acceptance_lengths
         sampled = dict(method="ddtree", budget=6, max_new_tokens=10, temperature=0.8, seed=3)  # compiled noise too
         assert compiled.generate(prompt, **sampled).token_ids == plain.generate(prompt, **sampled).token_ids
+        for method, budget in (("dflash", 6), ("ddtree", 3), ("ddtree", 12)):
+            assert (compiled.generate(prompt, method=method, budget=budget, max_new_tokens=10).token_ids
+                    == plain.generate(prompt, method=method, budget=budget, max_new_tokens=10).token_ids)
+        assert logit_margin(compiled, prompt) == pytest.approx(logit_margin(plain, prompt), abs=1e-4)
     assert 5 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 18
     for model, names in ((compiled.model, ("project", "finish", "finish_and_project")),
                          (compiled.drafter, ("project", "finish"))):

@@ -159,7 +159,8 @@ class DraftLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def project(self, x, context, rope_block, rope_context, cache: LayerKV | None = None, slots=0):
+    def project(self, x, context, rope_block, rope_context, cache: LayerKV | None = None,
+                slots: torch.Tensor | None = None):
         """Queries, and keys and values (None once stored in `cache`: see `model.keep`)."""
         q, kv = self.self_attn.project(self.input_layernorm(x), context, rope_block, rope_context)
         return q, keep(kv, cache, slots)

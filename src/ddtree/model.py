@@ -167,20 +167,17 @@ class LayerKV(NamedTuple):
 
     kv: torch.Tensor
 
-    def store(self, slots, kv: torch.Tensor) -> None:
-        """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (the first slot as an int, or a
-        tensor of T slot indices, which keeps shapes static for graph capture) in one copy."""
-        if isinstance(slots, int):
-            self.kv[:, :, :, slots:slots + kv.shape[3]] = kv
-        else:
-            self.kv.index_copy_(3, slots, kv)
+    def store(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (a tensor of T slot indices,
+        which keeps shapes static for graph capture) in one copy."""
+        self.kv.index_copy_(3, slots, kv)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and the values of slots 0..length."""
         return self.kv[0, :, :, :length], self.kv[1, :, :, :length]
 
 
-def keep(kv: torch.Tensor, cache: LayerKV | None, slots) -> torch.Tensor | None:
+def keep(kv: torch.Tensor, cache: LayerKV | None, slots: torch.Tensor | None) -> torch.Tensor | None:
     """Where a layer's projection leaves its keys and values: in the cache at `slots` (then None is
     returned), or, without a cache, returned. Called inside the compiled projections, so that under
     --compile the copy into the cache fuses with the rotary that makes the keys: one kernel fewer a layer."""
@@ -270,7 +267,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def project(self, x, cos, sin, cache: LayerKV | None = None, slots=0):
+    def project(self, x, cos, sin, cache: LayerKV | None = None, slots: torch.Tensor | None = None):
         """Queries, and keys and values (None once stored in `cache`: see `keep`)."""
         q, kv = self.self_attn.project(self.input_layernorm(x), cos, sin)
         return q, keep(kv, cache, slots)
@@ -280,7 +277,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def finish_and_project(self, following: "DecoderLayer", x, attended, cos, sin, cache: LayerKV | None = None,
-                           slots=0):
+                           slots: torch.Tensor | None = None):
         # the plain functions, not the compiled ones compile_layers put on the instances
         x = DecoderLayer.finish(self, x, attended)
         return x, DecoderLayer.project(following, x, cos, sin, cache, slots)
@@ -308,6 +305,10 @@ def compile_layer_functions(layers: nn.ModuleList, names: tuple[str, ...]) -> No
     once it has seen two (so prompts of any length do not each compile). The attention, which takes
     any mask, stays as it is."""
     kind = type(layers[0])
+    # With fullgraph, a function past the compiler's recompile limit (8 by default) fails instead of
+    # running eagerly. Ours stay at five (with a cache: one row, the first row count, any; without: the
+    # first, any; tested), but a long benchmark should not die on a new caller's variant or two.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for name in names:
         compiled = torch.compile(getattr(kind, name), fullgraph=True, mode=compile_mode())
         for layer in layers:
@@ -348,7 +349,8 @@ class Decoder(nn.Module):
         input_ids, positions: [B, T]. mask: bool [B or 1, 1, T, L]: which of the cache slots 0..L (with
         the new rows already written) each new token sees; without a cache, [.., T, T] over the new
         tokens. With a cache, the new rows are written at `slots`: the first of T consecutive slots as
-        an int, or a tensor of T slot indices. Returns the final-normed hidden states [B, T, hidden]
+        an int, or a tensor of T slot indices (what the compiled layers take: an int there would compile
+        once per value). Returns the final-normed hidden states [B, T, hidden]
         and the outputs of the decoder layers in `taps`, concatenated on the last axis
         ([B, T, len(taps) * hidden]).
         """
@@ -358,6 +360,8 @@ class Decoder(nn.Module):
         tapped = {}
         last = len(self.layers) - 1
         caches = [cache.layer(i) if cache is not None else None for i in range(len(self.layers))]
+        if isinstance(slots, int):
+            slots = torch.arange(slots, slots + input_ids.shape[1], device=input_ids.device)
         q, kv = self.layers[0].project(x, cos, sin, caches[0], slots)
         for index, layer in enumerate(self.layers):
             k, v = caches[index].read(bias.shape[-1]) if cache is not None else kv
