@@ -28,7 +28,7 @@ def test_tree_kernel_in_triton_interpreter():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "8 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
+    assert "7 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
 
 
 def kernel_tree(log_probs: torch.Tensor, budget: int):
@@ -57,21 +57,6 @@ def test_kernel_tree_equals_the_heap(vocab, depth, seed):
         prefixes = check_structure(tree, log_probs)
         assert set(prefixes) == set(node_prefixes(best_first_tree(log_probs, budget)))
         assert tree.scores == sorted(tree.scores, reverse=True)
-
-
-@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
-def test_top_tokens_equal_torch_topk():
-    """The kernel's own vocabulary top-k: torch.topk's values and ids, over several chunks with a
-    partial last one (small chunks: the interpreter is slow), with impossible (-inf) tokens, and from
-    rows of a wider buffer."""
-    vocab = 2 * 64 + 20
-    wide = torch.log_softmax(torch.randn(4, vocab, generator=torch.Generator().manual_seed(6)) * 3, dim=-1)
-    wide[1, ::3] = float("-inf")
-    for budget in (1, 7, 64):
-        plan = FrontierPlan(budget, 3, vocab)
-        values, ids = tree_kernel.top_tokens(wide[:3], tree_kernel.KernelPlan(plan, wide.device, top_chunk=64))
-        want_values, want_ids = wide[:3].topk(budget, dim=-1)
-        assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")

@@ -88,7 +88,7 @@ class FrontierPlan:
     scores at least as high: about budget * ln(budget) pairs instead of budget * vocab."""
 
     def __init__(self, budget: int, depth: int, vocab: int, device=None):
-        self.budget, self.tokens, self.depth, self.vocab = budget, min(budget, vocab), depth, vocab
+        self.budget, self.tokens, self.depth = budget, min(budget, vocab), depth
         self.widths = frontier_widths(budget, depth, vocab)
         self.size = tree_size(budget, depth, vocab)
         # The pairs of all depths below the first, in one flat table: the rank of the prefix above

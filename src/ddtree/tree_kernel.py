@@ -7,9 +7,7 @@ the plan's (prefix, token) pairs, sorts them and keeps the best `width` (a biton
 score-and-index keys); then it ranks every depth's candidates together, shallower first on ties,
 links each node to its parent and writes the ancestor-or-self mask by walking up the parents.
 Between steps the program passes data through global scratch memory, with a barrier after every
-write that later loads read. The per-depth top tokens come from two small kernels beforehand
-(`top_tokens`): `torch.topk` over a 49k vocabulary costs 0.06 ms on the H200 whether it ranks 2 rows
-or 15, about half the tree stage, for want of parallel work.
+write that later loads read. The per-depth top tokens come from one `torch.topk` beforehand.
 
 Used where `available(device)` (Triton importable and a CUDA device) for trees of up to MAX_NODES
 nodes. Tested against the PyTorch path in Triton's interpreter (TRITON_INTERPRET=1) on the CPU, and
@@ -52,18 +50,11 @@ def power_of_two(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
-# The vocabulary top-k in two steps: every (depth, chunk of TOP_CHUNK tokens) program sorts its chunk and
-# keeps its best k, 360 programs for SmolLM2's 15 depths; then one program a depth sorts those
-# candidates. Each sorts packed score-and-index keys, so ties go to the lower token id.
-TOP_CHUNK = 2048
-
-
 class KernelPlan:
     """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps.
-    `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others);
-    `top_chunk`: the vocabulary chunk of the top-k's first step (at least the tokens kept a depth)."""
+    `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others)."""
 
-    def __init__(self, plan, device, num_warps: int = 8, top_chunk: int = TOP_CHUNK):
+    def __init__(self, plan, device, num_warps: int = 8):
         self.num_warps = num_warps
         depth = plan.depth
         self.depth, self.size, self.tokens = depth, plan.size, plan.tokens
@@ -86,23 +77,6 @@ class KernelPlan:
         self.node_of = torch.empty(depth * self.width_pad, dtype=torch.int32, device=device)
         self.parents = torch.empty(self.node_pad, dtype=torch.int32, device=device)
         self.node_scores = torch.empty(plan.size, dtype=torch.float32, device=device)
-        self.top_values = torch.empty(depth, self.tokens, dtype=torch.float32, device=device)
-        self.top_ids = torch.empty(depth, self.tokens, dtype=torch.long, device=device)
-        self.top_chunk = max(min(top_chunk, power_of_two(plan.vocab)), power_of_two(self.tokens))
-        self.chunks = -(-plan.vocab // self.top_chunk)
-        self.chunk_keys = torch.empty(depth, self.chunks * self.tokens, dtype=torch.int64, device=device)
-
-
-def top_tokens(log_probs: torch.Tensor, kplan: KernelPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best `kplan.tokens` log-probs of each row of `log_probs` [depth, vocab] (float32) and their
-    token ids, sorted best first: `torch.topk`'s result, in kplan's buffers."""
-    depth, vocab = log_probs.shape
-    _chunk_top_k[(depth, kplan.chunks)](log_probs, log_probs.stride(0), kplan.chunk_keys, VOCAB=vocab,
-                                        CHUNK=kplan.top_chunk, CHUNKS=kplan.chunks, K=kplan.tokens, num_warps=8)
-    candidates = kplan.chunks * kplan.tokens
-    _merge_top_k[(depth,)](kplan.chunk_keys, kplan.top_values, kplan.top_ids, TOKEN_PAD=kplan.chunks * kplan.top_chunk,
-                           K=kplan.tokens, CANDIDATES=candidates, CANDIDATE_PAD=power_of_two(candidates), num_warps=8)
-    return kplan.top_values, kplan.top_ids
 
 
 def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents: torch.Tensor,
@@ -110,9 +84,7 @@ def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents
     """Fills nodes 1..size of `ids`, `parents` and `depths` (row 0, the root, is the caller's), the
     nodes' path scores into `scores` [size] (when given), and the ancestor-or-self `mask`
     [size+1, size+1] (rows may be strided)."""
-    log_probs = log_probs.float()
-    # (Triton's interpreter, on the CPU, sorts slowly: there torch.topk, and tests check top_tokens alone)
-    top_values, top_ids = top_tokens(log_probs, kplan) if log_probs.is_cuda else log_probs.topk(kplan.tokens, dim=-1)
+    top_values, top_ids = log_probs.float().topk(kplan.tokens, dim=-1)
     _best_first_tree[(1,)](
         top_values, top_ids, kplan.left, kplan.token, kplan.pair_count, kplan.widths,
         kplan.scores, kplan.pairs, kplan.node_of, kplan.parents,
@@ -140,29 +112,6 @@ if triton is not None:
         bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
         low = key - ((key >> 32) << 32)  # the index part, without a 64-bit mask literal
         return bits.to(tl.float32, bitcast=True), INDEX_LIMIT - low.to(tl.int32)
-
-    @triton.jit
-    def _chunk_top_k(log_probs, row_stride, chunk_keys, VOCAB: tl.constexpr, CHUNK: tl.constexpr,
-                     CHUNKS: tl.constexpr, K: tl.constexpr):
-        row, chunk = tl.program_id(0), tl.program_id(1)
-        token = chunk * CHUNK + tl.arange(0, CHUNK)
-        real = token < VOCAB
-        score = tl.load(log_probs + row * row_stride + token, mask=real, other=0.0)
-        best = tl.sort(_sort_key(score, token, real, CHUNKS * CHUNK), descending=True)
-        rank = tl.arange(0, CHUNK)
-        tl.store(chunk_keys + (row * CHUNKS + chunk) * K + rank, best, mask=rank < K)
-
-    @triton.jit
-    def _merge_top_k(chunk_keys, top_values, top_ids, TOKEN_PAD: tl.constexpr, K: tl.constexpr,
-                     CANDIDATES: tl.constexpr, CANDIDATE_PAD: tl.constexpr):
-        row = tl.program_id(0)
-        listed = tl.arange(0, CANDIDATE_PAD)
-        lowest = (tl.zeros([CANDIDATE_PAD], tl.int64) - 2147483648) << 32  # below every packed key
-        keys = tl.load(chunk_keys + row * CANDIDATES + listed, mask=listed < CANDIDATES, other=0)
-        keys = tl.sort(tl.where(listed < CANDIDATES, keys, lowest), descending=True)
-        value, token = _unpack(keys, TOKEN_PAD)
-        tl.store(top_values + row * K + listed, value, mask=listed < K)
-        tl.store(top_ids + row * K + listed, token.to(tl.int64), mask=listed < K)
 
     @triton.jit
     def _best_first_tree(top_values, top_ids, left_table, token_table, pair_count, widths,
