@@ -52,10 +52,12 @@ def power_of_two(n: int) -> int:
 
 class KernelPlan:
     """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps.
-    `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others)."""
+    `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others);
+    by default 16 from 128 nodes, 8 below (on the H200 16 warps took 0.178 against 0.212 ms at 128 nodes
+    and 0.414 against 0.547 at 256, the same at 64 and slower below; h200-tree-kernel-warps.json)."""
 
-    def __init__(self, plan, device, num_warps: int = 8):
-        self.num_warps = num_warps
+    def __init__(self, plan, device, num_warps: int | None = None):
+        self.num_warps = num_warps or (16 if plan.size >= 128 else 8)
         depth = plan.depth
         self.depth, self.size, self.tokens = depth, plan.size, plan.tokens
         self.width_pad = power_of_two(max(plan.widths))
