@@ -83,24 +83,6 @@ def test_measured_round_times_correct_the_calibration():
     assert auto.correction[15] == pytest.approx(1.0)
 
 
-def test_a_shallower_draft_saves_on_its_rounds_but_not_on_probes():
-    """A small size drafts fewer depths: its rounds cost its saving less, while a probe round (which
-    drafts the largest tree's depths) costs the probe's extra plus that saving; probes are spaced by
-    the largest tree's cost alone, so that auto keeps learning early."""
-    plain = synthetic({3: 5, 63: 30}, fixed_ms=10.0, probe_ms=1.0)
-    shallow = RoundCosts(plain.sizes, plain.contexts, plain.fixed, plain.per_size, plain.probe,
-                         {3: [0.004, 0.004], 63: [0.0, 0.0]})
-    assert shallow.predict(3, 500) == pytest.approx(0.011) and shallow.predict(63, 500) == pytest.approx(0.040)
-    assert shallow.probe_extra(3, 500) == pytest.approx(0.005) and shallow.probe_extra(63, 500) == pytest.approx(0.001)
-    assert shallow.probe_interval(0.02) == math.ceil(0.001 / (0.02 * 0.011))
-    auto = AutoBudget(shallow, torch.device("cpu"))
-    auto.observe(3, 500, 0.011 + 0.005, probed=True)  # as predicted for a probe: no correction
-    assert auto.correction[3] == pytest.approx(1.0)
-    assert RoundCosts.from_json(shallow.to_json()) == shallow
-    with pytest.raises(ValueError):  # a saving as large as the whole draft
-        RoundCosts.from_json(shallow.to_json() | {"savings": {"3": [0.01, 0.01]}})
-
-
 def test_interpolation_in_context():
     assert interpolate([100, 1000], [1.0, 2.0], 550) == pytest.approx(1.5)
     assert interpolate([100, 1000], [1.0, 2.0], 1900) == pytest.approx(3.0)  # extended past the end

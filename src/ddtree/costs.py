@@ -28,7 +28,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -77,43 +77,28 @@ def calibration_path(engine) -> str:
 
 @dataclass
 class RoundCosts:
-    """Seconds per round, measured at `contexts`: `fixed[c]` (the drafter pass at the largest tree's
-    depths), `per_size[n][c]` (building, verifying and committing an n-node tree, and reading the result
-    on the host), `probe[c]` (building the tree at the largest size and reading every size's expected
-    yield) and `savings[n][c]` (what an n-node round's shallower draft saves against `fixed`: a tree of
-    n nodes is at most n deep; absent means none)."""
+    """Seconds per round, measured at `contexts`: `fixed[c]` (the drafter pass), `per_size[n][c]`
+    (building, verifying and committing an n-node tree, and reading the result on the host), and
+    `probe[c]` (building the tree at the largest size and reading every size's expected yield)."""
 
     sizes: list[int]
     contexts: list[int]
     fixed: list[float]
     per_size: dict[int, list[float]]
     probe: list[float]
-    savings: dict[int, list[float]] = field(default_factory=dict)
 
     def predict(self, size: int, context: int) -> float:
-        return (interpolate(self.contexts, self.fixed, context) + interpolate(self.contexts, self.per_size[size], context)
-                - self.saving(size, context))
-
-    def saving(self, size: int, context: int) -> float:
-        return interpolate(self.contexts, self.savings[size], context) if size in self.savings else 0.0
-
-    def probe_extra(self, size: int, context: int) -> float:
-        """What a probe round costs on top of a round of `size`: the largest tree, and its full-depth draft."""
-        return interpolate(self.contexts, self.probe, context) + self.saving(size, context)
+        return interpolate(self.contexts, self.fixed, context) + interpolate(self.contexts, self.per_size[size], context)
 
     def probe_interval(self, share: float) -> int:
-        """Rounds per probe so that building the largest tree costs at most `share` of the decoding time.
-        The full-depth draft a probe adds to a shallow size's round is left out: counted, probes on the
-        2-core CPU came 13 rounds apart instead of 2, and the first, prior-driven choice (31 nodes) held
-        for most of a short answer (the README's prompt: 34 -> 27 tokens/s)."""
+        """Rounds per probe so that probing costs at most `share` of the decoding time."""
         context = self.contexts[-1]
         cheapest = min(self.predict(size, context) for size in self.sizes)
         return max(1, min(MAX_PROBE_INTERVAL, math.ceil(interpolate(self.contexts, self.probe, context) / (share * cheapest))))
 
     def to_json(self) -> dict:
         return {"sizes": self.sizes, "contexts": self.contexts, "fixed": self.fixed,
-                "per_size": {str(k): v for k, v in self.per_size.items()}, "probe": self.probe,
-                "savings": {str(k): v for k, v in self.savings.items()}}
+                "per_size": {str(k): v for k, v in self.per_size.items()}, "probe": self.probe}
 
     @classmethod
     def from_json(cls, data: dict) -> "RoundCosts":
@@ -121,15 +106,13 @@ class RoundCosts:
         sizes, contexts = [int(s) for s in data["sizes"]], [int(c) for c in data["contexts"]]
         fixed, probe = [float(x) for x in data["fixed"]], [float(x) for x in data["probe"]]
         per_size = {int(k): [float(x) for x in v] for k, v in data["per_size"].items()}
-        savings = {int(k): [float(x) for x in v] for k, v in data.get("savings", {}).items()}
         numbers = fixed + probe + [x for v in per_size.values() for x in v]
         if (not sizes or sorted(per_size) != sorted(sizes) or len(fixed) != len(contexts)
                 or len(probe) != len(contexts) or any(len(v) != len(contexts) for v in per_size.values())
-                or contexts != sorted(set(contexts)) or not set(savings) <= set(sizes)
-                or any(len(v) != len(contexts) or not all(0 <= x < f for x, f in zip(v, fixed)) for v in savings.values())
+                or contexts != sorted(set(contexts))
                 or not all(math.isfinite(x) and x > 0 for x in numbers)):
             raise ValueError("incomplete or invalid calibration")
-        return cls(sizes, contexts, fixed, per_size, probe, savings)
+        return cls(sizes, contexts, fixed, per_size, probe)
 
 
 def interpolate(xs: list[int], ys: list[float], x: float) -> float:
@@ -178,7 +161,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
                       if c + max(sizes) + depth + 2 < engine.context_limit) or [min(64, engine.context_limit // 4)]
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(vocab, (max(contexts),), generator=generator).tolist()
-    fixed, probe, per_size, savings = [], [], {size: [] for size in sizes}, {size: [] for size in sizes}
+    fixed, probe, per_size = [], [], {size: [] for size in sizes}
     bar = tqdm(total=len(contexts) * (len(sizes) + 1), desc="calibrating round costs", unit="stage",
                file=sys.stderr)
     with torch.inference_mode():
@@ -188,7 +171,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
             gen.prefill()
             ws = gen.workspace
             # a round drafts the depths its tree can use: the largest tree's (a probe's) are the fixed
-            # part, and what a smaller size's shallower draft saves is kept apart (a probe does not save it)
+            # part, and what a smaller size's shallower draft saves is counted in its own cost
             drafts = {depth: time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context), None, depth), repeats)
                       for depth in sorted({ws.plan(size).depth for size in sizes})}
             fixed.append(drafts[ws.plan(max(sizes)).depth])
@@ -199,13 +182,13 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
                 tree, plan = ws.tree(size + 1, engine), ws.plan(size)
                 seconds = time_stage(engine, lambda: gen.run_tree(tree, plan), repeats)
                 seconds += time_stage(engine, lambda: gen.run_verify(tree, ws.attend(context + tree.size)), repeats)
-                savings[size].append(max(0.0, fixed[-1] - drafts[plan.depth]))
-                per_size[size].append(seconds + commit_and_host_seconds(engine, gen, tree, repeats))
+                saving = fixed[-1] - drafts[plan.depth]
+                per_size[size].append(seconds + commit_and_host_seconds(engine, gen, tree, repeats) - saving)
                 bar.update(1)
     bar.close()
     # Every candidate size is measured, so no curve is fitted over sizes: the cost is a step function of
     # the shape (graph buckets, matrix-kernel choices), and need not even rise with the size.
-    return RoundCosts(sizes, contexts, fixed, per_size, probe, savings)
+    return RoundCosts(sizes, contexts, fixed, per_size, probe)
 
 
 def commit_and_host_seconds(engine, gen, tree, repeats: int) -> float:
@@ -256,8 +239,7 @@ def costs_table(costs: RoundCosts) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for size in costs.sizes:
         lines.append(f"| {size} | " + " | ".join(f"{1000 * costs.predict(size, c):.2f}" for c in costs.contexts) + " |")
-    lines.append("| (a probe's extra: the largest tree, and the full-depth draft where a size drafts fewer) | "
-                 + " | ".join(f"{1000 * x:.2f}" for x in costs.probe) + " |")
+    lines.append("| (a probe's extra: the largest tree) | " + " | ".join(f"{1000 * x:.2f}" for x in costs.probe) + " |")
     lines.append(f"\nauto probes every {costs.probe_interval(PROBE_SHARE)} rounds\n")
     return "\n".join(lines) + "\n"
 
@@ -337,7 +319,7 @@ class AutoBudget:
         a fifth. A probe round is compared with its prediction plus the probe's extra."""
         predicted = self.costs.predict(size, context)
         if probed:
-            predicted += self.costs.probe_extra(size, context)
+            predicted += interpolate(self.costs.contexts, self.costs.probe, context)
         ratio = seconds / predicted
         if ratio >= OUTLIER:
             return
