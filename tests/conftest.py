@@ -205,9 +205,9 @@ class Oracle:
         real = engine_module.Generation.draft
         oracle = self
 
-        def draft(gen, features, attend, drafted):
-            real(gen, features, attend, drafted)
-            log_probs = gen.workspace.log_probs[:drafted]  # edited in place: the tree stage reads it next
+        def draft(gen, features, attend):
+            real(gen, features, attend)
+            log_probs = gen.workspace.log_probs  # edited in place: the tree stage reads it next
             oracle.calls += 1
             prefix = list(gen.ids) + list(gen.stopper.tokens)
             committed = int(gen.workspace.committed)

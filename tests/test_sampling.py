@@ -97,8 +97,8 @@ def flat_drafter(monkeypatch):
     depth 1 and 8 children of one of them at depth 2."""
     real = engine_module.Generation.draft
 
-    def draft(gen, features, attend, depth):
-        real(gen, features, attend, depth)
+    def draft(gen, features, attend):
+        real(gen, features, attend)
         gen.workspace.log_probs.fill_(-math.log(gen.workspace.log_probs.shape[1]))
 
     monkeypatch.setattr(engine_module.Generation, "draft", draft)

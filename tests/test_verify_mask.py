@@ -137,23 +137,19 @@ def test_move_rows_moves_exact_rows():
     assert torch.equal(cache.keys[:, :, :, :4], before_k[:, :, :, :4])
 
 
-@pytest.mark.parametrize("method,budget", [("dflash", None), ("ddtree", 3), ("ddtree", 16), ("ddtree", "auto")])
+@pytest.mark.parametrize("method,budget", [("dflash", None), ("ddtree", 3), ("ddtree", 16)])
 def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engine, monkeypatch):
     """Every round, the log-probs the engine drafts from its cached, block-at-a-time drafter context
-    equal one cache-free drafter pass over the target features of everything committed so far; a
-    round drafts the depths its tree can use (auto: its largest tree's when it probes, else its
-    chosen size's)."""
+    equal one cache-free drafter pass over the target features of everything committed so far."""
     import ddtree.engine as engine_module
-    from test_costs import synthetic
 
     engine = make_engine("llama", layers=2, block_size=6)
     model, drafter = engine.model, engine.drafter
-    engine.use_costs(synthetic({3: 1, 7: 40, 15: 80, 31: 160, 63: 320}))  # auto: 3 nodes between probes
     real = engine_module.Generation.draft
-    checked, depths = [], set()
+    checked = []
 
-    def draft(gen, features, attend, depth):
-        real(gen, features, attend, depth)
+    def draft(gen, features, attend):
+        real(gen, features, attend)
         ws = gen.workspace
         committed = int(ws.committed)
         prefix = list(gen.ids) + list(gen.stopper.tokens)
@@ -164,11 +160,8 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
         ids = torch.tensor([[prefix[-1]] + [drafter.cfg.mask_token_id] * (block - 1)])
         hidden = drafter(model.embed_tokens(ids), torch.arange(committed, committed + block)[None], context,
                          torch.arange(committed)[None])
-        if budget == "auto":
-            assert depth == ws.plan(gen.auto.largest if gen.probed else gen.auto.current).depth
-        else:  # a budget of 3 nodes drafts 3 depths, others all of the block's
-            assert depth == (min(block - 1, budget) if method == "ddtree" else block - 1)
-        depths.add(depth)
+        depth = gen.draft_depth  # a budget of 3 nodes drafts 3 depths, others all of the block's
+        assert depth == (min(block - 1, budget) if method == "ddtree" else block - 1)
         assert_close(ws.log_probs[:depth], torch.log_softmax(model.logits(hidden[0, 1:depth + 1]), dim=-1))
         checked.append(committed)
 
@@ -177,5 +170,3 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
         for prompt in ([5, 9, 23, 4], list(range(30, 70))):
             engine.generate(prompt, method=method, budget=budget, max_new_tokens=24)
     assert len(checked) >= 8
-    if budget == "auto":  # probes drafted the block's 5 depths, the 3-node rounds between them 3
-        assert depths == {3, 5}

@@ -35,8 +35,7 @@ from tqdm import tqdm
 
 from .model import compile_mode
 
-# Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
-# small sizes' costs count their shallower drafts).
+# Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size).
 CALIBRATION_VERSION = 3
 # Candidate tree sizes (nodes, root not counted): with the root, multiples of 4 rows on the CPU and of
 # 8 on CUDA, shapes the matrix kernels handle well (on the 2-core CPU a 3-row forward took 112 ms and
@@ -170,11 +169,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
             gen = Generation(engine, prompt[:context], "ddtree", max(sizes), SamplingParams(), None, stopper)
             gen.prefill()
             ws = gen.workspace
-            # a round drafts the depths its tree can use: the largest tree's (a probe's) are the fixed
-            # part, and what a smaller size's shallower draft saves is counted in its own cost
-            drafts = {depth: time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context), None, depth), repeats)
-                      for depth in sorted({ws.plan(size).depth for size in sizes})}
-            fixed.append(drafts[ws.plan(max(sizes)).depth])
+            fixed.append(time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context)), repeats))
             largest, plan = ws.tree(max(sizes) + 1, engine), ws.plan(max(sizes))
             probe.append(time_stage(engine, lambda: (gen.run_tree(largest, plan), largest.out[:1].tolist()), repeats))
             bar.update(1)
@@ -182,8 +177,7 @@ def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int,
                 tree, plan = ws.tree(size + 1, engine), ws.plan(size)
                 seconds = time_stage(engine, lambda: gen.run_tree(tree, plan), repeats)
                 seconds += time_stage(engine, lambda: gen.run_verify(tree, ws.attend(context + tree.size)), repeats)
-                saving = fixed[-1] - drafts[plan.depth]
-                per_size[size].append(seconds + commit_and_host_seconds(engine, gen, tree, repeats) - saving)
+                per_size[size].append(seconds + commit_and_host_seconds(engine, gen, tree, repeats))
                 bar.update(1)
     bar.close()
     # Every candidate size is measured, so no curve is fitted over sizes: the cost is a step function of

@@ -424,9 +424,8 @@ class Generation:
         # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
         self.context = min(engine.context_limit, len(ids) + stopper.max_new_tokens + self.block)
         self.workspace = engine.workspace_for(self.context, self.size)
-        # The depths drafted: those the tree's plan has (a tree of n nodes is at most n deep), so a small
-        # budget runs the drafter's LM head, three one-row target forwards' work at 15 depths, at fewer.
-        # auto drafts its largest tree's depths on probe rounds and its chosen size's on the others.
+        # The depths drafted: those the largest tree's plan has (a tree of n nodes is at most n deep), so a
+        # small budget runs the drafter's LM head, three one-row target forwards' work at 15 depths, at fewer.
         self.draft_depth = self.workspace.plan(nodes).depth if method == "ddtree" else depth
         self.prompt_rows = 0  # rows of the prefill, whose features are the first draft's context
         self.probed = False  # auto: whether the last round was a probe
@@ -515,9 +514,6 @@ class Generation:
         attend = ws.attend(committed + size)
         if size > 1:
             draft_attend = ws.draft_attend(committed)
-            if self.auto is not None:
-                self.probed = self.auto.probe_due()
-                self.draft_depth = ws.plan(self.auto.largest if self.probed else self.auto.current).depth
             self.run_draft(draft_attend, self.prompt_rows if first else None)
             clock.mark("draft")
             if self.auto is not None:
@@ -536,10 +532,10 @@ class Generation:
         return tree
 
     def auto_tree(self, largest: "TreeBuffers", committed: int) -> "TreeBuffers":
-        """auto's tree this round (`round` decided whether it probes). A probe builds the largest, reads
-        every candidate size's expected tokens (a second host read) and keeps the best prefix; other
-        rounds build the size chosen last."""
+        """auto's tree this round. A probe builds the largest, reads every candidate size's expected
+        tokens (a second host read) and keeps the best prefix; other rounds build the size chosen last."""
         auto, ws, engine = self.auto, self.workspace, self.engine
+        self.probed = auto.probe_due()
         if not self.probed:
             # the chosen size built into the largest tree's first rows: the same buffers, and so the same
             # verify and commit graphs, as a probe round that chose it
@@ -561,13 +557,11 @@ class Generation:
     def prefill_stage(self, rows: int) -> tuple:
         return ("prefill", rows, bool(self.taps)), lambda: self.run_prefill(rows)
 
-    def draft_stage(self, attend: int, prompt_rows: int | None = None, depth: int | None = None) -> tuple:
-        """A round's draft of `depth` depths (by default `draft_depth`, this round's); the first round's
-        (`prompt_rows` given) reads the prefill's features instead."""
+    def draft_stage(self, attend: int, prompt_rows: int | None = None) -> tuple:
+        """A round's draft; the first round's (`prompt_rows` given) reads the prefill's features instead."""
         ws = self.workspace
         features = ws.features if prompt_rows is None else ws.prompt_features[:, :prompt_rows]
-        depth = depth or self.draft_depth
-        return ("draft", attend, prompt_rows, depth), lambda: self.draft(features, attend, depth)
+        return ("draft", attend, prompt_rows, self.draft_depth), lambda: self.draft(features, attend)
 
     def tree_stage(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> tuple:
         return ("tree", self.method, tree.key), lambda: self.build_tree(tree, plan)
@@ -578,8 +572,8 @@ class Generation:
     def commit_stage(self, tree: "TreeBuffers") -> tuple:
         return ("commit", tree.key), lambda: self.commit(tree), False  # not repeatable: it moves the state on
 
-    def run_draft(self, attend: int, prompt_rows: int | None = None, depth: int | None = None) -> None:
-        self.engine.graphs.run(*self.draft_stage(attend, prompt_rows, depth))
+    def run_draft(self, attend: int, prompt_rows: int | None = None) -> None:
+        self.engine.graphs.run(*self.draft_stage(attend, prompt_rows))
 
     def run_tree(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> None:
         self.engine.graphs.run(*self.tree_stage(tree, plan))
@@ -609,26 +603,18 @@ class Generation:
             for tree in verified:
                 attends = buckets(ws.attend, len(self.ids) + tree.size, self.context + tree.size, ws.attend_step)
                 stages += [self.verify_stage(tree, attend) for attend in attends] + [self.commit_stage(tree)]
-            depths = self.draft_depths()
             if built:
                 attends = buckets(ws.draft_attend, len(self.ids), self.context, ws.attend_step)
-                stages += [self.draft_stage(attend, None, depth) for attend in attends for depth in depths]
+                stages += [self.draft_stage(attend) for attend in attends]
             # every prompt this workspace holds: its prefill's rows and, when it drafts, the first draft's shape
             lengths = range(1, min(self.context, engine.context_limit))
             stages += [self.prefill_stage(rows) for rows in sorted({ws.prefill_rows(n) for n in lengths})]
             if built:
                 firsts = sorted({(ws.draft_attend(n), ws.prefill_rows(n)) for n in lengths})
-                stages += [self.draft_stage(attend, rows, depth) for attend, rows in firsts for depth in depths]
+                stages += [self.draft_stage(attend, rows) for attend, rows in firsts]
             for stage in stages:
                 engine.graphs.capture(*stage)
         return len(engine.graphs.captured) - before
-
-    def draft_depths(self) -> list[int]:
-        """The depths this generation's rounds may draft: auto's differ with the size it runs."""
-        if self.auto is None:
-            return [self.draft_depth]
-        ws = self.workspace
-        return sorted({ws.plan(size).depth for size in self.auto.costs.sizes})
 
     def round_trees(self) -> tuple[list[tuple["TreeBuffers", FrontierPlan | None]], list["TreeBuffers"]]:
         """The trees this generation's drafting rounds build (with their plans), and those they verify."""
@@ -656,8 +642,8 @@ class Generation:
         if features is not None:
             ws.prompt_features[:, :rows].copy_(features)
 
-    def draft(self, features: torch.Tensor, attend: int, depth: int) -> None:
-        """Log-probs of the `depth` tokens after the bonus token, from one drafter pass.
+    def draft(self, features: torch.Tensor, attend: int) -> None:
+        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass.
 
         The new context rows (features of tokens from `pending_start` on; rows past the committed
         ones are stale and never attended) go to their slots, the block to the scratch rows."""
@@ -673,6 +659,7 @@ class Generation:
             model.embed_tokens(block_ids[None]), block_positions[None], features, context_positions[None],
             mask[None, None, None], ws.draft_cache, slots,
         )
+        depth = self.draft_depth
         ws.log_probs[:depth].copy_(torch.log_softmax(model.logits(hidden[0, 1:depth + 1]), dim=-1))
 
     def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
