@@ -146,16 +146,21 @@ def test_device_tree_keeps_a_parent_that_ties_its_child():
         check_structure(device_tree(log_probs, budget), log_probs)
 
 
-def test_frontier_plan_keeps_only_dominating_pairs():
+def test_frontier_plan_keeps_only_pairs_a_tree_can_hold():
+    """Pair (i, j) of depth d needs (i + 1)(j + 2) <= budget - d + 2; a depth-d prefix of rank r needs
+    r + d <= budget; depths past the budget are left out."""
     plan = FrontierPlan(10, 3, 50)
-    assert plan.widths == [10, 10, 10] and plan.size == 10
+    assert plan.widths == [10, 9, 8] and plan.size == 10 and plan.depth == 3
     start, end = plan.spans[0]
     left, right = plan.left[start:end], plan.token[start:end] - plan.tokens  # depth 2's token ranks
     pairs = set(zip(left.tolist(), right.tolist()))
-    assert (0, 9) in pairs and (9, 0) in pairs and (1, 4) in pairs and (1, 5) not in pairs and (2, 3) not in pairs
-    assert len(pairs) == sum(10 // (i + 1) for i in range(10))
+    assert (0, 8) in pairs and (4, 0) in pairs and (1, 3) in pairs
+    assert not pairs & {(0, 9), (5, 0), (1, 4), (2, 2)}
+    assert len(pairs) == end - start == sum(max(0, 10 // (i + 1) - 1) for i in range(10))
     small = FrontierPlan(100, 3, 4)  # fewer prefixes than the budget: 4 + 16 + 64
     assert small.widths == [4, 16, 64] and small.size == 84
+    assert FrontierPlan(10, 2, 3).widths == [3, 8]  # (2, 2) would need 9 + 3 nodes: 8 pairs remain
+    assert FrontierPlan(3, 15, 50).depth == 3
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -68,12 +68,22 @@ def best_first_tree(log_probs: torch.Tensor, budget: int) -> DraftTree:
 
 
 def frontier_widths(budget: int, depth: int, vocab: int) -> list[int]:
-    """How many prefixes of each depth 1..depth the best-first tree can use: min(budget, vocab ** d)."""
-    widths, count = [], 1
-    for _ in range(depth):
-        count = min(budget, count * vocab)
-        widths.append(count)
+    """How many of each depth's best prefixes the best `budget` prefixes can hold, for depths 1..depth
+    up to the budget (a deeper one holds none): at most budget - d + 1 at depth d (a prefix of rank r
+    there comes with its r betters and d - 1 ancestors), and at most the pairs `pair_ranks` lists."""
+    tokens, widths = min(budget, vocab), []
+    for d in range(1, min(depth, budget) + 1):
+        pairs = tokens if d == 1 else sum(len(pair_ranks(budget, tokens, d, i)) for i in range(widths[-1]))
+        widths.append(min(pairs, budget - d + 1))
     return widths
+
+
+def pair_ranks(budget: int, tokens: int, d: int, i: int) -> range:
+    """The token ranks j that can follow the rank-i prefix of depth d - 1 in the best `budget` prefixes.
+    Every (i', j') with i' <= i and j' <= j scores at least as high as (i, j), so a tree holding (i, j)
+    holds (i + 1)(j + 1) prefixes of depth d, the i + 1 best of depth d - 1 and an ancestor at each
+    depth above: (i + 1)(j + 2) <= budget - d + 2."""
+    return range(min(tokens, (budget - d + 2) // (i + 1) - 1))
 
 
 def tree_size(budget: int, depth: int, vocab: int) -> int:
@@ -83,24 +93,25 @@ def tree_size(budget: int, depth: int, vocab: int) -> int:
 
 class FrontierPlan:
     """The static shapes of `best_first_nodes` for one (budget, depth, vocab): per depth, the pairs
-    (i, j) of a rank-i prefix of the depth above and a rank-j token with (i + 1)(j + 1) <= budget.
-    Only those can be among the best `budget` sums, since every (i', j') with i' <= i and j' <= j
-    scores at least as high: about budget * ln(budget) pairs instead of budget * vocab."""
+    (i, j) of a rank-i prefix of the depth above and a rank-j token that can be among the best
+    `budget` sums (`pair_ranks`): about budget * (ln(budget) - 1) pairs instead of budget * vocab.
+    `depth` counts the depths that can hold a node (at most `budget`)."""
 
     def __init__(self, budget: int, depth: int, vocab: int, device=None):
-        self.budget, self.tokens, self.depth = budget, min(budget, vocab), depth
+        self.budget, self.tokens = budget, min(budget, vocab)
         self.widths = frontier_widths(budget, depth, vocab)
+        self.depth = len(self.widths)
         self.size = tree_size(budget, depth, vocab)
         # The pairs of all depths below the first, in one flat table: the rank of the prefix above
         # (`left`) and the token's place in the flattened [depth, rank] top-k (`token`), so the token
         # scores and ids of every pair come out of one gather each.
         left, token, self.spans = [], [], []
-        for level, above in enumerate(self.widths[:-1], start=1):
+        for d, above in enumerate(self.widths[:-1], start=2):
             start = len(left)
             for i in range(above):
-                for j in range(min(self.tokens, budget // (i + 1))):
+                for j in pair_ranks(budget, self.tokens, d, i):
                     left.append(i)
-                    token.append(level * self.tokens + j)
+                    token.append((d - 1) * self.tokens + j)
             self.spans.append((start, len(left)))
         self.left = torch.tensor(left, dtype=torch.long, device=device)
         self.token = torch.tensor(token, dtype=torch.long, device=device)

@@ -6,8 +6,8 @@ the H200, a quarter of a round. This kernel does the same in a single program: p
 the plan's (prefix, token) pairs, sorts them and keeps the best `width` (a bitonic sort of packed
 score-and-index keys); then it ranks every depth's candidates together, shallower first on ties,
 links each node to its parent and writes the ancestor-or-self mask by walking up the parents.
-Between steps the program passes data through global scratch memory, with a barrier after every
-write that later loads read. The per-depth top tokens come from one `torch.topk` beforehand.
+A depth's kept scores reach the next depth in registers (`tl.gather`); the ranking of all depths and
+the parent links pass through global scratch memory, with a barrier after the writes they read. The per-depth top tokens come from one `torch.topk` beforehand.
 
 Used where `available(device)` (Triton importable and a CUDA device) for trees of up to MAX_NODES
 nodes. Tested against the PyTorch path in Triton's interpreter (TRITON_INTERPRET=1) on the CPU, and
@@ -77,7 +77,6 @@ class KernelPlan:
         self.scores = torch.empty(depth, self.width_pad, dtype=torch.float32, device=device)
         self.pairs = torch.empty(depth, self.width_pad, dtype=torch.int32, device=device)
         self.node_of = torch.empty(depth * self.width_pad, dtype=torch.int32, device=device)
-        self.parents = torch.empty(self.node_pad, dtype=torch.int32, device=device)
         self.node_scores = torch.empty(plan.size, dtype=torch.float32, device=device)
 
 
@@ -89,7 +88,7 @@ def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents
     top_values, top_ids = log_probs.float().topk(kplan.tokens, dim=-1)
     _best_first_tree[(1,)](
         top_values, top_ids, kplan.left, kplan.token, kplan.pair_count, kplan.widths,
-        kplan.scores, kplan.pairs, kplan.node_of, kplan.parents,
+        kplan.scores, kplan.pairs, kplan.node_of,
         ids, parents, depths, kplan.node_scores if scores is None else scores, mask, mask.stride(0),
         DEPTH=kplan.depth, SIZE=kplan.size, WIDTH_PAD=kplan.width_pad,
         PAIR_PAD=kplan.pair_pad, CANDIDATE_PAD=kplan.candidate_pad, NODE_PAD=kplan.node_pad,
@@ -117,25 +116,25 @@ if triton is not None:
 
     @triton.jit
     def _best_first_tree(top_values, top_ids, left_table, token_table, pair_count, widths,
-                         cand_scores, cand_pairs, node_of, parents_full,
+                         cand_scores, cand_pairs, node_of,
                          out_ids, out_parents, out_depths, out_scores, mask, mask_stride,
                          DEPTH: tl.constexpr, SIZE: tl.constexpr, WIDTH_PAD: tl.constexpr,
                          PAIR_PAD: tl.constexpr, CANDIDATE_PAD: tl.constexpr, NODE_PAD: tl.constexpr,
                          CLEAR_ROWS: tl.constexpr):
         ranks = tl.arange(0, WIDTH_PAD)
-        # depth 1: the best tokens themselves (already sorted by topk)
+        # depth 1: the best tokens themselves (already sorted by topk); each depth's kept scores stay in
+        # registers for the next (a gather), and go to scratch only for the ranking of all depths below
         first_width = tl.load(widths)
-        tl.store(cand_scores + ranks, tl.load(top_values + ranks, mask=ranks < first_width, other=float("-inf")))
-        tl.debug_barrier()
+        above = tl.load(top_values + ranks, mask=ranks < first_width, other=float("-inf"))
+        tl.store(cand_scores + ranks, above)
         pair = tl.arange(0, PAIR_PAD)
         for level in range(1, DEPTH):
             count = tl.load(pair_count + level - 1)
             live = pair < count
             left = tl.load(left_table + (level - 1) * PAIR_PAD + pair, mask=live, other=0)
             token = tl.load(token_table + (level - 1) * PAIR_PAD + pair, mask=live, other=0)
-            above = tl.load(cand_scores + (level - 1) * WIDTH_PAD + left, mask=live, other=float("-inf"))
             value = tl.load(top_values + token, mask=live, other=float("-inf"))
-            summed = tl.where(live, above + value, float("-inf"))
+            summed = tl.where(live, tl.gather(above, left, 0) + value, float("-inf"))
             best = tl.sort(_sort_key(summed, pair, live, PAIR_PAD), descending=True)
             score, which = _unpack(best, PAIR_PAD)
             width = tl.load(widths + level)
@@ -143,7 +142,9 @@ if triton is not None:
             score = tl.where(keep, score, float("-inf"))
             tl.store(cand_scores + level * WIDTH_PAD + pair, score, mask=pair < WIDTH_PAD)
             tl.store(cand_pairs + level * WIDTH_PAD + pair, which, mask=keep)
-            tl.debug_barrier()
+            # (the next depth's pairs index only the kept ranks, all below PAIR_PAD)
+            above = tl.gather(score, tl.minimum(ranks, PAIR_PAD - 1), 0)
+        tl.debug_barrier()
         # every depth's candidates, listed depth by depth: the best SIZE, shallower first on ties
         flat = tl.arange(0, CANDIDATE_PAD)
         listed = flat < DEPTH * WIDTH_PAD
@@ -170,15 +171,15 @@ if triton is not None:
         # the ancestor-or-self mask over the root and the nodes: clear it, then walk every node up
         node = tl.arange(0, NODE_PAD)
         real = node <= SIZE
-        tl.store(parents_full + 1 + flat, parent, mask=picked)
-        tl.store(parents_full + node, 0, mask=node == 0)
         rows = tl.arange(0, CLEAR_ROWS)
         for first in range(0, SIZE + 1, CLEAR_ROWS):
             row = first + rows[:, None]
             tl.store(mask + row * mask_stride + node[None, :], 0, mask=(row <= SIZE) & real[None, :])
         tl.debug_barrier()
+        # every node's parent, by node (the root its own), in registers: the walk up gathers from it
+        parent_of = tl.where((node > 0) & real, tl.gather(parent, tl.minimum(tl.maximum(node - 1, 0), CANDIDATE_PAD - 1), 0), 0)
         current = node
         tl.store(mask + node * mask_stride + node, 1, mask=real)
         for _ in range(DEPTH):
-            current = tl.load(parents_full + current, mask=real, other=0)
+            current = tl.gather(parent_of, current, 0)
             tl.store(mask + node * mask_stride + current, 1, mask=real)
