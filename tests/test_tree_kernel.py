@@ -28,7 +28,7 @@ def test_tree_kernel_in_triton_interpreter():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "7 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
+    assert "12 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
 
 
 def kernel_tree(log_probs: torch.Tensor, budget: int):
@@ -100,3 +100,44 @@ def test_engine_rounds_with_the_kernel_match_the_pytorch_path(make_engine, monke
     for prompt, want in zip(prompts, truth):
         result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=new_tokens)
         assert result.token_ids == want[:new_tokens] and result.chosen_budgets
+
+
+def kernel_top_k(log_probs: torch.Tensor, budget: int):
+    depth, vocab = log_probs.shape
+    kplan = tree_kernel.KernelPlan(FrontierPlan(budget, depth, vocab), log_probs.device)
+    values, ids = tree_kernel.top_tokens(log_probs, kplan)
+    return values[:kplan.depth].clone(), ids[:kplan.depth].clone()
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+@pytest.mark.parametrize("vocab,depth,budget,seed", [(3, 4, 8, 0), (300, 3, 64, 1), (5000, 2, 64, 2), (9000, 3, 130, 3)])
+def test_vocabulary_top_k_is_torch_topk(vocab, depth, budget, seed):
+    """The histogram top-k (two chunks and more at the larger vocabularies) finds torch.topk's tokens,
+    best first, whether the k-th best sits in a crowded bin or not."""
+    log_probs = random_log_probs(depth, vocab, seed)
+    values, ids = kernel_top_k(log_probs, budget)
+    want_values, want_ids = log_probs.topk(min(budget, vocab), dim=-1)
+    assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+def test_vocabulary_top_k_with_ties_impossible_tokens_and_an_overfull_bin():
+    """-inf tokens fill up a row with few possible ones; and when
+    more tokens than the slots share the k-th's bin, every token of a better bin is still kept and the
+    rest are real tokens of that bin, best first."""
+    vocab = 6000
+    log_probs = torch.full((3, vocab), -20.0)
+    log_probs[0, [5, 4000, 17]] = torch.tensor([-0.5, -1.0, -1.0])  # 5997 tokens tie at -20
+    log_probs[1] = float("-inf")
+    log_probs[1, [7, 2]] = torch.tensor([-0.1, -2.5])
+    log_probs[2] = -9.0 - torch.arange(vocab) * 1e-6  # all in one bin, distinct: more than the slots
+    log_probs[2, 4321] = -3.0
+    values, ids = kernel_top_k(log_probs, 16)
+    assert ids[0, :4].tolist() == [5, 17, 4000, 0] and values[0, 3] == -20.0
+    ties = ids[0, 3:].tolist()  # more than the slots tie: which ones are kept depends on the programs' order
+    assert len(set(ties)) == 13 and not set(ties) & {5, 17, 4000} and (values[0, 3:] == -20.0).all()
+    assert ids[1, :2].tolist() == [7, 2] and torch.isinf(values[1, 2:]).all()
+    assert len(set(ids[1].tolist())) == 16 and max(ids[1].tolist()) < vocab
+    assert ids[2, 0] == 4321 and values[2, 0] == -3.0
+    assert (values[2, 1:] <= -9.0).all() and torch.equal(values[2], values[2].sort(descending=True).values)
+    assert torch.equal(log_probs[2].gather(0, ids[2]), values[2]) and len(set(ids[2].tolist())) == 16

@@ -98,7 +98,7 @@ class FrontierPlan:
     `depth` counts the depths that can hold a node (at most `budget`)."""
 
     def __init__(self, budget: int, depth: int, vocab: int, device=None):
-        self.budget, self.tokens = budget, min(budget, vocab)
+        self.budget, self.vocab, self.tokens = budget, vocab, min(budget, vocab)
         self.widths = frontier_widths(budget, depth, vocab)
         self.depth = len(self.widths)
         self.size = tree_size(budget, depth, vocab)

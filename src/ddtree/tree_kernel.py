@@ -50,6 +50,15 @@ def power_of_two(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
+# The vocabulary top-k's passes: programs of TOP_CHUNK tokens; BINS bins of 1/BIN_SCALE nat over
+# -log p in [0, 64) (every log-prob below -64 in the last one); per depth, slots for at least 4k
+# candidates: the tokens of better bins than the k-th's (fewer than k) take the first k, that bin's
+# tokens the rest. A bin holds about a dozen tokens near the k-th best of a drafter's distribution;
+# should more than the slots tie within it, the first come are kept (a tree a little less good, never
+# a wrong one: any tokens make a valid tree, and the better bins are always whole).
+TOP_CHUNK, BINS, BIN_SCALE = 4096, 512, 8.0
+
+
 class KernelPlan:
     """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps.
     `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others);
@@ -78,6 +87,33 @@ class KernelPlan:
         self.pairs = torch.empty(depth, self.width_pad, dtype=torch.int32, device=device)
         self.node_of = torch.empty(depth * self.width_pad, dtype=torch.int32, device=device)
         self.node_scores = torch.empty(plan.size, dtype=torch.float32, device=device)
+        # the vocabulary top-k's scratch and results
+        self.vocab = plan.vocab
+        self.top_chunk = min(TOP_CHUNK, power_of_two(plan.vocab))
+        self.chunks = -(-plan.vocab // self.top_chunk)
+        self.slots = max(power_of_two(4 * self.tokens), 64)
+        self.histograms = torch.empty(depth, self.chunks, BINS, dtype=torch.int32, device=device)
+        self.edge_bins = torch.empty(depth, dtype=torch.int32, device=device)
+        self.filled = torch.empty(depth, 2, dtype=torch.int32, device=device)
+        self.candidates = torch.empty(depth, self.slots, dtype=torch.int64, device=device)
+        self.top_values = torch.empty(depth, self.tokens, dtype=torch.float32, device=device)
+        self.top_ids = torch.empty(depth, self.tokens, dtype=torch.int64, device=device)
+
+
+def top_tokens(log_probs: torch.Tensor, kplan: KernelPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best `kplan.tokens` of each of the first `kplan.depth` rows of `log_probs` [rows, vocab]
+    (float32 log-probabilities), best first, and their token ids: `torch.topk`'s result but for the
+    order of exact ties, in kplan's buffers."""
+    depth, stride = kplan.depth, log_probs.stride(0)
+    common = dict(VOCAB=kplan.vocab, CHUNK=kplan.top_chunk, CHUNKS=kplan.chunks, BINS=BINS, BIN_SCALE=BIN_SCALE)
+    _top_histogram[(depth, kplan.chunks)](log_probs, stride, kplan.histograms, **common, num_warps=4)
+    _top_edge_bin[(depth,)](kplan.histograms, kplan.edge_bins, kplan.filled, kplan.candidates, K=kplan.tokens,
+                            SLOTS=kplan.slots, **common, num_warps=4)
+    _top_collect[(depth, kplan.chunks)](log_probs, stride, kplan.edge_bins, kplan.filled, kplan.candidates,
+                                        K=kplan.tokens, SLOTS=kplan.slots, **common, num_warps=4)
+    _top_select[(depth,)](kplan.candidates, kplan.top_values, kplan.top_ids, K=kplan.tokens, SLOTS=kplan.slots,
+                          VOCAB=kplan.vocab, num_warps=4)
+    return kplan.top_values, kplan.top_ids
 
 
 def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents: torch.Tensor,
@@ -85,7 +121,7 @@ def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents
     """Fills nodes 1..size of `ids`, `parents` and `depths` (row 0, the root, is the caller's), the
     nodes' path scores into `scores` [size] (when given), and the ancestor-or-self `mask`
     [size+1, size+1] (rows may be strided)."""
-    top_values, top_ids = log_probs.float().topk(kplan.tokens, dim=-1)
+    top_values, top_ids = top_tokens(log_probs.float(), kplan)
     _best_first_tree[(1,)](
         top_values, top_ids, kplan.left, kplan.token, kplan.pair_count, kplan.widths,
         kplan.scores, kplan.pairs, kplan.node_of,
@@ -113,6 +149,71 @@ if triton is not None:
         bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
         low = key - ((key >> 32) << 32)  # the index part, without a 64-bit mask literal
         return bits.to(tl.float32, bitcast=True), INDEX_LIMIT - low.to(tl.int32)
+
+    @triton.jit
+    def _bin_of(value, BINS: tl.constexpr, BIN_SCALE: tl.constexpr):
+        """-log p in steps of 1/BIN_SCALE nat, the best bin first; -inf (and NaN) in the last."""
+        scaled = tl.minimum(tl.maximum(-value * BIN_SCALE, 0.0), BINS - 1.0)
+        return tl.where(value == value, scaled, BINS - 1.0).to(tl.int32)
+
+    @triton.jit
+    def _top_histogram(log_probs, stride, histograms, VOCAB: tl.constexpr, CHUNK: tl.constexpr,
+                       CHUNKS: tl.constexpr, BINS: tl.constexpr, BIN_SCALE: tl.constexpr):
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        token = chunk * CHUNK + tl.arange(0, CHUNK)
+        real = token < VOCAB
+        value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        counts = tl.histogram(_bin_of(value, BINS, BIN_SCALE), BINS, mask=real)
+        tl.store(histograms + (row * CHUNKS + chunk) * BINS + tl.arange(0, BINS), counts)
+
+    @triton.jit
+    def _top_edge_bin(histograms, edge_bins, filled, candidates, K: tl.constexpr, SLOTS: tl.constexpr,
+                      VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr,
+                      BIN_SCALE: tl.constexpr):
+        """The bin of the row's k-th best token; the collect pass's counters and slots made empty."""
+        row = tl.program_id(0)
+        bins = tl.arange(0, BINS)
+        counts = tl.zeros([BINS], tl.int32)
+        for chunk in range(CHUNKS):
+            counts += tl.load(histograms + (row * CHUNKS + chunk) * BINS + bins)
+        reached = tl.cumsum(counts, 0) >= K
+        tl.store(edge_bins + row, tl.min(tl.where(reached, bins, BINS - 1)))
+        pair = tl.arange(0, 2)
+        tl.store(filled + row * 2 + pair, tl.zeros([2], tl.int32))
+        slot = tl.arange(0, SLOTS)
+        lowest = (tl.zeros([SLOTS], tl.int64) - 2147483648) << 32  # below every packed key
+        tl.store(candidates + row * SLOTS + slot, lowest)
+
+    @triton.jit
+    def _top_collect(log_probs, stride, edge_bins, filled, candidates, K: tl.constexpr, SLOTS: tl.constexpr,
+                     VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr,
+                     BIN_SCALE: tl.constexpr):
+        """Every token of a better bin than the k-th's into slots 0..k-1 (there are fewer than k), the
+        k-th's bin's into slots k.. while they last; atomic counters hand each program its places."""
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        token = chunk * CHUNK + tl.arange(0, CHUNK)
+        real = token < VOCAB
+        value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        where = _bin_of(value, BINS, BIN_SCALE)
+        edge = tl.load(edge_bins + row)
+        better = real & (where < edge)
+        tied = real & (where == edge)
+        key = _sort_key(value, token, real, VOCAB)
+        first_better = tl.atomic_add(filled + row * 2, tl.sum(better.to(tl.int32)))
+        slot = first_better + tl.cumsum(better.to(tl.int32), 0) - 1
+        tl.store(candidates + row * SLOTS + slot, key, mask=better)
+        first_tied = tl.atomic_add(filled + row * 2 + 1, tl.sum(tied.to(tl.int32)))
+        slot = K + first_tied + tl.cumsum(tied.to(tl.int32), 0) - 1
+        tl.store(candidates + row * SLOTS + slot, key, mask=tied & (slot < SLOTS))
+
+    @triton.jit
+    def _top_select(candidates, top_values, top_ids, K: tl.constexpr, SLOTS: tl.constexpr, VOCAB: tl.constexpr):
+        row = tl.program_id(0)
+        slot = tl.arange(0, SLOTS)
+        keys = tl.sort(tl.load(candidates + row * SLOTS + slot), descending=True)
+        value, token = _unpack(keys, VOCAB)
+        tl.store(top_values + row * K + slot, value, mask=slot < K)
+        tl.store(top_ids + row * K + slot, token.to(tl.int64), mask=slot < K)
 
     @triton.jit
     def _best_first_tree(top_values, top_ids, left_table, token_table, pair_count, widths,
