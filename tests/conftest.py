@@ -219,7 +219,7 @@ class Oracle:
                     continue
                 # A confident drafter: the top two tokens hold `masses` (0.6 and 0.3) of the probability,
                 # the drafter's own ranking fills the rest. The truth is the top token or the runner-up.
-                row = log_probs[depth] - 5.0
+                row = torch.log_softmax(log_probs[depth], dim=-1) - 5.0  # (a chain's draft leaves logits)
                 order = row.argsort(descending=True)
                 wrong = int(order[order != token][0])
                 first, second = (token, wrong) if rank == 0 else (wrong, token)

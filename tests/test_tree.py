@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ddtree.tree import (
-    DraftTree, FrontierPlan, ancestor_mask, best_first_nodes, best_first_tree, chain_nodes, tree_size,
+    DraftTree, FrontierPlan, ancestor_mask, best_first_nodes, best_first_tree, chain_structure, tree_size,
 )
 
 
@@ -164,17 +164,16 @@ def test_frontier_plan_keeps_only_pairs_a_tree_can_hold():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_chain_nodes_are_the_argmax_per_depth(seed):
-    log_probs = random_log_probs(7, 11, seed)
-    tokens, parents, depths = chain_nodes(log_probs)
-    assert tokens.tolist() == log_probs.argmax(-1).tolist()
-    assert parents.tolist() == list(range(7)) and depths.tolist() == list(range(1, 8))
-    # the chain is the best-first tree of the top path when every depth is confident
+def test_chain_structure_is_the_best_first_tree_of_a_confident_drafter(seed):
+    parents, depths, mask = chain_structure(8)
+    assert parents.tolist() == [0, 0, 1, 2, 3, 4, 5, 6] and depths.tolist() == list(range(8))
+    assert torch.equal(mask, brute_ancestors(parents.tolist())) and torch.equal(mask, ancestor_mask(parents, 7))
+    # the chain of argmax tokens is the best-first tree when every depth is confident
     peaked = torch.log_softmax(torch.randn(5, 6, generator=torch.Generator().manual_seed(seed))
                                + 30 * torch.nn.functional.one_hot(torch.arange(5), 6), -1)
     best = best_first_tree(peaked, 5)
-    chain = chain_nodes(peaked)
-    assert best.tokens == chain[0].tolist() and best.parents == chain[1].tolist()
+    assert best.tokens == peaked.argmax(-1).tolist() and best.parents == chain_structure(6)[0][1:].tolist()
+    assert best.depths == chain_structure(6)[1][1:].tolist()
 
 
 def brute_ancestors(parents: list[int]) -> torch.Tensor:

@@ -35,8 +35,9 @@ from tqdm import tqdm
 
 from .model import compile_mode
 
-# Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size).
-CALIBRATION_VERSION = 3
+# Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
+# 4: the tighter frontier and the histogram top-k).
+CALIBRATION_VERSION = 4
 # Candidate tree sizes (nodes, root not counted): with the root, multiples of 4 rows on the CPU and of
 # 8 on CUDA, shapes the matrix kernels handle well (on the 2-core CPU a 3-row forward took 112 ms and
 # a 4-row one 75 ms). The CPU's verify cost rises steeply with width, so its sizes stop sooner.

@@ -36,7 +36,7 @@ from .model import causal_mask
 from .results import GenerationResult, StreamChunk
 from .sampling import SamplingParams, choose_tokens, position_noise, seed_key, token_keys
 from .stopping import StopChecker
-from .tree import FrontierPlan, ancestor_mask, best_first_nodes, chain_nodes, tree_size
+from .tree import FrontierPlan, ancestor_mask, best_first_nodes, chain_structure, tree_size
 
 METHODS = ("ar", "dflash", "ddtree")
 # The default tree budget: chosen per round from this device's measured costs. Against the best fixed
@@ -325,7 +325,7 @@ class Workspace:
             self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
             self.prompt_features = self.features.new_zeros(1, context, width)  # the first draft's context
-        self.trees: dict[tuple[int, bool], "TreeBuffers"] = {}
+        self.trees: dict[tuple[int, bool, bool], "TreeBuffers"] = {}
         self.prefixes: dict[tuple[str, int], "TreeBuffers"] = {}
         self.plans: dict[int, FrontierPlan] = {}
         # on CUDA trees of up to 256 nodes are built by one Triton kernel (tree_kernel.py), others and
@@ -360,11 +360,12 @@ class Workspace:
             self.kernel_plans[plan.budget] = self.tree_kernel.KernelPlan(plan, self.log_probs.device)
         return self.kernel_plans[plan.budget]
 
-    def tree(self, size: int, engine: "Engine", scored: bool = False) -> "TreeBuffers":
-        """Tree buffers of `size` rows; `scored` ones (auto's) also keep their nodes' scores."""
-        if (size, scored) not in self.trees:
-            self.trees[size, scored] = TreeBuffers(size, engine, self, scored=scored)
-        return self.trees[size, scored]
+    def tree(self, size: int, engine: "Engine", scored: bool = False, chain: bool = False) -> "TreeBuffers":
+        """Tree buffers of `size` rows; `scored` ones (auto's) also keep their nodes' scores; a `chain`'s
+        (plain DFlash's) hold its fixed shape."""
+        if (size, scored, chain) not in self.trees:
+            self.trees[size, scored, chain] = TreeBuffers(size, engine, self, scored=scored, chain=chain)
+        return self.trees[size, scored, chain]
 
     def prefix(self, tree: "TreeBuffers", size: int, engine: "Engine") -> "TreeBuffers":
         """The first `size` rows of `tree`, as a tree of its own (cached)."""
@@ -382,15 +383,18 @@ class TreeBuffers:
     `key` tells graphs over different buffers apart."""
 
     def __init__(self, size: int, engine: "Engine", workspace: "Workspace", parent: "TreeBuffers | None" = None,
-                 scored: bool = False):
+                 scored: bool = False, chain: bool = False):
         device = engine.device
         self.size, self.path_rows = size, min(workspace.block, size)  # the longest path such a tree can have
         if parent is None:
-            self.key = f"tree{size}" + ("-scored" if scored else "")
+            self.key = ("chain" if chain else "tree") + str(size) + ("-scored" if scored else "")
             self.ids = torch.zeros(size, dtype=torch.long, device=device)
-            self.parents = torch.zeros(size, dtype=torch.long, device=device)
-            self.depths = torch.zeros(size, dtype=torch.long, device=device)
-            self.mask = torch.eye(size, dtype=torch.bool, device=device)  # ancestor-or-self
+            if chain:
+                self.parents, self.depths, self.mask = chain_structure(size, device)
+            else:
+                self.parents = torch.zeros(size, dtype=torch.long, device=device)
+                self.depths = torch.zeros(size, dtype=torch.long, device=device)
+                self.mask = torch.eye(size, dtype=torch.bool, device=device)  # ancestor-or-self
             # auto: the nodes' path log-probabilities, from which it learns what gets accepted
             self.scores = torch.zeros(size - 1, device=device) if scored else None
         else:
@@ -510,7 +514,7 @@ class Generation:
     def round(self, size: int, committed: int, first: bool, clock: StageClock) -> "TreeBuffers":
         """Launches one round's stages; returns the tree whose `out` will hold [count, tokens added...]."""
         engine, ws = self.engine, self.workspace
-        tree = ws.tree(size, engine, scored=self.auto is not None)
+        tree = ws.tree(size, engine, scored=self.auto is not None, chain=self.method == "dflash" and size > 1)
         attend = ws.attend(committed + size)
         if size > 1:
             draft_attend = ws.draft_attend(committed)
@@ -561,7 +565,7 @@ class Generation:
         """A round's draft; the first round's (`prompt_rows` given) reads the prefill's features instead."""
         ws = self.workspace
         features = ws.features if prompt_rows is None else ws.prompt_features[:, :prompt_rows]
-        return ("draft", attend, prompt_rows, self.draft_depth), lambda: self.draft(features, attend)
+        return ("draft", attend, prompt_rows, self.draft_depth, self.method), lambda: self.draft(features, attend)
 
     def tree_stage(self, tree: "TreeBuffers", plan: FrontierPlan | None) -> tuple:
         return ("tree", self.method, tree.key), lambda: self.build_tree(tree, plan)
@@ -623,7 +627,7 @@ class Generation:
             largest = self.auto_largest()
             prefixes = [ws.prefix(largest, size + 1, engine) for size in self.auto.costs.sizes]
             return ([(largest, ws.plan(self.auto.largest))] + [(p, ws.plan(p.size - 1)) for p in prefixes]), prefixes
-        tree = ws.tree(self.size, engine)
+        tree = ws.tree(self.size, engine, chain=self.method == "dflash")
         if self.method == "ar":
             return [], [tree]
         return [(tree, ws.plan(self.tree_budget) if self.method == "ddtree" else None)], [tree]
@@ -643,7 +647,8 @@ class Generation:
             ws.prompt_features[:, :rows].copy_(features)
 
     def draft(self, features: torch.Tensor, attend: int) -> None:
-        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass.
+        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass (for a chain,
+        which takes only each depth's argmax, the logits themselves).
 
         The new context rows (features of tokens from `pending_start` on; rows past the committed
         ones are stale and never attended) go to their slots, the block to the scratch rows."""
@@ -660,23 +665,26 @@ class Generation:
             mask[None, None, None], ws.draft_cache, slots,
         )
         depth = self.draft_depth
-        ws.log_probs[:depth].copy_(torch.log_softmax(model.logits(hidden[0, 1:depth + 1]), dim=-1))
+        logits = model.logits(hidden[0, 1:depth + 1])
+        if self.method == "dflash":  # a chain takes each depth's argmax, which the logits give as well
+            ws.log_probs[:depth].copy_(logits)
+        else:
+            torch.log_softmax(logits, dim=-1, out=ws.log_probs[:depth])
 
     def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
         ws = self.workspace
         tree.ids[0] = ws.bonus
-        scores = None
-        if plan is not None and ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
+        if plan is None:  # a chain: its shape is fixed in its buffers, its tokens each depth's argmax
+            tree.ids[1:] = ws.log_probs.argmax(dim=-1)
+            return
+        if ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
             ws.tree_kernel.build(ws.log_probs[:plan.depth], ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,
                                  tree.scores, tree.mask)
             scores = tree.scores
         else:
-            if plan is not None:
-                tokens, parents, depths, scores = best_first_nodes(ws.log_probs[:plan.depth], plan)
-                if tree.scores is not None:
-                    tree.scores.copy_(scores)
-            else:
-                tokens, parents, depths = chain_nodes(ws.log_probs)
+            tokens, parents, depths, scores = best_first_nodes(ws.log_probs[:plan.depth], plan)
+            if tree.scores is not None:
+                tree.scores.copy_(scores)
             tree.ids[1:] = tokens
             tree.parents[1:] = parents
             tree.depths[1:] = depths

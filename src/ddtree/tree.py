@@ -160,11 +160,12 @@ def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
     return tokens[order], parents, depth + 1, ranked.values[:plan.size]
 
 
-def chain_nodes(log_probs: torch.Tensor):
-    """Plain DFlash on the device: the argmax token at every depth, each node the child of the one before."""
-    depth_limit = log_probs.shape[0]
-    steps = torch.arange(depth_limit, device=log_probs.device)
-    return log_probs.argmax(dim=-1), steps, steps + 1
+def chain_structure(size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain DFlash's tree of `size` rows (the root, then one node per depth, each the child of the one
+    before): its parents, depths and ancestor-or-self mask. They never change, so a chain's buffers
+    hold them from the start and a round writes only the drafted tokens, the argmax at each depth."""
+    steps = torch.arange(size, device=device)
+    return (steps - 1).clamp(min=0), steps, torch.ones(size, size, dtype=torch.bool, device=device).tril()
 
 
 def ancestor_mask(parents: torch.Tensor, max_depth: int) -> torch.Tensor:

@@ -93,7 +93,6 @@ class KernelPlan:
         self.chunks = -(-plan.vocab // self.top_chunk)
         self.slots = max(power_of_two(4 * self.tokens), 64)
         self.histograms = torch.empty(depth, self.chunks, BINS, dtype=torch.int32, device=device)
-        self.edge_bins = torch.empty(depth, dtype=torch.int32, device=device)
         self.filled = torch.empty(depth, 2, dtype=torch.int32, device=device)
         self.candidates = torch.empty(depth, self.slots, dtype=torch.int64, device=device)
         self.top_values = torch.empty(depth, self.tokens, dtype=torch.float32, device=device)
@@ -106,10 +105,9 @@ def top_tokens(log_probs: torch.Tensor, kplan: KernelPlan) -> tuple[torch.Tensor
     order of exact ties, in kplan's buffers."""
     depth, stride = kplan.depth, log_probs.stride(0)
     common = dict(VOCAB=kplan.vocab, CHUNK=kplan.top_chunk, CHUNKS=kplan.chunks, BINS=BINS, BIN_SCALE=BIN_SCALE)
-    _top_histogram[(depth, kplan.chunks)](log_probs, stride, kplan.histograms, **common, num_warps=4)
-    _top_edge_bin[(depth,)](kplan.histograms, kplan.edge_bins, kplan.filled, kplan.candidates, K=kplan.tokens,
-                            SLOTS=kplan.slots, **common, num_warps=4)
-    _top_collect[(depth, kplan.chunks)](log_probs, stride, kplan.edge_bins, kplan.filled, kplan.candidates,
+    _top_histogram[(depth, kplan.chunks)](log_probs, stride, kplan.histograms, kplan.filled, kplan.candidates,
+                                          SLOTS=kplan.slots, **common, num_warps=4)
+    _top_collect[(depth, kplan.chunks)](log_probs, stride, kplan.histograms, kplan.filled, kplan.candidates,
                                         K=kplan.tokens, SLOTS=kplan.slots, **common, num_warps=4)
     _top_select[(depth,)](kplan.candidates, kplan.top_values, kplan.top_ids, K=kplan.tokens, SLOTS=kplan.slots,
                           VOCAB=kplan.vocab, num_warps=4)
@@ -157,45 +155,41 @@ if triton is not None:
         return tl.where(value == value, scaled, BINS - 1.0).to(tl.int32)
 
     @triton.jit
-    def _top_histogram(log_probs, stride, histograms, VOCAB: tl.constexpr, CHUNK: tl.constexpr,
-                       CHUNKS: tl.constexpr, BINS: tl.constexpr, BIN_SCALE: tl.constexpr):
+    def _top_histogram(log_probs, stride, histograms, filled, candidates, SLOTS: tl.constexpr, VOCAB: tl.constexpr,
+                       CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr, BIN_SCALE: tl.constexpr):
+        """Each chunk's histogram; a row's first chunk also empties the collect pass's counters and slots
+        (the last round's select has read them: kernels run in order)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
         token = chunk * CHUNK + tl.arange(0, CHUNK)
         real = token < VOCAB
         value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
         counts = tl.histogram(_bin_of(value, BINS, BIN_SCALE), BINS, mask=real)
         tl.store(histograms + (row * CHUNKS + chunk) * BINS + tl.arange(0, BINS), counts)
+        if chunk == 0:
+            pair = tl.arange(0, 2)
+            tl.store(filled + row * 2 + pair, tl.zeros([2], tl.int32))
+            slot = tl.arange(0, SLOTS)
+            lowest = (tl.zeros([SLOTS], tl.int64) - 2147483648) << 32  # below every packed key
+            tl.store(candidates + row * SLOTS + slot, lowest)
 
     @triton.jit
-    def _top_edge_bin(histograms, edge_bins, filled, candidates, K: tl.constexpr, SLOTS: tl.constexpr,
-                      VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr,
-                      BIN_SCALE: tl.constexpr):
-        """The bin of the row's k-th best token; the collect pass's counters and slots made empty."""
-        row = tl.program_id(0)
-        bins = tl.arange(0, BINS)
-        counts = tl.zeros([BINS], tl.int32)
-        for chunk in range(CHUNKS):
-            counts += tl.load(histograms + (row * CHUNKS + chunk) * BINS + bins)
-        reached = tl.cumsum(counts, 0) >= K
-        tl.store(edge_bins + row, tl.min(tl.where(reached, bins, BINS - 1)))
-        pair = tl.arange(0, 2)
-        tl.store(filled + row * 2 + pair, tl.zeros([2], tl.int32))
-        slot = tl.arange(0, SLOTS)
-        lowest = (tl.zeros([SLOTS], tl.int64) - 2147483648) << 32  # below every packed key
-        tl.store(candidates + row * SLOTS + slot, lowest)
-
-    @triton.jit
-    def _top_collect(log_probs, stride, edge_bins, filled, candidates, K: tl.constexpr, SLOTS: tl.constexpr,
+    def _top_collect(log_probs, stride, histograms, filled, candidates, K: tl.constexpr, SLOTS: tl.constexpr,
                      VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr,
                      BIN_SCALE: tl.constexpr):
-        """Every token of a better bin than the k-th's into slots 0..k-1 (there are fewer than k), the
-        k-th's bin's into slots k.. while they last; atomic counters hand each program its places."""
+        """The bin of the row's k-th best token from all its chunks' histograms (every program sums them,
+        which costs less than a launch); then every token of a better bin into slots 0..k-1 (there are
+        fewer than k), the k-th's bin's into slots k.. while they last; atomic counters hand each
+        program its places."""
         row, chunk = tl.program_id(0), tl.program_id(1)
+        bins = tl.arange(0, BINS)
+        counts = tl.zeros([BINS], tl.int32)
+        for other in range(CHUNKS):
+            counts += tl.load(histograms + (row * CHUNKS + other) * BINS + bins)
+        edge = tl.min(tl.where(tl.cumsum(counts, 0) >= K, bins, BINS - 1))
         token = chunk * CHUNK + tl.arange(0, CHUNK)
         real = token < VOCAB
         value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
         where = _bin_of(value, BINS, BIN_SCALE)
-        edge = tl.load(edge_bins + row)
         better = real & (where < edge)
         tied = real & (where == edge)
         key = _sort_key(value, token, real, VOCAB)
