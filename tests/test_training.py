@@ -12,7 +12,7 @@ import torch
 from ddtree.cli import main
 from ddtree.data import SequenceFile, remove_overlap, user_turns
 from ddtree.drafter import load_drafter
-from ddtree.train import loss_weights, make_batch, weighted_loss
+from ddtree.train import loss_weights, make_batch, target_log_probs, target_pass, weighted_loss
 
 TARGET = "qwen3"
 
@@ -85,6 +85,49 @@ def test_expected_acceptance_is_the_chain_product_and_its_term_favours_early_pos
     assert first > second > 0 and term_grad[0, 0, 2].abs().sum() == 0
 
 
+def test_distillation_term_is_the_kl_from_the_target_and_pulls_toward_it():
+    """distill=1: the loss is the position-weighted KL(target || drafter), zero where the drafter equals
+    the target; distill=0: cross-entropy alone; its gradient raises the drafter's share of a token the
+    target likes but the label is not."""
+    teacher = torch.log_softmax(torch.tensor([[[[2.0, 1.5, -1.0, 0.0], [0.0, 0.0, 3.0, 0.0]]]]), dim=-1)
+    labels = torch.tensor([[[0, 2]]])
+    weights = loss_weights(3, None)
+    same, _ = weighted_loss(teacher.clone(), labels, weights, teacher=teacher, distill=1.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.zeros(1, 1, 2, 4, requires_grad=True)
+    kl = (teacher.exp() * (teacher - torch.log_softmax(logits.detach(), -1))).sum(-1)[0, 0]
+    distilled, _ = weighted_loss(logits, labels, weights, teacher=teacher, distill=1.0)
+    assert distilled.detach().item() == pytest.approx(float((kl * weights).sum() / weights.sum()))
+    plain, _ = weighted_loss(logits, labels, weights)
+    unmixed, _ = weighted_loss(logits, labels, weights, teacher=teacher, distill=0.0)
+    assert unmixed.detach().item() == pytest.approx(plain.detach().item())
+    (grad,) = torch.autograd.grad(distilled, logits)
+    assert grad[0, 0, 0, 1] < 0 < grad[0, 0, 0, 2]  # token 1 (liked, not the label) up; token 2 down
+
+
+def test_target_log_probs_are_the_targets_next_token_predictions_at_each_block_position(make_engine):
+    engine = make_engine(TARGET)
+    drafter = engine.drafter
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 250, size=n) for n in (30, 22)]
+    size = drafter.cfg.block_size
+    batch = make_batch(seqs, [4, 4], 3, size, drafter.cfg.mask_token_id, rng, "cpu")
+    hidden, _ = target_pass(engine.target, drafter, batch.ids)
+    teacher = target_log_probs(engine.target, hidden, batch, size)
+    assert teacher.shape == (2, 3, size - 1, engine.model.cfg.vocab_size)
+    checked = 0
+    for row, seq in enumerate(seqs):
+        full = torch.log_softmax(engine.model.logits(hidden[row]).float(), -1)
+        for block in range(3):
+            anchor = int(batch.block_positions[row, block * size])
+            for k in range(1, size):
+                if batch.labels[row, block, k - 1] >= 0:
+                    assert torch.allclose(teacher[row, block, k - 1], full[anchor + k - 1])
+                    assert anchor + k < len(seq)
+                    checked += 1
+    assert checked >= 2 * 3 * (size - 1) // 2
+
+
 def test_train_checkpoint_and_resume(model_dirs, tmp_path):
     rng = np.random.default_rng(1)
     sequences = [rng.integers(3, 250, size=int(rng.integers(20, 40))).tolist() for _ in range(24)]
@@ -93,7 +136,8 @@ def test_train_checkpoint_and_resume(model_dirs, tmp_path):
     out = tmp_path / "drafter"
     common = ["train-drafter", "--target", model_dirs[TARGET], "--data", str(data), "--out", str(out),
               "--layers", "1", "--block-size", "8", "--batch-size", "4", "--anchors", "4", "--eval-every", "4",
-              "--save-every", "4", "--eval-sequences", "4", "--eval-budgets", "4,16", "--accept-loss", "0.5"]
+              "--save-every", "4", "--eval-sequences", "4", "--eval-budgets", "4,16", "--accept-loss", "0.5",
+              "--distill", "0.5"]
     assert main([*common, "--epochs", "1"]) == 0
     drafter = load_drafter(str(out))
     assert drafter.cfg.block_size == 8 and drafter.cfg.num_layers == 1
@@ -110,10 +154,12 @@ def test_train_checkpoint_and_resume(model_dirs, tmp_path):
     assert os.path.getsize(out / "model.safetensors") > 0
 
 
-@pytest.mark.parametrize("bad", [["--data", "missing.npz"]])
-def test_train_with_missing_data_is_a_clean_error(model_dirs, tmp_path, capsys, bad):
-    rc = main(["train-drafter", "--target", model_dirs[TARGET], "--out", str(tmp_path / "d"), *bad])
-    assert rc == 2 and "not found" in capsys.readouterr().err
+@pytest.mark.parametrize("bad,says", [(["--data", "missing.npz"], "not found"), (["--distill", "1.5"], "between 0 and 1")])
+def test_train_with_bad_input_is_a_clean_error(model_dirs, tmp_path, capsys, bad, says):
+    data = tmp_path / "data.npz"
+    SequenceFile.save(str(data), [list(range(3, 40))] * 4, [5] * 4)
+    rc = main(["train-drafter", "--target", model_dirs[TARGET], "--out", str(tmp_path / "d"), "--data", str(data), *bad])
+    assert rc == 2 and says in capsys.readouterr().err
 
 
 def test_sampled_regeneration_is_seeded_and_differs_from_greedy(model_dirs, tmp_path):

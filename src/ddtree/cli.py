@@ -248,6 +248,9 @@ TRAIN_OPTION_HELP = {
     "gamma": "loss weight exp(-(k-1)/gamma) at block position k; none picks 7 for block 16",
     "accept_loss": "weight of a loss term that rewards the block's expected accepted length (teacher-forced); "
                    "0 trains on cross-entropy alone",
+    "distill": "share of each position's loss taken by the KL divergence from the target's own next-token "
+               "distribution (from the same target pass; what sampling at temperature > 0 rewards); 0 trains on "
+               "cross-entropy alone",
     "eval_every": "steps between held-out acceptance evaluations",
     "save_every": "steps between checkpoints",
     "eval_sequences": "held-out sequences for the acceptance evaluation",

@@ -1,4 +1,5 @@
-"""Training a DFlash drafter on target-regenerated sequences (the recipe in docs/training.md).
+"""Training a DFlash drafter on target-regenerated sequences (`scripts/train-smollm2-drafter` holds the
+bundled drafter's recipe).
 
 Each step: the frozen target runs over a batch of prompt+response sequences once and its tapped
 layer outputs become context features. Many random anchors inside each response each make one
@@ -6,7 +7,10 @@ block [x_a, mask, ...] whose labels are the next block_size-1 tokens. All blocks
 train in one drafter pass under a block-sparse mask: a block sees its own tokens (both ways) and
 the context strictly before its anchor, never another block. The loss is cross-entropy per block
 position, weighted by exp(-(k-1)/gamma), optionally minus a multiple of the block's expected accepted
-length under teacher forcing (`accept_loss`), which is what decoding rewards.
+length under teacher forcing (`accept_loss`), which is what decoding rewards. With `distill` the
+per-position loss mixes in the KL divergence from the target's own next-token distribution (from the
+same target pass), which teaches the drafter the target's spread and not only its chosen tokens:
+what sampling at temperature > 0 accepts.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     gamma: float | None = None  # loss decay over block positions (None: 7 for block 16)
     accept_loss: float = 0.0  # weight of the expected-acceptance term (0: cross-entropy alone)
+    distill: float = 0.0  # share of the per-position loss that is KL(target || drafter) (0: cross-entropy alone)
     eval_every: int = 500
     save_every: int = 500
     eval_sequences: int = 64
@@ -135,19 +140,31 @@ def drafter_logits(target: Target, drafter: Drafter, batch: Batch, features: tor
     return model.lm_head(hidden.to(model.lm_head.weight.dtype))
 
 
-def target_features(target: Target, drafter: Drafter, ids: torch.Tensor) -> torch.Tensor:
+def target_pass(target: Target, drafter: Drafter, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen target over the batch's sequences: its final hidden states [B, T, H] and the tapped
+    layers' features the drafter reads."""
     model = target.model
     width = ids.shape[1]
     positions = torch.arange(width, device=ids.device)[None].expand(ids.shape[0], -1)
     with torch.no_grad():
-        _, features = model(ids, positions, causal_mask(width, 0, ids.device), None, 0,
-                            tuple(drafter.cfg.target_layer_ids))
-    return features
+        return model(ids, positions, causal_mask(width, 0, ids.device), None, 0, tuple(drafter.cfg.target_layer_ids))
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                  accept_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """Position-weighted cross-entropy, minus `accept_weight` times the expected accepted share.
+@torch.no_grad()
+def target_log_probs(target: Target, hidden: torch.Tensor, batch: Batch, block_size: int) -> torch.Tensor:
+    """The target's next-token log-probs [B, A, S - 1, V] at every block position after the anchor: the
+    label at position a + k is predicted at a + k - 1 (clamped inside the sequence where no label is)."""
+    rows, width = hidden.shape[:2]
+    at = batch.block_positions.view(rows, -1, block_size)[:, :, 1:].clamp(max=width) - 1
+    picked = hidden.gather(1, at.flatten(1)[..., None].expand(-1, -1, hidden.shape[-1]))
+    return torch.log_softmax(target.model.logits(picked).float(), dim=-1).view(*at.shape, -1)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, accept_weight: float = 0.0,
+                  teacher: torch.Tensor | None = None, distill: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Position-weighted cross-entropy, minus `accept_weight` times the expected accepted share; with
+    `teacher` (the target's log-probs at the same positions) a `distill` share of each position's loss
+    is KL(target || drafter) instead of the cross-entropy.
 
     The expected accepted length of a block is sum_k prod_{j<=k} p_j, with p_j the drafter's
     probability of the true token at position j: a chain accepts position k only if every earlier
@@ -159,7 +176,11 @@ def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
     valid = labels >= 0
     ce = F.cross_entropy(logits.float().flatten(0, 2), labels.clamp(min=0).flatten(), reduction="none").view_as(labels)
     w = weights.to(logits.device)[None, None, :] * valid
-    loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    per_position = ce
+    if teacher is not None and distill:
+        kl = (teacher.exp() * (teacher - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
+        per_position = (1 - distill) * ce + distill * kl
+    loss = (per_position * w).sum() / w.sum().clamp(min=1e-6)
     # Labels run out only at a sequence's end, so a missing label ends the chain: its -log p counts as inf.
     reached = torch.exp(-torch.where(valid, ce, math.inf).cumsum(-1))  # [B, A, S-1]: prod_{j<=k} p_j
     blocks = valid[..., 0]
@@ -182,7 +203,7 @@ def teacher_forced_acceptance(target: Target, drafter: Drafter, sequences, respo
     for begin in range(0, len(sequences), batch_size):
         seqs, starts = sequences[begin:begin + batch_size], response_starts[begin:begin + batch_size]
         batch = make_batch(seqs, starts, anchors_per_seq, cfg.block_size, cfg.mask_token_id, rng, device, evenly=True)
-        features = target_features(target, drafter, batch.ids)
+        _, features = target_pass(target, drafter, batch.ids)
         with autocast(device):
             log_probs = torch.log_softmax(drafter_logits(target, drafter, batch, features).float(), dim=-1)
         labels = batch.labels
@@ -216,6 +237,8 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
     rank, size = world()
     if cfg.batch_size % size:
         raise DDTreeError(f"--batch-size {cfg.batch_size} does not split evenly over {size} processes")
+    if not 0 <= cfg.distill <= 1:
+        raise DDTreeError(f"--distill is a share of the loss, between 0 and 1 (got {cfg.distill})")
     share = cfg.batch_size // size
     target.model.requires_grad_(False)
     drafter.train().requires_grad_(True)
@@ -257,10 +280,11 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         lr = cosine_lr(step, total, warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        features = target_features(target, drafter, batch.ids)
+        hidden, features = target_pass(target, drafter, batch.ids)
+        teacher = target_log_probs(target, hidden, batch, drafter.cfg.block_size) if cfg.distill else None
         with autocast(device):
             logits = drafter_logits(target, drafter, batch, features)
-        loss, extra = weighted_loss(logits, batch.labels, weights, cfg.accept_loss)
+        loss, extra = weighted_loss(logits, batch.labels, weights, cfg.accept_loss, teacher, cfg.distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(drafter)
