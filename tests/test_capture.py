@@ -33,6 +33,31 @@ class RecordingGraphs(Graphs):
         stage()
 
 
+class ReplayingGraphs(Graphs):
+    """CUDA graphs' semantics on the CPU: a key runs the work first captured under it, whatever function
+    the caller passes later. A repeatable stage (running it twice equals once) also runs the caller's
+    function afterwards, and the workspace must come out the same: one key, one piece of work."""
+
+    def __init__(self, engine):
+        super().__init__(torch.device("cpu"))
+        self.enabled, self.engine = True, engine
+
+    def capture(self, key, stage, repeatable=True):
+        return self.captured.setdefault(key, stage)
+
+    def run(self, key, stage, repeatable=True):
+        self.capture(key, stage, repeatable)()
+        if repeatable:
+            replayed = self.state()
+            stage()
+            assert all(torch.equal(a, b) for a, b in zip(replayed, self.state())), f"two stages share {key}"
+
+    def state(self) -> list[torch.Tensor]:
+        ws = self.engine.workspace
+        holders = [ws, *ws.trees.values(), *ws.prefixes.values()]
+        return [value.clone() for holder in holders for value in vars(holder).values() if isinstance(value, torch.Tensor)]
+
+
 @pytest.fixture
 def engine(make_engine, tmp_path, monkeypatch):
     monkeypatch.setattr(costs, "calibration_path", lambda engine: str(tmp_path / "calibration.json"))
@@ -71,6 +96,19 @@ def test_prepare_keeps_the_output(engine):
     expected = engine.generate(prompt, method="ar", max_new_tokens=40).token_ids
     engine.prepare("ddtree", "auto", 200)
     assert engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=40).token_ids == expected
+
+
+def test_methods_sharing_an_engine_never_share_a_graph(engine):
+    """dflash's chain and a ddtree tree of block - 1 nodes (7 here) have the same rows, but not the same
+    draft (a chain keeps logits), tree stage or buffers: their graphs must not be confused, either way."""
+    from conftest import random_prompts
+
+    engine.graphs = ReplayingGraphs(engine)
+    prompts = random_prompts(2, engine.model.cfg.vocab_size, seed=3, min_len=5, max_len=30)
+    expected = [engine.generate(p, method="ar", max_new_tokens=20).token_ids for p in prompts]
+    for method, budget in [("dflash", None), ("ddtree", 7), ("dflash", None), ("ddtree", 12), ("ar", None)]:
+        for prompt, want in zip(prompts, expected):
+            assert engine.generate(prompt, method=method, budget=budget, max_new_tokens=20).token_ids == want
 
 
 def test_buckets_are_every_shape_between_the_ends():
