@@ -106,7 +106,8 @@ def test_methods_sharing_an_engine_never_share_a_graph(engine):
     engine.graphs = ReplayingGraphs(engine)
     prompts = random_prompts(2, engine.model.cfg.vocab_size, seed=3, min_len=5, max_len=30)
     expected = [engine.generate(p, method="ar", max_new_tokens=20).token_ids for p in prompts]
-    for method, budget in [("dflash", None), ("ddtree", 7), ("dflash", None), ("ddtree", 12), ("ar", None)]:
+    for method, budget in [("dflash", None), ("ddtree", 7), ("ddtree", "auto"), ("dflash", None), ("ddtree", 12),
+                           ("ar", None)]:
         for prompt, want in zip(prompts, expected):
             assert engine.generate(prompt, method=method, budget=budget, max_new_tokens=20).token_ids == want
 
