@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .drafter import Drafter, save_drafter
@@ -174,11 +173,12 @@ def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
     cross-entropy keeps a gradient where every p is tiny (the product's vanishes there).
     """
     valid = labels >= 0
-    ce = F.cross_entropy(logits.float().flatten(0, 2), labels.clamp(min=0).flatten(), reduction="none").view_as(labels)
+    log_q = torch.log_softmax(logits.float(), dim=-1)  # once, for the cross-entropy and the KL alike
+    ce = -log_q.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
     w = weights.to(logits.device)[None, None, :] * valid
     per_position = ce
     if teacher is not None and distill:
-        kl = (teacher.exp() * (teacher - torch.log_softmax(logits.float(), dim=-1))).sum(-1)
+        kl = (teacher.exp() * (teacher - log_q)).sum(-1)
         per_position = (1 - distill) * ce + distill * kl
     loss = (per_position * w).sum() / w.sum().clamp(min=1e-6)
     # Labels run out only at a sequence's end, so a missing label ends the chain: its -log p counts as inf.
