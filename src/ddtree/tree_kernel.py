@@ -162,14 +162,19 @@ if triton is not None:
         return tl.where(value == value, scaled, BINS - 1.0).to(tl.int32)
 
     @triton.jit
+    def _load_chunk(log_probs, stride, row, chunk, VOCAB: tl.constexpr, CHUNK: tl.constexpr):
+        """A chunk of one row's log-probs: the token ids, which are inside the vocabulary, and the values."""
+        token = chunk * CHUNK + tl.arange(0, CHUNK)
+        real = token < VOCAB
+        return token, real, tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+
+    @triton.jit
     def _top_histogram(log_probs, stride, histograms, filled, candidates, SLOTS: tl.constexpr, VOCAB: tl.constexpr,
                        CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr, BIN_SCALE: tl.constexpr):
         """Each chunk's histogram; a row's first chunk also empties the collect pass's counters and slots
         (the last round's select has read them: kernels run in order)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
-        token = chunk * CHUNK + tl.arange(0, CHUNK)
-        real = token < VOCAB
-        value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        token, real, value = _load_chunk(log_probs, stride, row, chunk, VOCAB, CHUNK)
         counts = tl.histogram(_bin_of(value, BINS, BIN_SCALE), BINS, mask=real)
         tl.store(histograms + (row * CHUNKS + chunk) * BINS + tl.arange(0, BINS), counts)
         if chunk == 0:
@@ -193,9 +198,7 @@ if triton is not None:
         for other in range(CHUNKS):
             counts += tl.load(histograms + (row * CHUNKS + other) * BINS + bins)
         edge = tl.min(tl.where(tl.cumsum(counts, 0) >= K, bins, BINS - 1))
-        token = chunk * CHUNK + tl.arange(0, CHUNK)
-        real = token < VOCAB
-        value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        token, real, value = _load_chunk(log_probs, stride, row, chunk, VOCAB, CHUNK)
         where = _bin_of(value, BINS, BIN_SCALE)
         better = real & (where < edge)
         tied = real & (where == edge)
