@@ -219,12 +219,13 @@ class Oracle:
                     continue
                 # A confident drafter: the top two tokens hold `masses` (0.6 and 0.3) of the probability,
                 # the drafter's own ranking fills the rest. The truth is the top token or the runner-up.
-                row = torch.log_softmax(log_probs[depth], dim=-1) - 5.0  # (a chain's draft leaves logits)
+                row = torch.log_softmax(log_probs[depth], dim=-1) - 5.0  # (stale after a chain's draft)
                 order = row.argsort(descending=True)
                 wrong = int(order[order != token][0])
                 first, second = (token, wrong) if rank == 0 else (wrong, token)
                 row[first], row[second] = math.log(oracle.masses[0]), math.log(oracle.masses[1])
                 log_probs[depth] = torch.log_softmax(row, dim=-1)
+                gen.workspace.chain_tokens[depth] = first  # what a chain drafts: each depth's likeliest
 
         monkeypatch.setattr(engine_module.Generation, "draft", draft)
         return self

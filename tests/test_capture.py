@@ -100,7 +100,7 @@ def test_prepare_keeps_the_output(engine):
 
 def test_methods_sharing_an_engine_never_share_a_graph(engine):
     """dflash's chain and a ddtree tree of block - 1 nodes (7 here) have the same rows, but not the same
-    draft (a chain keeps logits), tree stage or buffers: their graphs must not be confused, either way."""
+    draft (a chain keeps only its tokens), tree stage or buffers: their graphs must not be confused, either way."""
     from conftest import random_prompts
 
     engine.graphs = ReplayingGraphs(engine)
@@ -140,7 +140,30 @@ def test_a_padded_prefill_gives_the_tokens_of_an_unpadded_one(engine):
         outputs[padded] = [engine.generate(p, method=method, budget=budget, max_new_tokens=30).token_ids
                            for p in prompts for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12))]
         assert (engine.workspace.prefill_rows(7) > 7) == padded
-        engine.generate(prompts[0], method="dflash", max_new_tokens=2)  # the prefill and the first draft
+        engine.generate(prompts[0], method="ddtree", budget=12, max_new_tokens=2)  # the prefill and the first draft
         outputs[padded].append(engine.workspace.log_probs.clone())
     assert outputs[True][:-1] == outputs[False][:-1]
     torch.testing.assert_close(outputs[True][-1], outputs[False][-1], rtol=1e-4, atol=1e-4)
+
+
+def test_every_tree_stage_reads_log_probabilities(engine, monkeypatch):
+    """A capture's warm-up runs a tree stage on whatever the last draft left: bench prepares ar, dflash and
+    two tree sizes in turn, twice over (growing the workspace drops the graphs). A chain's draft keeping
+    raw logits in the trees' buffer once fed the tree kernel positive scores, children outranked their
+    parents and it read unset parent links: an illegal instruction on the H100 (issue 18)."""
+    from ddtree.engine import Generation
+
+    read = []
+    build_tree = Generation.build_tree
+
+    def recording(self, tree, plan):
+        if plan is not None:
+            read.append(self.workspace.log_probs[:plan.depth].clone())
+        build_tree(self, tree, plan)
+
+    monkeypatch.setattr(Generation, "build_tree", recording)
+    for _ in range(2):
+        for method, budget in [("ar", None), ("dflash", None), ("ddtree", 8), ("ddtree", 12)]:
+            engine.prepare(method, budget, 100)
+    assert read, "no tree stage was warmed up"
+    assert all(not (lp > 0).any() and not lp.isnan().any() for lp in read)

@@ -28,13 +28,14 @@ def test_tree_kernel_in_triton_interpreter():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "12 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
+    assert "13 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
 
 
 def kernel_tree(log_probs: torch.Tensor, budget: int):
     depth, vocab = log_probs.shape
     plan = FrontierPlan(budget, depth, vocab)
     kplan = tree_kernel.KernelPlan(plan, log_probs.device)
+    kplan.node_of.fill_(1 << 30)  # scratch starts as whatever memory held: the kernel must set what it reads
     rows = plan.size + 1
     ids, parents, depths = (torch.full((rows,), -7, dtype=torch.long) for _ in range(3))
     scores = torch.full((plan.size,), float("nan"))
@@ -100,6 +101,20 @@ def test_engine_rounds_with_the_kernel_match_the_pytorch_path(make_engine, monke
     for prompt, want in zip(prompts, truth):
         result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=new_tokens)
         assert result.token_ids == want[:new_tokens] and result.chosen_budgets
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+def test_kernel_tree_from_raw_logits_and_nans_is_still_a_tree():
+    """Positive scores (a chain's raw logits, which a graph warm-up once fed it) and NaNs: every value
+    counts as at most 0 (NaN as -inf), so parents still come first and every link is set (issue 18)."""
+    log_probs = torch.randn(15, 500, generator=torch.Generator().manual_seed(7)) * 3 + 2
+    log_probs[3, :250] = float("nan")
+    log_probs[5] = float("nan")
+    sane = log_probs.nan_to_num(nan=float("-inf")).clamp(max=0.0)
+    for budget in (8, 33, 64, 130):
+        tree = kernel_tree(log_probs, budget)
+        assert len(tree) == tree_size(budget, 15, 500)
+        check_structure(tree, sane)
 
 
 def kernel_top_k(log_probs: torch.Tensor, budget: int):

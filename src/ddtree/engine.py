@@ -322,7 +322,8 @@ class Workspace:
         if drafter is not None:
             width = len(engine.taps) * model.cfg.hidden_size
             self.features = torch.zeros(1, self.block, width, device=device, dtype=engine.dtype)
-            self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
+            self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)  # a tree's draft
+            self.chain_tokens = torch.zeros(self.block - 1, dtype=torch.long, device=device)  # a chain's draft
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
             self.prompt_features = self.features.new_zeros(1, context, width)  # the first draft's context
         self.trees: dict[tuple[int, bool, bool], "TreeBuffers"] = {}
@@ -647,8 +648,8 @@ class Generation:
             ws.prompt_features[:, :rows].copy_(features)
 
     def draft(self, features: torch.Tensor, attend: int) -> None:
-        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass (for a chain,
-        which takes only each depth's argmax, the logits themselves).
+        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass; for a chain,
+        only each depth's most likely token (its own buffer: a tree stage's warm-up may read `log_probs`).
 
         The new context rows (features of tokens from `pending_start` on; rows past the committed
         ones are stale and never attended) go to their slots, the block to the scratch rows."""
@@ -667,7 +668,7 @@ class Generation:
         depth = self.draft_depth
         logits = model.logits(hidden[0, 1:depth + 1])
         if self.method == "dflash":  # a chain takes each depth's argmax, which the logits give as well
-            ws.log_probs[:depth].copy_(logits)
+            torch.argmax(logits, dim=-1, out=ws.chain_tokens[:depth])
         else:
             torch.log_softmax(logits, dim=-1, out=ws.log_probs[:depth])
 
@@ -675,7 +676,7 @@ class Generation:
         ws = self.workspace
         tree.ids[0] = ws.bonus
         if plan is None:  # a chain: its shape is fixed in its buffers, its tokens each depth's argmax
-            tree.ids[1:] = ws.log_probs.argmax(dim=-1)
+            tree.ids[1:] = ws.chain_tokens
             return
         if ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
             ws.tree_kernel.build(ws.log_probs[:plan.depth], ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,

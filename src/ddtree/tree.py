@@ -137,6 +137,7 @@ def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
     """
     device = log_probs.device
     top_values, top_ids = log_probs.float().topk(plan.tokens, dim=-1)
+    top_values = at_most_zero(top_values)
     pair_scores = top_values.flatten()[plan.token]
     scores, chosen = [top_values[0]], []
     for (start, end), width in zip(plan.spans, plan.widths[1:]):
@@ -158,6 +159,12 @@ def best_first_nodes(log_probs: torch.Tensor, plan: FrontierPlan):
     parent_candidate = plan.starts[(depth - 1).clamp(min=0)] + parent_ranks[order]
     parents = torch.where(depth == 0, 0, node_of[parent_candidate])
     return tokens[order], parents, depth + 1, ranked.values[:plan.size]
+
+
+def at_most_zero(log_probs: torch.Tensor) -> torch.Tensor:
+    """Log-probs as the tree builders need them, whatever a drafter gave: at most 0, NaN as -inf, so a
+    child never scores above its parent and the best prefixes always form a tree."""
+    return log_probs.nan_to_num(nan=float("-inf"), posinf=0.0, neginf=float("-inf")).clamp_(max=0.0)
 
 
 def chain_structure(size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -163,10 +163,12 @@ if triton is not None:
 
     @triton.jit
     def _load_chunk(log_probs, stride, row, chunk, VOCAB: tl.constexpr, CHUNK: tl.constexpr):
-        """A chunk of one row's log-probs: the token ids, which are inside the vocabulary, and the values."""
+        """A chunk of one row's log-probs: the token ids, which are inside the vocabulary, and the values,
+        at most 0 and never NaN (NaN as -inf), so a child never outscores its parent whatever the input."""
         token = chunk * CHUNK + tl.arange(0, CHUNK)
         real = token < VOCAB
-        return token, real, tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        return token, real, tl.where(value == value, tl.minimum(value, 0.0), float("-inf"))
 
     @triton.jit
     def _top_histogram(log_probs, stride, histograms, filled, candidates, SLOTS: tl.constexpr, VOCAB: tl.constexpr,
@@ -205,7 +207,7 @@ if triton is not None:
         key = _sort_key(value, token, real, VOCAB)
         first_better = tl.atomic_add(filled + row * 2, tl.sum(better.to(tl.int32)))
         slot = first_better + tl.cumsum(better.to(tl.int32), 0) - 1
-        tl.store(candidates + row * SLOTS + slot, key, mask=better)
+        tl.store(candidates + row * SLOTS + slot, key, mask=better & (slot < K))
         first_tied = tl.atomic_add(filled + row * 2 + 1, tl.sum(tied.to(tl.int32)))
         slot = K + first_tied + tl.cumsum(tied.to(tl.int32), 0) - 1
         tl.store(candidates + row * SLOTS + slot, key, mask=tied & (slot < SLOTS))
@@ -268,7 +270,7 @@ if triton is not None:
         parent_rank = tl.load(left_table + pair_at, mask=deeper, other=0)
         token_at = tl.where(deeper, tl.load(token_table + pair_at, mask=deeper, other=0), rank)
         parent = tl.load(node_of + (level - 1) * WIDTH_PAD + parent_rank, mask=deeper, other=0)
-        parent = tl.where(deeper, parent, 0)
+        parent = tl.where(deeper, tl.minimum(tl.maximum(parent, 0), SIZE), 0)  # (picked first: always set)
         tl.store(out_ids + 1 + flat, tl.load(top_ids + token_at, mask=picked, other=0), mask=picked)
         tl.store(out_parents + 1 + flat, parent.to(tl.int64), mask=picked)
         tl.store(out_depths + 1 + flat, (level + 1).to(tl.int64), mask=picked)
