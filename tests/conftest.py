@@ -13,10 +13,11 @@ import random
 import pytest
 import torch
 
-import ddtree.engine as engine_module
 from ddtree.api import random_drafter
 from ddtree.engine import Engine
+from ddtree.generation import Generation
 from ddtree.loading import load_target
+from ddtree.stages import Stages
 
 torch.set_num_threads(2)
 try:  # no "Writing model shards" bars on stderr while fixtures save models
@@ -187,7 +188,7 @@ def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len:
 # ----- a drafter that knows the answer -------------------------------------------------------------
 
 class Oracle:
-    """Wraps Generation.draft: the real drafter still runs (so its cache is exercised), then the
+    """Wraps the draft stage: the real drafter still runs (so its cache is exercised), then the
     target's true continuation is written into the log-probs at a chosen rank per depth.
 
     `continuation(prefix_ids, n)` returns the n tokens the target will really choose after
@@ -202,16 +203,21 @@ class Oracle:
         self.calls = 0
 
     def install(self, monkeypatch):
-        real = engine_module.Generation.draft
-        oracle = self
+        real_draft, real_launch = Stages.run_draft, Generation.launch
+        oracle, current = self, {}
 
-        def draft(gen, features, attend):
-            real(gen, features, attend)
-            log_probs = gen.workspace.log_probs  # edited in place: the tree stage reads it next
+        def launch(gen, *args):
+            current["generation"] = gen  # the request whose round drafts next
+            return real_launch(gen, *args)
+
+        def draft(stages, features, attend, depth, chain):
+            real_draft(stages, features, attend, depth, chain)
+            gen, ws = current["generation"], stages.ws
+            log_probs = ws.log_probs  # edited in place: the tree stage reads it next
             oracle.calls += 1
             prefix = list(gen.ids) + list(gen.stopper.tokens)
-            committed = int(gen.workspace.committed)
-            assert prefix[-1] == int(gen.workspace.bonus) and len(prefix) == committed + 1
+            committed = int(ws.committed)
+            assert prefix[-1] == int(ws.bonus) and len(prefix) == committed + 1
             true = oracle.continuation(prefix, log_probs.shape[0])
             for depth, token in enumerate(true or []):
                 rank = oracle.rank(depth, committed + 1 + depth)
@@ -225,9 +231,10 @@ class Oracle:
                 first, second = (token, wrong) if rank == 0 else (wrong, token)
                 row[first], row[second] = math.log(oracle.masses[0]), math.log(oracle.masses[1])
                 log_probs[depth] = torch.log_softmax(row, dim=-1)
-                gen.workspace.chain_tokens[depth] = first  # what a chain drafts: each depth's likeliest
+                ws.chain_tokens[depth] = first  # what a chain drafts: each depth's likeliest
 
-        monkeypatch.setattr(engine_module.Generation, "draft", draft)
+        monkeypatch.setattr(Generation, "launch", launch)
+        monkeypatch.setattr(Stages, "run_draft", draft)
         return self
 
 

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ddtree.bench import MethodSpec, bench, load_dataset, read_results
+from ddtree.bench import bench, load_dataset, read_results
+from ddtree.options import Decoding
 from ddtree.cli import main
 from ddtree.data import REASONING_SUFFIX
 from ddtree.errors import DDTreeError
@@ -157,25 +158,28 @@ class RecordingEngine:
         self.events: list[tuple] = []
         self.prepared: set[tuple] = set()
 
-    def prepare(self, method, budget, context, temperature):
-        new = (method, budget, temperature) not in self.prepared
-        self.prepared.add((method, budget, temperature))
-        self.events.append(("prepare", method, budget))
+    def prepare(self, decoding, context, sampling):
+        new = (decoding, sampling) not in self.prepared
+        self.prepared.add((decoding, sampling))
+        self.events.append(("prepare", decoding.method, decoding.budget))
         return int(new)
 
     def encode(self, text, chat=False):
         return [1, 2, 3]
 
-    def generate(self, prompt, method, budget=None, **_):
-        self.events.append(("generate", method, budget, prompt))
-        return GenerationResult("x", [7], 3, [1], 0.01, {}, "length", method, budget)
+    def generate(self, prompt, options=None, chat=False, **fields):
+        decoding = options.decoding if options else Decoding(fields.get("method", "ddtree"), fields.get("budget"))
+        self.events.append(("generate", decoding.method, decoding.budget, prompt))
+        return GenerationResult(text="x", token_ids=[7], prompt_tokens=3, acceptance_lengths=[1], seconds=0.01,
+                                stage_seconds={}, finish_reason="length", method=decoding.method,
+                                budget=decoding.budget)
 
 
 def test_methods_are_interleaved_prompt_by_prompt_after_every_graph_is_prepared(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(3)))
     engine = RecordingEngine()
-    specs = [MethodSpec("ar", None), MethodSpec("ddtree", 4), MethodSpec("ddtree", "auto")]
+    specs = [Decoding("ar"), Decoding("ddtree", 4), Decoding("ddtree", "auto")]
     bench(engine, [str(prompts)], specs, [0.0], None, 8, 1, 0)
     timed = [e for e in engine.events if e[0] == "generate"][1:]  # after the warm-up
     last_prepare = max(i for i, e in enumerate(engine.events) if e[0] == "prepare")

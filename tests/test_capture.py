@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ddtree.costs as costs
-from ddtree.engine import Graphs, buckets
+from ddtree.options import Decoding
+from ddtree.sampling import SamplingParams
+from ddtree.workspace import Graphs, buckets
 
 TARGET = "qwen3"
 
@@ -54,13 +55,13 @@ class ReplayingGraphs(Graphs):
 
     def state(self) -> list[torch.Tensor]:
         ws = self.engine.workspace
-        holders = [ws, *ws.trees.values(), *ws.prefixes.values()]
+        holders = [ws, ws.sampling, *ws.trees.values(), *ws.prefixes.values()]
         return [value.clone() for holder in holders for value in vars(holder).values() if isinstance(value, torch.Tensor)]
 
 
 @pytest.fixture
 def engine(make_engine, tmp_path, monkeypatch):
-    monkeypatch.setattr(costs, "calibration_path", lambda engine: str(tmp_path / "calibration.json"))
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))  # (the calibration's home)
     built = make_engine(TARGET, layers=1, block_size=8)
     plain, built.graphs, built.auto, built.workspace = built.graphs, RecordingGraphs(), None, None
     yield built
@@ -75,7 +76,7 @@ def test_prepare_captures_every_graph_a_generation_replays(engine, method, budge
     prompts = random_prompts(3, engine.model.cfg.vocab_size, seed=5, min_len=2, max_len=60)
     new_tokens = 70  # past two 32-slot attention buckets beyond the longest prompt
     context = max(map(len, prompts)) + new_tokens
-    count = engine.prepare(method, budget, context, temperature)
+    count = engine.prepare(Decoding(method, budget), context, SamplingParams(temperature))
     assert count == len(engine.graphs.captured) > 0
     ahead = set(engine.graphs.captured)
     engine.graphs.used.clear()  # auto's first use calibrates, through graphs of its own
@@ -86,7 +87,9 @@ def test_prepare_captures_every_graph_a_generation_replays(engine, method, budge
     assert engine.graphs.used, "the generation ran no stage through the graph cache"
     assert engine.graphs.used <= ahead, sorted(map(str, engine.graphs.used - ahead))
     assert set(engine.graphs.captured) == ahead  # and nothing was captured during the generations
-    assert engine.prepare(method, budget, context, temperature) == 0  # a second time, all are there
+    assert engine.prepare(Decoding(method, budget), context, SamplingParams(temperature)) == 0  # all there
+    # every sampling value of a mode replays the same graphs
+    assert engine.prepare(Decoding(method, budget), context, SamplingParams(temperature * 0.7)) == 0
 
 
 def test_prepare_keeps_the_output(engine):
@@ -94,7 +97,7 @@ def test_prepare_keeps_the_output(engine):
 
     prompt = random_prompts(1, engine.model.cfg.vocab_size, seed=9, min_len=20, max_len=20)[0]
     expected = engine.generate(prompt, method="ar", max_new_tokens=40).token_ids
-    engine.prepare("ddtree", "auto", 200)
+    engine.prepare(Decoding("ddtree", "auto"), 200)
     assert engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=40).token_ids == expected
 
 
@@ -151,19 +154,19 @@ def test_every_tree_stage_reads_log_probabilities(engine, monkeypatch):
     two tree sizes in turn, twice over (growing the workspace drops the graphs). A chain's draft keeping
     raw logits in the trees' buffer once fed the tree kernel positive scores, children outranked their
     parents and it read unset parent links: an illegal instruction on the H100 (issue 18)."""
-    from ddtree.engine import Generation
+    from ddtree.stages import Stages
 
     read = []
-    build_tree = Generation.build_tree
+    build_tree = Stages.build_tree
 
     def recording(self, tree, plan):
         if plan is not None:
-            read.append(self.workspace.log_probs[:plan.depth].clone())
+            read.append(self.ws.log_probs[:plan.depth].clone())
         build_tree(self, tree, plan)
 
-    monkeypatch.setattr(Generation, "build_tree", recording)
+    monkeypatch.setattr(Stages, "build_tree", recording)
     for _ in range(2):
         for method, budget in [("ar", None), ("dflash", None), ("ddtree", 8), ("ddtree", 12)]:
-            engine.prepare(method, budget, 100)
+            engine.prepare(Decoding(method, budget), 100)
     assert read, "no tree stage was warmed up"
     assert all(not (lp > 0).any() and not lp.isnan().any() for lp in read)

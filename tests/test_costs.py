@@ -9,11 +9,15 @@ import math
 import pytest
 import torch
 
-import ddtree.costs as costs
+from ddtree.calibration import CALIBRATION_VERSION
 from ddtree.cli import main
-from ddtree.costs import AutoBudget, RoundCosts, interpolate
+from ddtree.costs import AcceptanceModel, AutoBudget, RoundCosts, interpolate
 
 TARGET = "llama"
+
+
+def chooser(costs: RoundCosts) -> AutoBudget:
+    return AutoBudget(costs, AcceptanceModel(costs.sizes, torch.device("cpu")))
 
 
 def synthetic(round_ms: dict[int, float], fixed_ms: float = 10.0, probe_ms: float = 1.0) -> RoundCosts:
@@ -31,7 +35,7 @@ CURVES = [
 
 @pytest.mark.parametrize("curve", CURVES)
 def test_choice_is_the_true_maximum_of_yield_per_second(curve):
-    auto = AutoBudget(synthetic(curve), torch.device("cpu"))
+    auto = chooser(synthetic(curve))
     sizes = auto.costs.sizes
     for yields in ([1.5, 1.9, 2.2, 2.4, 2.5], [2.9, 3.6, 4.4, 5.0, 5.3], [1.01, 1.02, 1.03, 1.04, 1.05]):
         best = max(sizes, key=lambda s: yields[sizes.index(s)] / (0.010 + curve[s] / 1000))
@@ -40,7 +44,7 @@ def test_choice_is_the_true_maximum_of_yield_per_second(curve):
 
 @pytest.mark.parametrize("probe_ms, every", [(0.1, 1), (0.3, 2), (1.0, 5), (100.0, 32)])
 def test_probes_come_as_often_as_two_percent_of_the_time_allows(probe_ms, every):
-    auto = AutoBudget(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms), torch.device("cpu"))
+    auto = chooser(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms))
     assert auto.probe_every == every  # the cheapest round is 10 ms; at most every 32 rounds
     probes = []
     for _ in range(3 * every + 1):
@@ -53,23 +57,23 @@ def test_probes_come_as_often_as_two_percent_of_the_time_allows(probe_ms, every)
 def test_expected_yields_learn_what_is_really_accepted():
     """Nodes the drafter gives 0.9 are accepted half the time here: the calibrated yield follows, and
     a size chosen on the drafter's word alone stops paying."""
-    auto = AutoBudget(synthetic({3: 5, 7: 18}), torch.device("cpu"))
+    auto = chooser(synthetic({3: 5, 7: 18}))
     scores = torch.full((7,), math.log(0.9))
-    before = auto.expected_yields(scores)
+    before = auto.acceptance.expected_yields(scores)
     assert before.tolist() == pytest.approx([1 + 3 * 0.9, 1 + 7 * 0.9], rel=0.05)
     assert auto.choose(before.tolist(), 500) == 7
     for round in range(400):
-        auto.learn(scores, torch.arange(7) < (7 if round % 2 else 0))  # all or nothing, half the rounds
-    after = auto.expected_yields(scores)
+        auto.acceptance.learn(scores, torch.arange(7) < (7 if round % 2 else 0))  # all or nothing, half the rounds
+    after = auto.acceptance.expected_yields(scores)
     assert after.tolist() == pytest.approx([1 + 3 * 0.5, 1 + 7 * 0.5], rel=0.05)
     assert auto.choose(after.tolist(), 500) == 3  # 2.5 tokens / 15 ms beats 4.5 / 28 ms
-    lower = auto.expected_yields(torch.full((7,), math.log(0.1)))  # another bin keeps its prior
+    lower = auto.acceptance.expected_yields(torch.full((7,), math.log(0.1)))  # another bin keeps its prior
     assert lower.tolist() == pytest.approx([1 + 3 * 0.1, 1 + 7 * 0.1], rel=0.15)
 
 
 def test_measured_round_times_correct_the_calibration():
     costs = synthetic({7: 5, 15: 6, 31: 8})  # with the drafter's 10 ms: 15, 16 and 18 ms a round
-    auto = AutoBudget(costs, torch.device("cpu"))
+    auto = chooser(costs)
     yields = [2.0, 2.5, 2.9]  # tokens per ms: 0.133, 0.156, 0.161
     assert auto.choose(yields, 500) == 31
     for _ in range(30):  # 31-node rounds really take twice their calibrated time
@@ -92,8 +96,7 @@ def test_interpolation_in_context():
 
 @pytest.fixture
 def engine(make_engine, tmp_path, monkeypatch):
-    path = tmp_path / "calibration" / "tiny.json"
-    monkeypatch.setattr(costs, "calibration_path", lambda engine: str(path))
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))
     built = make_engine(TARGET, layers=1, block_size=8)
     built.auto = None  # each test calibrates or loads for itself
     yield built
@@ -104,7 +107,7 @@ BROKEN = {
     "not json": "{oops",
     "empty": "",
     "another version": None,  # filled in below from a good file
-    "missing costs": json.dumps({"version": costs.CALIBRATION_VERSION}),
+    "missing costs": json.dumps({"version": CALIBRATION_VERSION}),
     "negative time": None,
     "wrong shape": None,
 }
@@ -112,8 +115,8 @@ BROKEN = {
 
 @pytest.mark.parametrize("kind", list(BROKEN))
 def test_broken_calibration_files_are_rebuilt(kind, engine, capsys):
-    path = costs.calibration_path(engine)
-    good = costs.load_or_calibrate(engine)
+    path = engine.calibration_key().path
+    good = engine.calibration(force=False)
     stored = json.loads(open(path).read())
     text = BROKEN[kind]
     if kind == "another version":
@@ -127,19 +130,19 @@ def test_broken_calibration_files_are_rebuilt(kind, engine, capsys):
     with open(path, "w") as f:
         f.write(text)
     capsys.readouterr()
-    rebuilt = costs.load_or_calibrate(engine)
+    rebuilt = engine.calibration(force=False)
     assert "recalibrating" in capsys.readouterr()[1]
     assert rebuilt.sizes == good.sizes and all(x > 0 for x in rebuilt.fixed)
-    assert costs.load_or_calibrate(engine).to_json() == rebuilt.to_json()  # now read back as it is
+    assert engine.calibration(force=False).to_json() == rebuilt.to_json()  # now read back as it is
 
 
 def test_a_calibration_for_another_pair_is_not_used(engine, capsys):
-    path = costs.calibration_path(engine)
-    costs.load_or_calibrate(engine)
+    path = engine.calibration_key().path
+    engine.calibration(force=False)
     stored = json.loads(open(path).read())
     with open(path, "w") as f:
         json.dump(stored | {"pair": "someone-else"}, f)
-    costs.load_or_calibrate(engine)
+    engine.calibration(force=False)
     assert "another version, device or pair" in capsys.readouterr()[1]
 
 

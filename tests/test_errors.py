@@ -199,7 +199,7 @@ def test_empty_prompt_file(capsys, model_dirs, drafters, work):
     ("--temperature", "-0.5", "temperature"),
     ("--top-p", "0", "top-p"),
     ("--top-p", "1.5", "top-p"),
-    ("--top-k", "-1", "top-k"),
+    ("--top-k", "-2", "top-k"),
     ("--max-new-tokens", "0", "max-new-tokens"),
 ])
 def test_bad_generation_setting(option, value, word, capsys, model_dirs, drafters):

@@ -13,7 +13,7 @@ from ddtree.sampling import (
     SamplingParams, choose_tokens, filtered_logits, mix32, mul32, position_noise, seed_key, token_keys,
 )
 
-import ddtree.engine as engine_module
+from ddtree.stages import Stages
 
 from conftest import Oracle
 
@@ -95,13 +95,13 @@ def greedy_continuation(model):
 def flat_drafter(monkeypatch):
     """A drafter with no opinion: uniform log-probs, so a tree of 20 over 12 tokens is every token at
     depth 1 and 8 children of one of them at depth 2."""
-    real = engine_module.Generation.draft
+    real = Stages.run_draft
 
-    def draft(gen, features, attend):
-        real(gen, features, attend)
-        gen.workspace.log_probs.fill_(-math.log(gen.workspace.log_probs.shape[1]))
+    def draft(stages, *args):
+        real(stages, *args)
+        stages.ws.log_probs.fill_(-math.log(stages.ws.log_probs.shape[1]))
 
-    monkeypatch.setattr(engine_module.Generation, "draft", draft)
+    monkeypatch.setattr(Stages, "run_draft", draft)
 
 
 # A random drafter's chain almost never matches a sample, so dflash runs with the helpful oracle
@@ -278,10 +278,38 @@ def test_choose_tokens_greedy_and_sampled_frequencies():
     assert picks[:, 0].eq(1).all() and picks[:, 1].eq(0).all()
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),
-                                 dict(top_p=1.5), dict(top_k=-1)])
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(temperature="1"), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(top_k=1.5), dict(top_k=True)])
 def test_sampling_params_validation(bad):
     from ddtree.errors import DDTreeError
 
     with pytest.raises(DDTreeError):
-        SamplingParams(**({"temperature": 1.0} | bad)).validate()
+        SamplingParams(**({"temperature": 1.0} | bad))
+
+
+def test_tiny_temperatures_are_greedy_and_tiny_top_p_keeps_the_likeliest():
+    """A float32 division by 1e-40 overflows and the race then picks token 0: such temperatures are greedy."""
+    logits = torch.tensor([[0.1, 2.0, 0.3], [1.5, 0.2, 0.1]])
+    for temperature in (1e-40, 1e-300, 5e-5):
+        params = SamplingParams(temperature)
+        assert params.greedy and params.mode == "greedy"
+        assert choose_tokens(logits, params).tolist() == [1, 0]
+    cut = SamplingParams(1.0, top_p=1e-300)
+    assert cut.top_p > 0 and cut.mode == "filter"
+    for seed in range(5):
+        assert choose_tokens(logits, cut, torch.Generator().manual_seed(seed)).tolist() == [1, 0]
+    assert SamplingParams(1.0, top_k=-1).top_k == 0  # -1 is "off", as vLLM spells it
+
+
+def test_device_state_filters_as_the_values_do():
+    """One captured graph per mode reads the values from tensors: the same cut as the numbers give."""
+    from ddtree.sampling import SamplingState
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) * 2
+    state = SamplingState("cpu")
+    for params in (SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(0.9, top_p=0.8),
+                   SamplingParams(1.0, top_k=7, top_p=0.6), SamplingParams(1.0, top_k=60)):
+        state.set(params)
+        assert state.mode == params.mode
+        assert torch.equal(filtered_logits(logits, state), filtered_logits(logits, params))

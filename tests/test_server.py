@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from ddtree.loadtest import run as run_loadtest
+from ddtree.options import Decoding
 from ddtree.server import ServerSettings, create_app
 
 TARGET = "llama"
@@ -49,7 +50,7 @@ def engine(make_engine):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    running = RunningServer(engine, budget=8)
+    running = RunningServer(engine, decoding=Decoding("ddtree", 8))
     yield running
     running.stop()
 

@@ -15,7 +15,6 @@ pytest.importorskip("triton")
 from test_tree import brute_ancestors, check_structure, node_prefixes, random_log_probs  # noqa: E402
 
 from ddtree import tree_kernel  # noqa: E402
-from ddtree.costs import device_key  # noqa: E402
 from ddtree.tree import DraftTree, FrontierPlan, best_first_tree, tree_size  # noqa: E402
 
 # Triton reads TRITON_INTERPRET when it is first imported (its own library functions, tl.sort among
@@ -88,7 +87,7 @@ def test_engine_rounds_with_the_kernel_match_the_pytorch_path(make_engine, monke
         monkeypatch.setenv("DDTREE_TREE_KERNEL", mode)
         engine.workspace = None  # a workspace decides its tree builder when it is made
         # calibrations are kept apart by tree builder, whose costs differ
-        assert device_key(engine).endswith("-treekernel") == (mode == "cpu")
+        assert engine.calibration_key().device.endswith("-treekernel") == (mode == "cpu")
         for budget in (8, 32):
             results = [engine.generate(p, method="ddtree", budget=budget, max_new_tokens=new_tokens) for p in prompts]
             runs[mode, budget] = [(r.token_ids, r.acceptance_lengths) for r in results]

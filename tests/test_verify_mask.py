@@ -142,16 +142,21 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
     """Every round, the log-probs the engine drafts from its cached, block-at-a-time drafter context
     equal one cache-free drafter pass over the target features of everything committed so far (a
     chain's draft keeps only each depth's argmax)."""
-    import ddtree.engine as engine_module
+    from ddtree.generation import Generation
+    from ddtree.stages import Stages
 
     engine = make_engine("llama", layers=2, block_size=6)
     model, drafter = engine.model, engine.drafter
-    real = engine_module.Generation.draft
-    checked = []
+    real_draft, real_launch = Stages.run_draft, Generation.launch
+    checked, current = [], {}
 
-    def draft(gen, features, attend):
-        real(gen, features, attend)
-        ws = gen.workspace
+    def launch(gen, *args):
+        current["generation"] = gen
+        return real_launch(gen, *args)
+
+    def draft(stages, features, attend, depth, chain):
+        real_draft(stages, features, attend, depth, chain)
+        ws, gen = stages.ws, current["generation"]
         committed = int(ws.committed)
         prefix = list(gen.ids) + list(gen.stopper.tokens)
         assert len(prefix) == committed + 1 and prefix[-1] == int(ws.bonus)
@@ -161,16 +166,17 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
         ids = torch.tensor([[prefix[-1]] + [drafter.cfg.mask_token_id] * (block - 1)])
         hidden = drafter(model.embed_tokens(ids), torch.arange(committed, committed + block)[None], context,
                          torch.arange(committed)[None])
-        depth = gen.draft_depth  # a budget of 3 nodes drafts 3 depths, others all of the block's
-        assert depth == (min(block - 1, budget) if method == "ddtree" else block - 1)
+        assert depth == (min(block - 1, budget) if method == "ddtree" else block - 1)  # 3 nodes: 3 depths
+        assert chain == (method == "dflash")
         logits = model.logits(hidden[0, 1:depth + 1])
-        if method == "dflash":
+        if chain:
             assert torch.equal(ws.chain_tokens, logits.argmax(dim=-1))
         else:
             assert_close(ws.log_probs[:depth], torch.log_softmax(logits, dim=-1))
         checked.append(committed)
 
-    monkeypatch.setattr(engine_module.Generation, "draft", draft)
+    monkeypatch.setattr(Generation, "launch", launch)
+    monkeypatch.setattr(Stages, "run_draft", draft)
     with torch.inference_mode():
         for prompt in ([5, 9, 23, 4], list(range(30, 70))):
             engine.generate(prompt, method=method, budget=budget, max_new_tokens=24)

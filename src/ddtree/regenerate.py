@@ -67,7 +67,7 @@ def regenerate(target: Target, prompts: list[list[int]], max_new_tokens: int, ba
     """Responses for all prompts, batched by similar length; returned in the prompts' order. Under
     torchrun each rank answers every size-th prompt and every rank returns all the responses."""
     rank, size = world()
-    params = SamplingParams(temperature).validate()
+    params = SamplingParams(temperature)
     generator = None
     if not params.greedy:
         generator = torch.Generator(target.model.embed_tokens.weight.device).manual_seed(seed * 1000 + rank)

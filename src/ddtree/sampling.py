@@ -16,49 +16,93 @@ import torch
 from .errors import DDTreeError
 
 
+# Below this temperature sampling is greedy: dividing float32 logits by less overflows to inf (and
+# the exponential race then picks token 0). Above it, a sample is the argmax but at exact ties.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6  # smaller top-p values keep only the likeliest token, as this one does
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the target chooses each token: greedy at temperature 0, else a sample of the distribution
+    at `temperature`, cut to the `top_k` likeliest tokens (0 or -1: no cut) and to the fewest whose
+    mass reaches `top_p`. Validated when made; a temperature below MIN_TEMPERATURE is greedy."""
+
     temperature: float = 0.0
-    top_k: int = 0  # 0 = no top-k filter
+    top_k: int = 0
     top_p: float = 1.0
 
-    def validate(self) -> "SamplingParams":
-        if not self.temperature >= 0:
-            raise DDTreeError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise DDTreeError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise DDTreeError(f"top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        return self
+    def __post_init__(self):
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+        if not number(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise DDTreeError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise DDTreeError(f"top-p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise DDTreeError(f"top-k must be a whole number >= 0 (0 or -1 turns it off), got {self.top_k!r}")
+        object.__setattr__(self, "temperature", float(self.temperature) if self.temperature >= MIN_TEMPERATURE else 0.0)
+        object.__setattr__(self, "top_p", max(float(self.top_p), MIN_TOP_P))
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def mode(self) -> str:
+        """greedy, sample (the whole distribution) or filter (top-k or top-p cut it): each mode is one
+        piece of device work, whatever the values."""
+        if self.greedy:
+            return "greedy"
+        return "filter" if self.top_k or self.top_p < 1 else "sample"
 
-def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on logits [N, V]; removed tokens get -inf."""
+
+class SamplingState:
+    """A request's sampling values in device tensors: work captured once per `mode` (a CUDA graph)
+    reads them, so every temperature, top-k and top-p of that mode replays the same graph."""
+
+    def __init__(self, device):
+        self.temperature = torch.ones((), device=device)
+        self.top_k = torch.zeros((), dtype=torch.long, device=device)
+        self.top_p = torch.ones((), device=device)
+        self.mode = "greedy"
+
+    def set(self, params: SamplingParams) -> None:
+        self.mode = params.mode
+        if not params.greedy:
+            self.temperature.fill_(params.temperature)
+            self.top_k.fill_(params.top_k)
+            self.top_p.fill_(params.top_p)
+
+
+def filtered_logits(logits: torch.Tensor, params: SamplingParams | SamplingState) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on logits [N, V]; removed tokens get -inf. The
+    values may be numbers or device tensors; in `filter` mode both cuts come from one sort."""
     logits = logits.float() / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop_sorted = probs.cumsum(dim=-1) - probs >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    if params.mode != "filter":
+        return logits
+    device, vocab = logits.device, logits.shape[-1]
+    top_k, top_p = torch.as_tensor(params.top_k, device=device), torch.as_tensor(params.top_p, device=device)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # top-k keeps every token at least as likely as the k-th (ties included); k = 0 keeps all
+    kth = sorted_logits.gather(-1, (top_k.clamp(max=vocab) - 1).clamp(min=0).expand(logits.shape[0], 1))
+    kth = torch.where(top_k > 0, kth, float("-inf"))
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = sorted_logits.masked_fill(sorted_logits < kth, float("-inf")).softmax(dim=-1)
+    # top-p drops a token when the tokens ranked above it already hold top_p of the mass (never at 1:
+    # rounding can take the running sum past 1 before the last tokens)
+    drop_sorted = (probs.cumsum(dim=-1) - probs >= top_p) & (top_p < 1)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-                  noise: torch.Tensor | None = None) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, params: SamplingParams | SamplingState,
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of logits [N, V]: the argmax, or at temperature > 0 an independent sample per
     row from the filtered distribution p, drawn as argmax(p / E) with E ~ Exp(1) (the exponential race,
     an exact sampler that needs no host synchronisation). `noise` is E (the engine's comes from
     `position_noise`); without it, E is drawn from `generator`."""
-    if params.greedy:
+    if params.mode == "greedy":
         return logits.argmax(dim=-1)
     probs = filtered_logits(logits, params).softmax(dim=-1)
     if noise is None:

@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from .engine import METHODS, Engine
+from .engine import Engine
 from .errors import DDTreeError
+from .options import Decoding, GenerationOptions
 from .sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
@@ -112,7 +113,7 @@ class Job:
     """One request's generation: what to run, where its chunks go, and whether its client left."""
 
     ids: list[int]
-    settings: dict
+    options: GenerationOptions
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -161,7 +162,7 @@ class Scheduler:
     def run(self, job: Job) -> None:
         lengths, started = [], time.perf_counter()
         try:
-            generation = self.engine.stream(job.ids, **job.settings)
+            generation = self.engine.stream(job.ids, job.options)
             for chunk in generation:
                 if chunk.acceptance_length is not None:
                     lengths.append(chunk.acceptance_length)
@@ -225,8 +226,7 @@ class Metrics:
 @dataclass
 class ServerSettings:
     model_name: str
-    method: str = "ddtree"
-    budget: int | str | None = None  # nodes, "auto", or None for the device's default
+    decoding: Decoding = field(default_factory=Decoding)  # for requests that name no method or budget
     max_queue: int = 64
 
 
@@ -294,9 +294,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     async def respond(body: GenerationRequest, request: Request, ids: list[int], max_tokens: int | None,
                       chat: bool):
-        job = Job(ids, generation_settings(body, ids, max_tokens, engine, settings), asyncio.get_running_loop())
+        job = Job(ids, generation_options(body, ids, max_tokens, engine, settings), asyncio.get_running_loop())
         state["scheduler"].submit(job)
-        reply = Reply(body, chat, len(ids), job.settings)
+        reply = Reply(body, chat, len(ids), job.options)
         if body.stream:
             return StreamingResponse(stream_events(job, reply), media_type="text/event-stream")
         return await collect(job, reply, request)
@@ -318,9 +318,33 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, f"invalid value for {param}: {error.get('msg', 'invalid')}", param)
 
 
-def generation_settings(body: GenerationRequest, ids: list[int], max_tokens: int | None, engine: Engine,
-                        settings: ServerSettings) -> dict:
-    """The engine's keyword arguments for a request, or an APIError saying what to change."""
+def generation_options(body: GenerationRequest, ids: list[int], max_tokens: int | None, engine: Engine,
+                       settings: ServerSettings) -> GenerationOptions:
+    """A request's generation options, or an APIError saying what to change."""
+    check_supported(body, settings)
+    max_tokens = checked_max_tokens(body, len(ids), max_tokens, engine.context_limit)
+    if not 0 <= body.temperature <= 2:
+        raise APIError(400, f"temperature must be between 0 and 2, got {body.temperature}", "temperature")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4:
+        raise APIError(400, "at most 4 stop sequences", "stop")
+    method = body.method or settings.decoding.method
+    if method != "ar" and engine.drafter is None:
+        raise APIError(400, f"method {method!r} needs a drafter, and this server has none", "method")
+    budget = body.budget if body.budget is not None else settings.decoding.budget if method == "ddtree" else None
+    try:
+        decoding = Decoding(method, budget)
+    except DDTreeError as exc:
+        raise APIError(400, str(exc), "budget") from None
+    try:
+        sampling = SamplingParams(body.temperature, body.top_k, body.top_p)
+        return GenerationOptions(decoding, sampling, max_tokens, body.seed, tuple(stops))
+    except DDTreeError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+def check_supported(body: GenerationRequest, settings: ServerSettings) -> None:
+    """OpenAI's fields this server does not serve, each refused by name."""
     if body.model != settings.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                        "model", "model_not_found")
@@ -331,43 +355,30 @@ def generation_settings(body: GenerationRequest, ids: list[int], max_tokens: int
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) != 0:
             raise APIError(400, f"{name} is not supported (it would change the target's distribution)", name)
-    room = engine.context_limit - len(ids)
+
+
+def checked_max_tokens(body: GenerationRequest, prompt_tokens: int, max_tokens: int | None, limit: int) -> int:
+    """The answer's token limit: as asked, or as much as the context leaves (at most DEFAULT_MAX_TOKENS)."""
+    room = limit - prompt_tokens
+    where = "messages" if isinstance(body, ChatRequest) else "prompt"
     if room < 1:
-        raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context holds {engine.context_limit}",
-                       "messages" if isinstance(body, ChatRequest) else "prompt", "context_length_exceeded")
+        raise APIError(400, f"the prompt has {prompt_tokens} tokens; the model's context holds {limit}", where,
+                       "context_length_exceeded")
     if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        return min(DEFAULT_MAX_TOKENS, room)
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     if max_tokens > room:
-        raise APIError(400, f"max_tokens {max_tokens} is past the context: the prompt has {len(ids)} tokens and "
-                            f"the context holds {engine.context_limit}, so at most {room}", "max_tokens",
-                       "context_length_exceeded")
-    if not 0 <= body.temperature <= 2:
-        raise APIError(400, f"temperature must be between 0 and 2, got {body.temperature}", "temperature")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stops) > 4:
-        raise APIError(400, "at most 4 stop sequences", "stop")
-    method = body.method or settings.method
-    if method != "ar" and engine.drafter is None:
-        raise APIError(400, f"method {method!r} needs a drafter, and this server has none", "method")
-    budget = body.budget if body.budget is not None else settings.budget
-    if isinstance(budget, int) and budget < 1:
-        raise APIError(400, f"budget must be 'auto' or at least 1, got {budget}", "budget")
-    try:
-        SamplingParams(float(body.temperature), body.top_k, float(body.top_p)).validate()
-    except DDTreeError as exc:
-        raise APIError(400, str(exc)) from None
-    assert method in METHODS
-    return {"method": method, "budget": budget, "max_new_tokens": max_tokens, "temperature": float(body.temperature),
-            "top_k": body.top_k, "top_p": float(body.top_p), "seed": body.seed, "stop": stops}
+        raise APIError(400, f"max_tokens {max_tokens} is past the context: the prompt has {prompt_tokens} tokens and "
+                            f"the context holds {limit}, so at most {room}", "max_tokens", "context_length_exceeded")
+    return max_tokens
 
 
 class Reply:
     """Builds OpenAI response objects for one request."""
 
-    def __init__(self, body: GenerationRequest, chat: bool, prompt_tokens: int, settings: dict):
-        self.body, self.chat, self.prompt_tokens, self.settings = body, chat, prompt_tokens, settings
+    def __init__(self, body: GenerationRequest, chat: bool, prompt_tokens: int, options: GenerationOptions):
+        self.body, self.chat, self.prompt_tokens, self.options = body, chat, prompt_tokens, options
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.completion_tokens = 0
@@ -381,7 +392,7 @@ class Reply:
 
     def acceptance(self, stats: dict) -> dict:
         lengths = stats["acceptance_lengths"]
-        return {"method": self.settings["method"], "budget": stats["budget"], "rounds": len(lengths),
+        return {"method": self.options.decoding.method, "budget": stats["budget"], "rounds": len(lengths),
                 "mean_acceptance": sum(lengths) / len(lengths) if lengths else 0.0,
                 "tokens_per_second": self.completion_tokens / stats["seconds"] if stats["seconds"] > 0 else 0.0}
 

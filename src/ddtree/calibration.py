@@ -1,0 +1,158 @@
+"""Measuring `auto`'s round costs on this device, and keeping them: one calibration per device and model
+pair, stored as JSON under the cache directory, remade when missing, stale or corrupt.
+
+Each stage of a ddtree round is timed at a few context lengths, and every candidate size is measured
+(the sizes are graph shapes, and the cost is a step function of the size: measured, not fitted). The
+stages timed are exactly the ones `auto` replays: its largest tree, scored, and each size as that
+tree's first rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .costs import CALIBRATION_CONTEXTS, RoundCosts
+from .loading import cache_root
+from .methods import auto_trees
+from .stages import Stages
+
+# Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
+# 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included).
+CALIBRATION_VERSION = 5
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    """What round costs depend on: the device and how the engine runs on it, and the models' shapes."""
+    device: str
+    pair: str
+
+    @property
+    def path(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{self.device}--{self.pair}")
+        return os.path.join(cache_root(), "calibration", safe + ".json")
+
+
+def device_description(device: torch.device, dtype: torch.dtype, graphs: bool, compiled: str | None,
+                       tree_kernel: bool) -> str:
+    """The device and the engine's settings that change round costs (`compiled`: the compile mode)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return (f"{name}-torch{torch.__version__}-{str(dtype).removeprefix('torch.')}-{'graphs' if graphs else 'eager'}"
+            f"{f'-compiled-{compiled}' if compiled else ''}{'-treekernel' if tree_kernel else ''}")
+
+
+def pair_description(target_name: str, model_cfg, drafter_cfg) -> str:
+    """The target's and drafter's shapes (not their weights' values), hashed."""
+    described = json.dumps([target_name, model_cfg.__dict__, drafter_cfg.to_json() if drafter_cfg else None],
+                           sort_keys=True, default=str)
+    return f"{target_name}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
+
+
+def time_stage(run, device: torch.device, repeats: int) -> float:
+    """Median seconds of one call of `run`, after two untimed calls (the first also captures the graph
+    on CUDA; a new shape's first runs pay one-off costs, on the CPU up to a third more)."""
+    runs = []
+    for _ in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        runs.append(time.perf_counter() - started)
+    return statistics.median(runs[2:])
+
+
+def calibration_contexts(device: torch.device, largest_rows: int, block: int, context_limit: int) -> list[int]:
+    """The context lengths to measure at: the device's usual ones that fit, or one short one."""
+    wanted = CALIBRATION_CONTEXTS.get(device.type, CALIBRATION_CONTEXTS["cuda"])
+    return sorted(c for c in wanted if c + largest_rows + block + 1 < context_limit) or [min(64, context_limit // 4)]
+
+
+def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple[int, ...], draft_depth: int,
+              repeats: int = 5) -> RoundCosts:
+    """Times the draft at each context length, the probe (the largest tree with every size's yield, read
+    on the host), and for every size its tree, verify, commit and host read."""
+    ws, device = stages.ws, stages.ws.device
+    vocab = ws.log_probs.shape[1]
+    prompt = torch.randint(vocab, (max(contexts),), generator=torch.Generator().manual_seed(0)).tolist()
+    largest, trees = auto_trees(ws, sizes)
+    fixed, probe, per_size = [], [], {size: [] for size in sizes}
+    bar = tqdm(total=len(contexts) * (len(sizes) + 1), desc="calibrating round costs", unit="stage", file=sys.stderr)
+    with torch.inference_mode():
+        for context in contexts:
+            ws.load_prompt(prompt[:context])
+            stages.prefill(ws.prefill_rows(context), taps).run()
+            draft = stages.draft(ws.draft_attend(context), draft_depth, chain=False)
+            fixed.append(time_stage(draft.run, device, repeats))
+            build_largest = stages.tree(largest, ws.plan(max(sizes)))
+            probe.append(time_stage(lambda: (build_largest.run(), largest.yields.tolist()), device, repeats))
+            bar.update(1)
+            for size, tree in trees.items():
+                seconds = time_stage(stages.tree(tree, ws.plan(size)).run, device, repeats)
+                seconds += time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
+                per_size[size].append(seconds + commit_seconds(stages, tree, repeats))
+                bar.update(1)
+    bar.close()
+    return RoundCosts(sizes, contexts, fixed, per_size, probe)
+
+
+def commit_seconds(stages: Stages, tree, repeats: int) -> float:
+    """A commit and the host's read of its result, the decoding state restored after each."""
+    ws, commit = stages.ws, stages.commit(tree)
+    state = (ws.committed, ws.pending_start, ws.bonus)
+    saved = [t.clone() for t in state]
+
+    def run():
+        commit.run()
+        tree.out.tolist()
+        for live, value in zip(state, saved):
+            live.copy_(value)
+    return time_stage(run, ws.device, repeats)
+
+
+def load_or_calibrate(key: CalibrationKey, measure, force: bool = False) -> RoundCosts:
+    """The stored calibration for `key`; made by `measure()` (and stored) when missing, stale, corrupt or
+    `force`d. A cache that cannot be written costs a warning: the costs are used all the same."""
+    if not force:
+        try:
+            with open(key.path) as f:
+                data = json.load(f)
+            if data.get("version") != CALIBRATION_VERSION or data.get("device") != key.device \
+                    or data.get("pair") != key.pair:
+                raise ValueError("made for another version, device or pair")
+            return RoundCosts.from_json(data["costs"])
+        except FileNotFoundError:
+            print("ddtree: first use of --budget auto on this device and model pair: calibrating", file=sys.stderr)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"ddtree: recalibrating: the stored calibration is unusable ({exc})", file=sys.stderr)
+    costs = measure()
+    try:
+        store(key, costs)
+    except OSError as exc:
+        print(f"ddtree: warning: the calibration could not be stored ({exc.strerror or exc}); it is kept for "
+              "this process only", file=sys.stderr)
+    return costs
+
+
+def store(key: CalibrationKey, costs: RoundCosts) -> None:
+    os.makedirs(os.path.dirname(key.path), exist_ok=True)
+    temporary = f"{key.path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump({"version": CALIBRATION_VERSION, "device": key.device, "pair": key.pair,
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "costs": costs.to_json()}, f,
+                  indent=1)
+    os.replace(temporary, key.path)  # readers never see half a file
