@@ -355,8 +355,9 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, prefix: str) -> list[str]:
-    """PNG plots: τ and speedup against budget per dataset, and acceptance histograms (best budget vs chain)."""
-    import matplotlib
+    """PNG plots per temperature: τ and speedup against budget per dataset, and acceptance histograms
+    (best budget vs chain). Written beside the results as PREFIX-budget-TT.png and PREFIX-histogram-TT.png."""
+    import matplotlib  # (optional: the bench extra)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -364,58 +365,61 @@ def plot(result: dict, prefix: str) -> list[str]:
     written = []
     for temperature in sorted({r["temperature"] for r in result["runs"]}):
         runs = [r for r in result["runs"] if r["temperature"] == temperature]
-        datasets = sorted({r["dataset"] for r in runs})
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for name in datasets:
-            trees = sorted((r for r in runs if r["dataset"] == name and r["method"] == "ddtree"
-                            and isinstance(r["budget"], int)), key=lambda r: r["budget"])
-            if not trees:
-                continue
-            budgets = [r["budget"] for r in trees]
-            line = axes[0].plot(budgets, [r["mean_acceptance"] for r in trees], marker="o", label=name)[0]
-            chain = next((r for r in runs if r["dataset"] == name and r["method"] == "dflash"), None)
-            if chain:
-                axes[0].axhline(chain["mean_acceptance"], color=line.get_color(), linestyle=":", linewidth=1)
-            if trees[0]["speedup_vs_ar"] is not None:
-                axes[1].plot(budgets, [r["speedup_vs_ar"] for r in trees], marker="o", label=name, color=line.get_color())
-                if chain and chain["speedup_vs_ar"] is not None:
-                    axes[1].axhline(chain["speedup_vs_ar"], color=line.get_color(), linestyle=":", linewidth=1)
-            auto = next((r for r in runs if r["dataset"] == name and r["budget"] == "auto"), None)
-            if auto:
-                axes[0].axhline(auto["mean_acceptance"], color=line.get_color(), linestyle="--", linewidth=1)
-                if auto["speedup_vs_ar"] is not None:
-                    axes[1].axhline(auto["speedup_vs_ar"], color=line.get_color(), linestyle="--", linewidth=1)
-        for ax, ylabel in zip(axes, ("mean acceptance length τ", "speedup over ar")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("tree budget B (dotted: chain DFlash; dashed: auto)")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.suptitle(f"{result['device']}, T={temperature:g}")
-        fig.tight_layout()
-        path = f"{prefix}-budget-T{temperature:g}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-        fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.5), squeeze=False)
-        for ax, name in zip(axes[0], datasets):
-            trees = [r for r in runs if r["dataset"] == name and r["method"] == "ddtree"]
-            best = max(trees, key=lambda r: r["tokens_per_second"], default=None)
-            chain = next((r for r in runs if r["dataset"] == name and r["method"] == "dflash"), None)
-            for run, label in ((chain, "dflash"), (best, f"ddtree B={best['budget']}" if best else "")):
-                if run:
-                    hist = {int(k): v for k, v in run["acceptance_histogram"].items()}
-                    total = sum(hist.values()) or 1
-                    ax.bar(list(hist), [v / total for v in hist.values()], alpha=0.5, label=label)
-            ax.set_title(name)
-            ax.set_xlabel("tokens accepted per round")
-            ax.legend(fontsize=8)
-        axes[0][0].set_ylabel("share of rounds")
-        fig.tight_layout()
-        path = f"{prefix}-histogram-T{temperature:g}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        for kind, draw in (("budget", plot_budgets), ("histogram", plot_histograms)):
+            fig = draw(plt, runs)
+            fig.suptitle(f"{result['device']}, T={temperature:g}")
+            fig.tight_layout()
+            written.append(f"{prefix}-{kind}-T{temperature:g}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
     return written
+
+
+def plot_budgets(plt, runs: list[dict]):
+    """τ and speedup over ar against the tree budget, a line per dataset; chain DFlash dotted, auto dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in sorted({r["dataset"] for r in runs}):
+        trees = sorted((r for r in runs if r["dataset"] == name and r["method"] == "ddtree"
+                        and isinstance(r["budget"], int)), key=lambda r: r["budget"])
+        if not trees:
+            continue
+        budgets = [r["budget"] for r in trees]
+        colour = axes[0].plot(budgets, [r["mean_acceptance"] for r in trees], marker="o", label=name)[0].get_color()
+        if trees[0]["speedup_vs_ar"] is not None:
+            axes[1].plot(budgets, [r["speedup_vs_ar"] for r in trees], marker="o", label=name, color=colour)
+        for method, budget, style in (("dflash", None, ":"), ("ddtree", "auto", "--")):
+            other = next((r for r in runs if r["dataset"] == name and (r["method"], r["budget"]) == (method, budget)),
+                         None)
+            if other is None:
+                continue
+            axes[0].axhline(other["mean_acceptance"], color=colour, linestyle=style, linewidth=1)
+            if other["speedup_vs_ar"] is not None:
+                axes[1].axhline(other["speedup_vs_ar"], color=colour, linestyle=style, linewidth=1)
+    for ax, ylabel in zip(axes, ("mean acceptance length τ", "speedup over ar")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tree budget B (dotted: chain DFlash; dashed: auto)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return fig
+
+
+def plot_histograms(plt, runs: list[dict]):
+    """Per dataset, the share of rounds by tokens accepted: chain DFlash against the fastest DDTree budget."""
+    datasets = sorted({r["dataset"] for r in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], datasets):
+        trees = [r for r in runs if r["dataset"] == name and r["method"] == "ddtree"]
+        best = max(trees, key=lambda r: r["tokens_per_second"], default=None)
+        chain = next((r for r in runs if r["dataset"] == name and r["method"] == "dflash"), None)
+        for run, label in ((chain, "dflash"), (best, f"ddtree B={best['budget']}" if best else "")):
+            if run:
+                hist = {int(k): v for k, v in run["acceptance_histogram"].items()}
+                total = sum(hist.values()) or 1
+                ax.bar(list(hist), [v / total for v in hist.values()], alpha=0.5, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("tokens accepted per round")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("share of rounds")
+    return fig

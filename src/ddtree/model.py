@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DDTreeError
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -292,8 +294,6 @@ def compile_mode() -> str:
     CUDA graphs are refused: the engine captures its own."""
     mode = os.environ.get("DDTREE_COMPILE_MODE") or "default"
     if mode not in COMPILE_MODES:
-        from .errors import DDTreeError
-
         raise DDTreeError(f"DDTREE_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     return mode
 
@@ -408,8 +408,6 @@ def mm_out_dtype_works(device: torch.device) -> bool:
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = ()) -> None:
     """load_state_dict with one clear error for missing, unexpected or wrongly shaped weights."""
-    from .errors import DDTreeError
-
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

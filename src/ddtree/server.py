@@ -251,6 +251,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError):
         return await api_error(request, validation_error(exc))
 
+    add_status_routes(app, state, settings)
+    add_generation_routes(app, state, engine, settings)
+    return app
+
+
+def add_status_routes(app: FastAPI, state: dict, settings: ServerSettings) -> None:
+    """/health, /metrics and /v1/models."""
     @app.get("/health")
     async def health():
         return {"status": "ok", "queue_depth": state["scheduler"].depth}
@@ -265,6 +272,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                              "owned_by": "ddtree"}]}
 
+
+def add_generation_routes(app: FastAPI, state: dict, engine: Engine, settings: ServerSettings) -> None:
+    """/v1/chat/completions and /v1/completions: validate, queue, relay."""
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         state["metrics"].requests.labels("chat").inc()
@@ -300,8 +310,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if body.stream:
             return StreamingResponse(stream_events(job, reply), media_type="text/event-stream")
         return await collect(job, reply, request)
-
-    return app
 
 
 def validation_error(exc: RequestValidationError) -> APIError:

@@ -227,6 +227,45 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+@dataclass
+class TrainingData:
+    """The sequences cut to `max_len`, a held-out share for evaluation, and each step's batch: a fresh
+    order every epoch and fresh anchors every step, both reproducible after a resume."""
+    sequences: list
+    response_starts: list[int]
+    train_ids: list[int]
+    eval_ids: list[int]
+    cfg: TrainConfig
+
+    @classmethod
+    def split(cls, sequences, response_starts, cfg: TrainConfig) -> "TrainingData":
+        order = list(range(len(sequences)))
+        random.Random(cfg.seed).shuffle(order)
+        held = max(1, min(cfg.eval_sequences, len(order) // 10))
+        return cls([s[:cfg.max_len] for s in sequences], list(response_starts), order[held:], order[:held], cfg)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_ids) // self.cfg.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, int(self.cfg.epochs * self.steps_per_epoch))
+
+    def held_out(self) -> tuple[list, list[int]]:
+        return [self.sequences[i] for i in self.eval_ids], [self.response_starts[i] for i in self.eval_ids]
+
+    def batch(self, step: int, rank: int, size: int, drafter_cfg, device) -> Batch:
+        """This process's share of step `step`'s batch."""
+        cfg, share = self.cfg, self.cfg.batch_size // size
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng(cfg.seed + epoch).permutation(self.train_ids)
+        picked = order[index * cfg.batch_size + rank * share:][:share]
+        rng = np.random.default_rng([cfg.seed, step, rank])
+        return make_batch([self.sequences[i] for i in picked], [self.response_starts[i] for i in picked], cfg.anchors,
+                          drafter_cfg.block_size, drafter_cfg.mask_token_id, rng, device)
+
+
 def train(target: Target, drafter: Drafter, sequences, response_starts, out: str, cfg: TrainConfig,
           resume: bool = False, log=print) -> dict:
     """Trains `drafter` in place; checkpoints (published format + train_state.pt) go to `out`.
@@ -235,84 +274,92 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
     a step is the same step on any number of GPUs; rank 0 evaluates, logs and saves."""
     device = target.model.embed_tokens.weight.device
     rank, size = world()
-    if cfg.batch_size % size:
-        raise DDTreeError(f"--batch-size {cfg.batch_size} does not split evenly over {size} processes")
-    if not 0 <= cfg.distill <= 1:
-        raise DDTreeError(f"--distill is a share of the loss, between 0 and 1 (got {cfg.distill})")
-    share = cfg.batch_size // size
+    check_config(cfg, size)
     target.model.requires_grad_(False)
     drafter.train().requires_grad_(True)
     os.makedirs(out, exist_ok=True)
-    order = list(range(len(sequences)))
-    random.Random(cfg.seed).shuffle(order)
-    held = max(1, min(cfg.eval_sequences, len(order) // 10))
-    eval_ids, train_ids = order[:held], order[held:]
-    cut = lambda i: sequences[i][:cfg.max_len]  # noqa: E731
-    eval_data = ([cut(i) for i in eval_ids], [response_starts[i] for i in eval_ids])
-    steps_per_epoch = max(1, len(train_ids) // cfg.batch_size)
-    total = max(1, int(cfg.epochs * steps_per_epoch))
-    warmup_steps = max(1, int(cfg.warmup * total))
+    data = TrainingData.split(sequences, response_starts, cfg)
+    total, warmup_steps = data.total_steps, max(1, int(cfg.warmup * data.total_steps))
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     weights = loss_weights(drafter.cfg.block_size, cfg.gamma)
-    step = 0
-    state_path = os.path.join(out, STATE_NAME)
-    if resume and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        drafter.load_state_dict(state["drafter"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        if rank == 0:
-            log(f"resumed from step {step}")
-    metrics_path = os.path.join(out, METRICS_NAME)
+    step = restore(drafter, optimizer, os.path.join(out, STATE_NAME), device) if resume else 0
+    if step and rank == 0:
+        log(f"resumed from step {step}")
     tokens_seen, started = 0, time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=rank != 0)
-    current_epoch, epoch_order = -1, None
     record = {"step": step}
     while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch != current_epoch:  # a fresh order every epoch, reproducible on resume
-            current_epoch, epoch_order = epoch, np.random.default_rng(cfg.seed + epoch).permutation(train_ids)
-        first = index * cfg.batch_size + rank * share
-        picked = epoch_order[first:first + share]
-        rng = np.random.default_rng([cfg.seed, step, rank])  # this step's anchors, the same after a resume
-        batch = make_batch([cut(i) for i in picked], [response_starts[i] for i in picked], cfg.anchors,
-                           drafter.cfg.block_size, drafter.cfg.mask_token_id, rng, device)
+        batch = data.batch(step, rank, size, drafter.cfg, device)
         lr = cosine_lr(step, total, warmup_steps, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        hidden, features = target_pass(target, drafter, batch.ids)
-        teacher = target_log_probs(target, hidden, batch, drafter.cfg.block_size) if cfg.distill else None
-        with autocast(device):
-            logits = drafter_logits(target, drafter, batch, features)
-        loss, extra = weighted_loss(logits, batch.labels, weights, cfg.accept_loss, teacher, cfg.distill)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(drafter)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip))
-        optimizer.step()
+        loss, extra, grad_norm = train_step(target, drafter, optimizer, batch, weights, lr, cfg)
         step += 1
         tokens_seen += int((batch.labels >= 0).sum()) * size
         elapsed = time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{extra['top1']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-        record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, **extra, "seconds": elapsed}
+        bar.set_postfix(loss=f"{loss:.3f}", top1=f"{extra['top1']:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, **extra, "seconds": elapsed}
         # every rank must stop at the same step, so they agree on the clock (a one-number all-reduce)
         out_of_time = cfg.max_minutes is not None and any_rank(elapsed > 60 * cfg.max_minutes, device)
-        last = step == total or out_of_time
         if rank == 0:
-            if step % cfg.eval_every == 0 or last:
-                drafter.eval()
-                record |= teacher_forced_acceptance(target, drafter, *eval_data, cfg.eval_budgets)
-                drafter.train()
-                log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            if step % 50 == 0 or "chain_tau" in record:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if step % cfg.save_every == 0 or last:
-                save_drafter(drafter, out, dtype=torch.bfloat16)
-                torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                            "config": asdict(cfg)}, state_path)
+            record = checkpoint(target, drafter, optimizer, data, record, out, last=step == total or out_of_time,
+                                log=log)
         if out_of_time:
             break
     bar.close()
+    return record
+
+
+def check_config(cfg: TrainConfig, processes: int) -> None:
+    if cfg.batch_size % processes:
+        raise DDTreeError(f"--batch-size {cfg.batch_size} does not split evenly over {processes} processes")
+    if not 0 <= cfg.distill <= 1:
+        raise DDTreeError(f"--distill is a share of the loss, between 0 and 1 (got {cfg.distill})")
+
+
+def restore(drafter: Drafter, optimizer, path: str, device) -> int:
+    """The step a saved training state reached, its weights and optimizer state loaded (0 without one)."""
+    if not os.path.isfile(path):
+        return 0
+    state = torch.load(path, map_location=device, weights_only=False)
+    drafter.load_state_dict(state["drafter"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def train_step(target: Target, drafter: Drafter, optimizer, batch: Batch, weights: torch.Tensor, lr: float,
+               cfg: TrainConfig) -> tuple[float, dict, float]:
+    """One optimizer step on one batch: the loss, its extra figures and the gradient norm before clipping."""
+    device = target.model.embed_tokens.weight.device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    hidden, features = target_pass(target, drafter, batch.ids)
+    teacher = target_log_probs(target, hidden, batch, drafter.cfg.block_size) if cfg.distill else None
+    with autocast(device):
+        logits = drafter_logits(target, drafter, batch, features)
+    loss, extra = weighted_loss(logits, batch.labels, weights, cfg.accept_loss, teacher, cfg.distill)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(drafter)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(drafter.parameters(), cfg.grad_clip))
+    optimizer.step()
+    return loss.item(), extra, grad_norm
+
+
+def checkpoint(target: Target, drafter: Drafter, optimizer, data: TrainingData, record: dict, out: str, last: bool,
+               log) -> dict:
+    """Rank 0 after a step: the held-out evaluation and its log line when due, the metrics file, and the
+    drafter and training state every `save_every` steps and at the end."""
+    cfg, step = data.cfg, record["step"]
+    if step % cfg.eval_every == 0 or last:
+        drafter.eval()
+        record |= teacher_forced_acceptance(target, drafter, *data.held_out(), cfg.eval_budgets)
+        drafter.train()
+        log(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if step % 50 == 0 or "chain_tau" in record:
+        with open(os.path.join(out, METRICS_NAME), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if step % cfg.save_every == 0 or last:
+        save_drafter(drafter, out, dtype=torch.bfloat16)
+        torch.save({"drafter": drafter.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "config": asdict(cfg)}, os.path.join(out, STATE_NAME))
     return record
