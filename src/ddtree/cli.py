@@ -9,6 +9,9 @@ import sys
 
 from .errors import DDTreeError
 
+# Optional dependencies, by the extra that installs them (the core install decodes; these serve and plot).
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
+          "matplotlib": "bench"}
 TARGET_HELP = "target model: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (default)"
 DRAFTER_HELP = ("drafter directory in the z-lab DFlash format, or 'random' for an untrained one "
                 "(default: the drafter bundled with the target)")
@@ -537,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except DDTreeError as exc:
         print(f"ddtree: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in EXTRAS:
+            raise
+        print(f"ddtree: error: `ddtree {args.command}` needs {exc.name}: pip install 'ddtree[{EXTRAS[exc.name]}]'",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddtree: interrupted", file=sys.stderr)

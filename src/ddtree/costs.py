@@ -28,8 +28,8 @@ import torch
 from .tree import tree_size
 
 # Candidate tree sizes (nodes, root not counted): with the root, multiples of 4 rows on the CPU and of
-# 8 on CUDA, shapes the matrix kernels handle well (on the 2-core CPU a 3-row forward took 112 ms and
-# a 4-row one 75 ms). The CPU's verify cost rises steeply with width, so its sizes stop sooner.
+# 8 on CUDA, shapes the matrix kernels handle well (docs/performance.md). The CPU's verify cost rises
+# steeply with width, so its sizes stop sooner.
 AUTO_SIZES = {"cpu": (3, 7, 15, 31, 63), "cuda": (7, 15, 31, 63, 127, 255)}
 # Context lengths at which the costs are measured; between them they are interpolated linearly.
 CALIBRATION_CONTEXTS = {"cpu": (128, 1024), "cuda": (256, 2048)}

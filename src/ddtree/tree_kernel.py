@@ -1,8 +1,8 @@
 """The best-first draft tree and its ancestor mask in one Triton kernel (CUDA only).
 
 `tree.best_first_nodes` builds the tree from a dozen small PyTorch operations per depth, and at
-these sizes every kernel costs its launch, not its work: about 100 launches, 0.4-0.5 ms a round on
-the H200, a quarter of a round. This kernel does the same in a single program: per depth it scores
+these sizes every kernel costs its launch, not its work (about 100 launches a round). This kernel
+does the same in a single program: per depth it scores
 the plan's (prefix, token) pairs, sorts them and keeps the best `width` (a bitonic sort of packed
 score-and-index keys); then it ranks every depth's candidates together, shallower first on ties,
 links each node to its parent and writes the ancestor-or-self mask by walking up the parents.
@@ -10,11 +10,10 @@ A depth's kept scores reach the next depth in registers (`tl.gather`); the ranki
 the parent links pass through global scratch memory, with a barrier after the writes they read.
 
 The per-depth top tokens come from three small kernels beforehand (`top_tokens`): `torch.topk` over a
-49k vocabulary takes 0.06 ms on the H200 whatever the rows (its radix passes), as much as the tree
-kernel. Log-probabilities are at most 0, so a histogram of -log p in bins of 1/8 nat finds the bin of
-the k-th best token in one pass; a second pass collects the tokens of better bins (fewer than k) and
-of that bin, and one sort of those few keys gives the top k, ties to the lower token id: 0.022 ms
-(docs/results/h200-tree-kernel-strong-chain.json).
+large vocabulary costs its radix passes whatever the rows, as much as the tree kernel. Log-probabilities
+are at most 0, so a histogram of -log p in bins of 1/8 nat finds the bin of the k-th best token in one
+pass; a second pass collects the tokens of better bins (fewer than k) and of that bin, and one sort of
+those few keys gives the top k, ties to the lower token id (timed in docs/performance.md).
 
 Used where `available(device)` (Triton importable and a CUDA device) for trees of up to MAX_NODES
 nodes. Tested against the PyTorch path in Triton's interpreter (TRITON_INTERPRET=1) on the CPU, and
@@ -42,8 +41,7 @@ def available(device: torch.device) -> bool:
 
 
 # One program sorts each depth's ~B ln B pairs, so its time grows faster than the PyTorch path's many
-# small kernels: on the H200 it is 4x faster up to 64 nodes, 1.3x at 256, and slower from 512 on
-# (0.55 against 0.71 ms at 256 nodes, 1.32 against 0.90 at 512; docs/results/h200-tree-kernel.json.xz).
+# small kernels: past this size the PyTorch path is faster on the H200 (docs/performance.md).
 MAX_NODES = 256
 
 
@@ -69,8 +67,7 @@ TOP_CHUNK, BINS, BIN_SCALE = 4096, 512, 8.0
 class KernelPlan:
     """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps.
     `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others);
-    by default 16 from 128 nodes, 8 below (on the H200 16 warps took 0.178 against 0.212 ms at 128 nodes
-    and 0.414 against 0.547 at 256, the same at 64 and slower below; h200-tree-kernel-warps.json)."""
+    by default 16 from 128 nodes, 8 below, the faster on the H200 (docs/performance.md)."""
 
     def __init__(self, plan, device, num_warps: int | None = None):
         self.num_warps = num_warps or (16 if plan.size >= 128 else 8)
