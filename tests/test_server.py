@@ -22,10 +22,10 @@ PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Name three colour
 class RunningServer:
     """A uvicorn server in a background thread on a free loopback port."""
 
-    def __init__(self, engine, **settings):
+    def __init__(self, engine, http="auto", **settings):
         self.settings = ServerSettings(engine.target.name, **settings)
         self.server = uvicorn.Server(uvicorn.Config(create_app(engine, self.settings), host="127.0.0.1", port=0,
-                                                    log_level="warning"))
+                                                    log_level="warning", http=http))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30

@@ -169,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests that may wait; past that the server answers 503 (default 64)")
     serve.add_argument("--model-name", help="the model id clients send (default: the target's name)")
+    serve.add_argument("--max-budget", type=int,
+                       help="the largest tree budget a request may ask for (default: the largest size auto uses on "
+                            "this device; requests above it get 400)")
+    serve.add_argument("--api-key", default=os.environ.get("DDTREE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $DDTREE_API_KEY; "
+                            "none: open)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host header names NAME (repeatable); a loopback server "
+                            "answers only localhost names unless told, so web pages cannot reach it by DNS rebinding")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                       help="the largest request body taken (default 4 MiB; larger ones get 413)")
     serve.add_argument("--prepare-context", type=int, default=2048,
                        help="at start, calibrate auto and capture the default method's CUDA graphs for requests "
                             "of up to this many tokens, prompt and answer (default 2048; 0: on first use)")
@@ -439,21 +450,27 @@ def run_profile(args) -> None:
 
 
 def run_serve(args) -> None:
+    from .costs import candidate_sizes
     from .options import Decoding
-    from .server import ServerSettings, serve
+    from .server import LOOPBACK_NAMES, ServerSettings, serve
 
-    if args.max_queue < 1:
-        raise DDTreeError("--max-queue must be >= 1")
-    if args.prepare_context < 0:
-        raise DDTreeError("--prepare-context must be >= 0")
+    if args.max_queue < 1 or args.max_body_bytes < 1 or args.prepare_context < 0:
+        raise DDTreeError("--max-queue and --max-body-bytes must be >= 1, --prepare-context >= 0")
     decoding = Decoding(args.method, args.budget)
     engine = load_engine(args)
+    max_budget = args.max_budget or max(candidate_sizes(engine.device.type, engine.block - 1,
+                                                        engine.model.cfg.vocab_size))
+    if isinstance(decoding.budget, int) and decoding.budget > max_budget:
+        raise DDTreeError(f"--budget {decoding.budget} is over --max-budget {max_budget}")
+    loopback = args.host in LOOPBACK_NAMES
+    hosts = tuple(LOOPBACK_NAMES) + tuple(args.allow_host) if loopback or args.allow_host else None
     if args.prepare_context:  # auto's calibration and the graphs, before the first request waits for them
         graphs = engine.prepare(decoding, args.prepare_context)
         print(f"ddtree: prepared {decoding.label} for requests of up to {args.prepare_context} tokens "
               f"({graphs} CUDA graphs)", file=sys.stderr)
-    serve(engine, ServerSettings(args.model_name or engine.target.name, decoding, args.max_queue), args.host,
-          args.port)
+    settings = ServerSettings(args.model_name or engine.target.name, decoding, args.max_queue, max_budget,
+                              args.max_body_bytes, args.api_key, hosts)
+    serve(engine, settings, args.host, args.port)
 
 
 def run_loadtest(args) -> None:

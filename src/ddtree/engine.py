@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+from jinja2 import TemplateError
 
 from .calibration import (
     CalibrationKey, calibrate, calibration_contexts, device_description, load_or_calibrate, pair_description,
@@ -123,7 +124,14 @@ class Engine:
     # ----- prompts -------------------------------------------------------------------------------
 
     def encode(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
-        """Token ids of a prompt: raw ids, a message list (chat template), or text (chat template if `chat`)."""
+        """Token ids of a prompt: raw ids, a message list (chat template), or text (chat template if `chat`).
+        Text the tokenizer cannot take (a lone surrogate) or a template that fails is a DDTreeError."""
+        try:
+            return self.token_ids(prompt, chat)
+        except (UnicodeError, ValueError, TypeError, TemplateError) as exc:
+            raise DDTreeError(f"the prompt cannot be tokenized: {exc.__class__.__name__}: {exc}") from None
+
+    def token_ids(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         elif isinstance(prompt, list):

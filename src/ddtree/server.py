@@ -10,21 +10,27 @@ renders /metrics.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
-import queue
+import logging
+import resource
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fastapi import FastAPI, Request
+import uvicorn
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .engine import Engine
 from .errors import DDTreeError
@@ -32,6 +38,11 @@ from .options import Decoding, GenerationOptions
 from .sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
+CHECK_EVERY = 0.25  # seconds between checks that a non-streaming client is still connected
+STUCK_AFTER = 120.0  # seconds without a round's outcome after which /health calls the engine stuck
+HEADER_TIMEOUT = 10.0  # seconds a connection has to send a request's headers
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+log = logging.getLogger("ddtree.server")
 
 
 class APIError(Exception):
@@ -55,7 +66,7 @@ Number = StrictFloat | StrictInt
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # (developer: OpenAI's newer name for system)
     content: StrictStr | list[dict]
 
     def text(self) -> str:
@@ -115,6 +126,8 @@ class Job:
     ids: list[int]
     options: GenerationOptions
     loop: asyncio.AbstractEventLoop
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    queued_at: float = field(default_factory=time.perf_counter)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -123,47 +136,74 @@ class Job:
 
 
 class Scheduler:
-    """Runs queued jobs one at a time on the engine, first come first served, in its own thread."""
+    """Runs queued jobs one at a time on the engine, first come first served, in its own thread. Only
+    live requests hold a place in the queue: a job whose client left gives its place up at once."""
 
     def __init__(self, engine: Engine, max_queue: int, on_done):
-        self.engine, self.on_done = engine, on_done
-        self.pending: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.busy = False
+        self.engine, self.max_queue, self.on_done = engine, max_queue, on_done
+        self.pending: deque[Job] = deque()
+        self.ready = threading.Condition()
+        self.closing = False
+        self.progress_at: float | None = None  # while a job runs: when it last made progress
         self.thread = threading.Thread(target=self.work, name="ddtree-engine", daemon=True)
         self.thread.start()
 
     @property
+    def waiting(self) -> int:
+        return sum(not job.cancelled.is_set() for job in list(self.pending))
+
+    @property
     def depth(self) -> int:
         """Requests waiting or running."""
-        return self.pending.qsize() + int(self.busy)
+        return self.waiting + int(self.progress_at is not None)
+
+    def health(self) -> str:
+        """ok (idle), busy, or stuck (a round has taken longer than anything should)."""
+        since = self.progress_at
+        if since is None:
+            return "busy" if self.waiting else "ok"
+        return "stuck" if time.monotonic() - since > STUCK_AFTER else "busy"
 
     def submit(self, job: Job) -> None:
-        try:
-            self.pending.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, "the server is busy: its queue is full; retry shortly", kind="server_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+        with self.ready:
+            if self.closing:
+                raise APIError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            self.pending = deque(j for j in self.pending if not j.cancelled.is_set())
+            if len(self.pending) >= self.max_queue:
+                raise APIError(503, "the server is busy: its queue is full; retry shortly", kind="server_error",
+                               code="queue_full", headers={"Retry-After": "1"})
+            self.pending.append(job)
+            self.ready.notify()
 
     def close(self) -> None:
-        """Finishes every queued job, then stops the thread."""
-        self.pending.put(None)
+        """Finishes every queued job whose client is still there, then stops the thread."""
+        with self.ready:
+            self.closing = True
+            self.ready.notify()
         self.thread.join()
 
+    def next_job(self) -> Job | None:
+        with self.ready:
+            while not self.pending and not self.closing:
+                self.ready.wait()
+            return self.pending.popleft() if self.pending else None
+
     def work(self) -> None:
-        while (job := self.pending.get()) is not None:
+        while (job := self.next_job()) is not None:
             if job.cancelled.is_set():
                 continue
-            self.busy = True
+            self.progress_at = time.monotonic()
             try:
                 self.run(job)
             finally:
-                self.busy = False
+                self.progress_at = None
 
     def run(self, job: Job) -> None:
         lengths, started = [], time.perf_counter()
         try:
             generation = self.engine.stream(job.ids, job.options)
             for chunk in generation:
+                self.progress_at = time.monotonic()
                 if chunk.acceptance_length is not None:
                     lengths.append(chunk.acceptance_length)
                 job.send("chunk", chunk)
@@ -172,11 +212,13 @@ class Scheduler:
         except DDTreeError as exc:
             job.send("error", APIError(400, str(exc)))
             return
-        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the server
-            job.send("error", APIError(500, f"generation failed: {exc}", kind="server_error"))
+        except Exception:  # noqa: BLE001 - one request's failure must not stop the server
+            log.exception("request %s failed", job.request_id)
+            job.send("error", APIError(500, f"the generation failed (request {job.request_id})", kind="server_error"))
             return
-        stats = {"seconds": time.perf_counter() - started, "acceptance_lengths": lengths,
-                 "cancelled": job.cancelled.is_set(), "budget": generation.stats["budget"]}
+        stats = {"seconds": time.perf_counter() - job.queued_at, "acceptance_lengths": lengths,
+                 "cancelled": job.cancelled.is_set(), "budget": generation.stats["budget"],
+                 "decoding_seconds": time.perf_counter() - started}
         self.on_done(stats)
         job.send("done", stats)
 
@@ -216,8 +258,9 @@ class Metrics:
         self.total_rounds += rounds
         if self.total_rounds:
             self.acceptance.set(self.total_tokens / self.total_rounds)
-        if stats["seconds"] > 0:
-            self.speed.set(tokens / stats["seconds"])
+        if stats["decoding_seconds"] > 0:
+            self.speed.set(tokens / stats["decoding_seconds"])
+        self.latency.observe(stats["seconds"])
 
 
 # ----- the app ----------------------------------------------------------------------------------------
@@ -228,6 +271,10 @@ class ServerSettings:
     model_name: str
     decoding: Decoding = field(default_factory=Decoding)  # for requests that name no method or budget
     max_queue: int = 64
+    max_budget: int = 256  # the largest tree a request may ask for
+    max_body_bytes: int = 4 << 20
+    api_key: str | None = None  # when set, /v1 and /metrics want "Authorization: Bearer <key>"
+    allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any)
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -240,7 +287,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         yield
         await asyncio.to_thread(state["scheduler"].close)
 
-    app = FastAPI(title="ddtree", lifespan=lifespan)
+    app = FastAPI(title="ddtree", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -251,42 +299,127 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def invalid_request(request: Request, exc: RequestValidationError):
         return await api_error(request, validation_error(exc))
 
-    add_status_routes(app, state, settings)
-    add_generation_routes(app, state, engine, settings)
+    @app.exception_handler(HTTPException)
+    async def framework_error(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return await api_error(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                                 kind=kind, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        reference = uuid.uuid4().hex
+        log.exception("%s %s failed (reference %s)", request.method, request.url.path, reference)
+        return await api_error(request, APIError(500, f"internal error (reference {reference})", kind="server_error"))
+
+    authorised = [Depends(api_key_check(settings))]
+    add_status_routes(app, state, settings, authorised)
+    add_generation_routes(app, state, engine, settings, authorised)
     return app
 
 
-def add_status_routes(app: FastAPI, state: dict, settings: ServerSettings) -> None:
+def api_key_check(settings: ServerSettings):
+    """A dependency that refuses a request without the server's API key (a constant-time comparison)."""
+    async def check(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           kind="invalid_request_error", code="invalid_api_key")
+    return check
+
+
+class RequestGuard:
+    """ASGI middleware in front of every route: the Host header must be one this server answers to (a web
+    page cannot reach a loopback server through DNS rebinding), a body may be at most `max_body_bytes`
+    (413 before it is read in full), and a body without a content type is taken as JSON."""
+
+    def __init__(self, app, settings: ServerSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        name = host.rsplit(":", 1)[0].strip("[]") if not host.startswith("[") else host[1:host.find("]")]
+        if self.settings.allowed_hosts is not None and name not in self.settings.allowed_hosts:
+            return await APIError(400, f"this server does not answer for the host {host!r}").response()(scope, receive,
+                                                                                                        send)
+        limit, length = self.settings.max_body_bytes, headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await body_too_large(limit)(scope, receive, send)
+        if scope["method"] == "POST" and b"content-type" not in headers:  # every body here is JSON
+            scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
+        if length is None:  # a chunked body: read up to the limit here, then hand it on whole
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if len(body) > limit:
+                    return await body_too_large(limit)(scope, receive, send)
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    break
+            receive = replay(body, receive)
+        await self.app(scope, receive, send)
+
+
+def replay(body: bytes, receive):
+    """A receive callable that gives `body` first, then whatever the connection says next (a disconnect)."""
+    given = False
+
+    async def again():
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return again
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    return APIError(413, f"the request body is larger than this server takes ({limit} bytes)").response()
+
+
+def add_status_routes(app: FastAPI, state: dict, settings: ServerSettings, authorised: list) -> None:
     """/health, /metrics and /v1/models."""
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queue_depth": state["scheduler"].depth}
+        status = state["scheduler"].health()
+        return JSONResponse({"status": status, "queue_depth": state["scheduler"].depth},
+                            status_code=503 if status == "stuck" else 200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=authorised)
     async def metrics():
         return PlainTextResponse(generate_latest(state["metrics"].registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    model = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ddtree"}
+
+    @app.get("/v1/models", dependencies=authorised)
     async def models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                             "owned_by": "ddtree"}]}
+        return {"object": "list", "data": [model]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorised)
+    async def one_model(model_id: str):
+        if model_id != settings.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist; this server serves {settings.model_name!r}",
+                           "model", "model_not_found")
+        return model
 
 
-def add_generation_routes(app: FastAPI, state: dict, engine: Engine, settings: ServerSettings) -> None:
+def add_generation_routes(app: FastAPI, state: dict, engine: Engine, settings: ServerSettings,
+                          authorised: list) -> None:
     """/v1/chat/completions and /v1/completions: validate, queue, relay."""
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=authorised)
     async def chat(body: ChatRequest, request: Request):
         state["metrics"].requests.labels("chat").inc()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = engine.encode(messages)
-        except DDTreeError as exc:
-            raise APIError(400, str(exc), "messages") from None
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        ids = await encoded(engine, messages, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await respond(body, request, ids, max_tokens, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=authorised)
     async def completions(body: CompletionRequest, request: Request):
         state["metrics"].requests.labels("completions").inc()
         prompt = body.prompt
@@ -294,10 +427,7 @@ def add_generation_routes(app: FastAPI, state: dict, engine: Engine, settings: S
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        try:
-            ids = engine.encode(prompt)
-        except DDTreeError as exc:
-            raise APIError(400, str(exc), "prompt") from None
+        ids = await encoded(engine, prompt, "prompt")
         if any(not 0 <= t < engine.model.cfg.vocab_size for t in ids):
             raise APIError(400, f"token ids must be in 0..{engine.model.cfg.vocab_size - 1}", "prompt")
         return await respond(body, request, ids, body.max_tokens, chat=False)
@@ -308,8 +438,16 @@ def add_generation_routes(app: FastAPI, state: dict, engine: Engine, settings: S
         state["scheduler"].submit(job)
         reply = Reply(body, chat, len(ids), job.options)
         if body.stream:
-            return StreamingResponse(stream_events(job, reply), media_type="text/event-stream")
+            return StreamingResponse(stream_events(job, reply, state["metrics"]), media_type="text/event-stream")
         return await collect(job, reply, request)
+
+
+async def encoded(engine: Engine, prompt, param: str) -> list[int]:
+    """The prompt's token ids, tokenized off the event loop (a long prompt must not stall every connection)."""
+    try:
+        return await asyncio.to_thread(engine.encode, prompt)
+    except DDTreeError as exc:
+        raise APIError(400, str(exc), param) from None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -340,6 +478,8 @@ def generation_options(body: GenerationRequest, ids: list[int], max_tokens: int 
     if method != "ar" and engine.drafter is None:
         raise APIError(400, f"method {method!r} needs a drafter, and this server has none", "method")
     budget = body.budget if body.budget is not None else settings.decoding.budget if method == "ddtree" else None
+    if isinstance(budget, int) and budget > settings.max_budget:
+        raise APIError(400, f"budget {budget} is over this server's limit of {settings.max_budget} nodes", "budget")
     try:
         decoding = Decoding(method, budget)
     except DDTreeError as exc:
@@ -402,7 +542,8 @@ class Reply:
         lengths = stats["acceptance_lengths"]
         return {"method": self.options.decoding.method, "budget": stats["budget"], "rounds": len(lengths),
                 "mean_acceptance": sum(lengths) / len(lengths) if lengths else 0.0,
-                "tokens_per_second": self.completion_tokens / stats["seconds"] if stats["seconds"] > 0 else 0.0}
+                "tokens_per_second": (self.completion_tokens / stats["decoding_seconds"]
+                                      if stats["decoding_seconds"] > 0 else 0.0)}
 
     def whole(self, text: str, finish: str | None, stats: dict) -> dict:
         if self.chat:
@@ -421,40 +562,48 @@ class Reply:
                                                                 "finish_reason": finish}]}
 
 
-async def next_event(job: Job, request: Request | None):
-    """The job's next event; while waiting, a non-streaming request checks that its client is still there."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=0.25)
-        except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
-            if request is not None and await request.is_disconnected():
-                job.cancelled.set()
-                return "gone", None
+async def next_event(job: Job):
+    """The job's next event, or ("wait", None) when none came within CHECK_EVERY seconds."""
+    try:
+        return await asyncio.wait_for(job.events.get(), timeout=CHECK_EVERY)
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+        return "wait", None
 
 
 async def collect(job: Job, reply: Reply, request: Request):
-    text, finish = [], None
-    while True:
-        kind, payload = await next_event(job, request)
-        if kind == "gone":
-            return PlainTextResponse("", status_code=499)
-        if kind == "error":
-            raise payload
-        if kind == "done":
-            return JSONResponse(reply.whole("".join(text), finish, payload))
-        text.append(payload.text)
-        reply.completion_tokens += len(payload.token_ids)
-        finish = payload.finish_reason or finish
+    """A non-streaming reply: the chunks gathered, the client's connection checked every CHECK_EVERY seconds
+    (chunks or not), so a client that leaves stops its generation."""
+    text, finish, checked = [], None, time.monotonic()
+    try:
+        while True:
+            kind, payload = await next_event(job)
+            if time.monotonic() - checked >= CHECK_EVERY:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return PlainTextResponse("", status_code=499)
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                return JSONResponse(reply.whole("".join(text), finish, payload))
+            if kind == "chunk":
+                text.append(payload.text)
+                reply.completion_tokens += len(payload.token_ids)
+                finish = payload.finish_reason or finish
+    finally:
+        job.cancelled.set()  # a no-op once done; a client gone or a task cancelled at shutdown stops the work
 
 
-async def stream_events(job: Job, reply: Reply) -> AsyncIterator[str]:
+async def stream_events(job: Job, reply: Reply, metrics: Metrics) -> AsyncIterator[str]:
     """Server-sent events: a chunk per round, a last chunk with the finish reason, then [DONE]. When the
     client goes away the response task is cancelled here, which cancels the generation."""
     first, finish = True, None
     try:
         while True:
-            kind, payload = await next_event(job, None)
+            kind, payload = await next_event(job)
+            if kind == "wait":
+                continue
             if kind == "error":
+                metrics.errors.labels(str(payload.status)).inc()
                 yield sse({"error": {"message": payload.message, "type": payload.kind, "param": payload.param,
                                      "code": payload.code}})
                 break
@@ -478,8 +627,32 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def serve(engine: Engine, settings: ServerSettings, host: str, port: int) -> None:
-    import uvicorn
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, but a connection has HEADER_TIMEOUT seconds to send a request's headers
+    (after it opens, or after its last response): half-open connections cannot hold the server."""
 
-    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=60)
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.header_timer = self.loop.call_later(HEADER_TIMEOUT, self.headers_late)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.header_timer.cancel()
+        self.header_timer = self.loop.call_later(HEADER_TIMEOUT, self.headers_late)
+
+    def connection_lost(self, exc) -> None:
+        self.header_timer.cancel()
+        super().connection_lost(exc)
+
+    def headers_late(self) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
+
+
+def serve(engine: Engine, settings: ServerSettings, host: str, port: int, max_connections: int = 1024) -> None:
+    # room for the connections the server takes, so that accepting never fails for want of descriptors
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 2 * max_connections + 256)), hard))
+    uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=60,
+                limit_concurrency=max_connections, timeout_keep_alive=5, http=HeaderTimeoutProtocol)
