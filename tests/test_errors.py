@@ -339,3 +339,99 @@ def test_bundled_drafter_is_found_by_alias_and_by_a_local_copy_of_the_model():
     assert bundled_drafter("/models/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct") == bundled
     assert bundled_drafter("/models/SmolLM2-135M", "SmolLM2-135M") == RANDOM_DRAFTER
     assert bundled_drafter("/models/SmolLM2-135M-Instruct-v2", "SmolLM2-135M-Instruct-v2") == RANDOM_DRAFTER
+
+
+# ----- broken files and options (issue 23): one line each, no traceback --------------------------------
+
+def spoiled_weights(directory: str, how: str) -> None:
+    path = os.path.join(directory, "model.safetensors")
+    data = open(path, "rb").read()
+    spoiled = {"truncated": data[: len(data) // 3], "random": os.urandom(4096), "empty": b""}[how]
+    with open(path, "wb") as f:
+        f.write(spoiled)
+
+
+@pytest.mark.parametrize("how", ["truncated", "random", "empty"])
+@pytest.mark.parametrize("whose", ["target", "drafter"])
+def test_unreadable_safetensors(how, whose, capsys, model_dirs, drafters, work):
+    target = edited_copy(model_dirs[TARGET], work / f"target-{how}") if whose == "target" else model_dirs[TARGET]
+    drafter = edited_copy(drafters[TARGET], work / f"drafter-{how}") if whose == "drafter" else drafters[TARGET]
+    spoiled_weights(target if whose == "target" else drafter, how)
+    rc, _, err = cli(capsys, *generate_args(target, drafter))
+    assert_clean_error(rc, err, whose, "safetensors")
+
+
+@pytest.mark.parametrize("config,word", [
+    ([1, 2], "json object"),
+    ({"dflash_config": "oops"}, "dflash_config"),
+    ({"block_size": 1}, "block_size"),
+    ({"block_size": "8"}, "block_size"),
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "dynamic"),
+])
+def test_unusable_drafter_configs(config, word, capsys, model_dirs, drafters, work):
+    bad = edited_copy(drafters[TARGET], work / "bad-config")
+    path = os.path.join(bad, "config.json")
+    if isinstance(config, dict):
+        config = json.load(open(path)) | config
+    with open(path, "w") as f:
+        json.dump(config, f)
+    rc, _, err = cli(capsys, *generate_args(model_dirs[TARGET], bad))
+    assert_clean_error(rc, err, word)
+
+
+def test_prompt_file_that_is_not_utf8(capsys, model_dirs, drafters, work):
+    path = work / "latin1.txt"
+    path.write_bytes(b"caf\xe9 \xff")
+    rc, _, err = cli(capsys, "generate", "--target", model_dirs[TARGET], "--drafter", drafters[TARGET],
+                     "--prompt-file", path, "--device", "cpu")
+    assert_clean_error(rc, err, "utf-8")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:banana"])
+def test_unknown_device(device, capsys, model_dirs, drafters):
+    rc, _, err = cli(capsys, "generate", "--target", model_dirs[TARGET], "--drafter", drafters[TARGET],
+                     "--prompt", "hi", "--device", device)
+    assert_clean_error(rc, err, "device")
+
+
+def test_cache_directory_that_is_a_file(capsys, work, monkeypatch):
+    from ddtree.loading import convert_gguf
+
+    blocker = work / "cache-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("DDTREE_CACHE", str(blocker))
+    gguf = work / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(Exception) as raised:
+        convert_gguf(str(gguf))
+    assert "DDTREE_CACHE" in str(raised.value) and type(raised.value).__name__ == "DDTreeError"
+
+
+@pytest.mark.parametrize("command", ["bench", "profile"])
+def test_unwritable_out_is_refused_before_the_run(command, capsys, model_dirs, drafters, work):
+    rc, _, err = cli(capsys, command, "--target", model_dirs[TARGET], "--drafter", drafters[TARGET],
+                     "--device", "cpu", "--out", work)  # a directory
+    assert_clean_error(rc, err, "--out")
+
+
+def test_loadtest_against_a_server_that_is_not_ours(capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Plain(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>hello</html>")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rc, _, err = cli(capsys, "loadtest", "--url", f"http://127.0.0.1:{server.server_port}", "--seconds", "1")
+    finally:
+        server.shutdown()
+    assert_clean_error(rc, err, "openai-compatible")

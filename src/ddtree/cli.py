@@ -303,6 +303,8 @@ def read_prompt(args) -> str:
             return f.read()
     except OSError as exc:
         raise DDTreeError(f"cannot read the prompt file: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DDTreeError(f"the prompt file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def generation_options(args):
@@ -389,6 +391,17 @@ def method_specs(methods: list[str], budgets: list, allowed: tuple[str, ...]) ->
     return specs
 
 
+def check_writable(path: str, option: str) -> None:
+    """Refuses an output path that cannot be written before a long run, not after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise DDTreeError(f"{option} {path}: cannot make its folder ({exc.strerror})") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise DDTreeError(f"{option} {path}: cannot write there")
+
+
 def run_bench(args) -> None:
     from .bench import bench
     from .parallel import data_parallel
@@ -396,6 +409,7 @@ def run_bench(args) -> None:
     specs = method_specs(args.methods, args.budgets, ("hf", "ar", "dflash", "ddtree"))
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
+    check_writable(args.out, "--out")
     with data_parallel(args.device) as (rank, device):
         engine = load_engine(args, device, quiet=rank != 0)
         result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens,
@@ -426,6 +440,8 @@ def run_profile(args) -> None:
     specs = method_specs(args.methods, args.budgets, ("ar", "dflash", "ddtree"))
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
+    if args.out:
+        check_writable(args.out, "--out")
     engine = load_engine(args)
     if args.calibrate:
         from .costs import costs_table
@@ -483,10 +499,15 @@ def run_loadtest(args) -> None:
     if args.clients < 1 or args.seconds <= 0 or args.max_tokens < 1:
         raise DDTreeError("--clients and --max-tokens must be >= 1 and --seconds > 0")
     extra = {k: v for k, v in (("method", args.method), ("budget", args.budget)) if v is not None}
+    if args.out:
+        check_writable(args.out, "--out")
     try:
         result = asyncio.run(run(args.url, args.model, args.clients, args.seconds, args.prompt, args.max_tokens, extra))
     except httpx.HTTPError as exc:
         raise DDTreeError(f"cannot reach the server at {args.url}: {exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise DDTreeError(f"the server at {args.url} does not answer /v1/models as an OpenAI-compatible server "
+                          "does") from None
     print(summary_table(result))
     if args.out:
         with open(args.out, "w") as f:

@@ -61,6 +61,8 @@ class DrafterConfig:
         block_size = raw.get("block_size", dflash.get("block_size"))
         if block_size is None:
             raise DDTreeError("drafter config has no block_size (top level or in dflash_config)")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+            raise DDTreeError(f"drafter config: block_size must be a whole number >= 2, got {block_size!r}")
         hf = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("dflash_config", "architectures")})
         num_layers = hf.num_hidden_layers
         num_target_layers = raw.get("num_target_layers")
@@ -248,12 +250,20 @@ def load_drafter(path: str, device="cpu", dtype=torch.float32) -> Drafter:
         if not os.path.isfile(needed):
             raise DDTreeError(f"drafter: {needed} not found (expected a directory with config.json and {WEIGHTS_NAME})")
     try:
-        with open(config_path) as f:
-            cfg = DrafterConfig.from_json(json.load(f))
-    except (json.JSONDecodeError, TypeError, ValueError) as exc:
-        raise DDTreeError(f"drafter: cannot read {config_path}: {exc}") from exc
-    drafter = Drafter(cfg)
-    load_weights(drafter, load_file(weights_path), "drafter")
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict) or not isinstance(raw.get("dflash_config", {}), dict):
+            raise ValueError("expected a JSON object, with dflash_config an object")
+        drafter = Drafter(DrafterConfig.from_json(raw))
+    except DDTreeError:
+        raise
+    except Exception as exc:  # a user's file: JSON, type and transformers' own validation errors alike
+        raise DDTreeError(f"drafter: unusable {config_path}: {' '.join(str(exc).split())[:300]}") from None
+    try:
+        state = load_file(weights_path)
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        raise DDTreeError(f"drafter: {weights_path} is not a readable safetensors file ({exc})") from None
+    load_weights(drafter, state, "drafter")
     return drafter.to(device=device, dtype=dtype).eval()
 
 

@@ -72,6 +72,11 @@ def convert_gguf(path: str) -> str:
     out = os.path.join(cache_root(), "gguf", f"{os.path.basename(path).removesuffix('.gguf')}-{key}")
     if os.path.isfile(os.path.join(out, "done")):
         return out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise DDTreeError(f"the cache directory {cache_root()} is not usable ({exc.strerror}); set DDTREE_CACHE "
+                          "to a writable directory") from None
     print(f"ddtree: converting {os.path.basename(path)} once into {out}", file=sys.stderr, flush=True)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -108,8 +113,16 @@ def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
         raise DDTreeError(f"target: no *.safetensors weights in {model_dir}")
     state = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(read_safetensors(file, "target"))
     return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def read_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a one-line error for a truncated, empty or foreign file."""
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error type, and OSError for unreadable files
+        raise DDTreeError(f"{what}: {path} is not a readable safetensors file ({exc})") from None
 
 
 def eos_ids(model_dir: str, hf_config, tokenizer) -> set[int]:
@@ -137,13 +150,10 @@ def load_target(spec: str, device="cpu", dtype=torch.float32) -> Target:
     model_dir = resolve_target(spec)
     try:
         hf_config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise DDTreeError(f"target: cannot read config in {model_dir}: {exc}") from exc
-    try:
         cfg = DecoderConfig.from_hf(hf_config)
-    except ValueError as exc:
-        raise DDTreeError(f"target: {exc}") from exc
-    inv_freq, scaling = rope_inverse_frequencies(hf_config, cfg.head_dim)
+        inv_freq, scaling = rope_inverse_frequencies(hf_config, cfg.head_dim)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise DDTreeError(f"target: unusable config in {model_dir}: {exc}") from None
     with torch.device("meta"):
         model = Decoder(cfg, inv_freq, scaling)
     state = read_state_dict(model_dir)
