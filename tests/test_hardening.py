@@ -199,3 +199,60 @@ def test_a_calibration_that_cannot_be_stored_is_kept_in_memory(engine, tmp_path,
     monkeypatch.setenv("DDTREE_CACHE", str(blocker))
     costs = engine.calibration(force=True)
     assert costs.sizes and "could not be stored" in capsys.readouterr().err
+
+
+def test_mixed_load_of_normal_oversized_leaving_and_invalid_clients(engine):
+    """16 clients for 8 s: normal replies stay exact, no 5xx, and /health is honest throughout."""
+    import random
+    import threading
+
+    running = RunningServer(engine, decoding=Decoding("ddtree", 8), max_budget=64, max_body_bytes=20_000)
+    name, url = running.settings.model_name, running.url
+    want = {p: chat_reference(engine, p, 6, budget=8).text for p in PROMPTS}
+    statuses, wrong, health = [], [], []
+    deadline = time.time() + 8
+
+    def client(seed):
+        rng = random.Random(seed)
+        while time.time() < deadline:
+            kind, prompt = rng.choice(["normal", "normal", "oversized", "leaving", "invalid"]), rng.choice(PROMPTS)
+            body = {"model": name, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}
+            try:
+                if kind == "oversized":
+                    body["messages"][0]["content"] = "y" * 30_000
+                elif kind == "invalid":
+                    body["budget"] = 10**9
+                response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.05 if kind == "leaving" else 60)
+            except httpx.TimeoutException:
+                continue
+            statuses.append(response.status_code)
+            if kind == "normal" and response.json()["choices"][0]["message"]["content"] != want[prompt]:
+                wrong.append(prompt)
+
+    def watch():
+        while time.time() < deadline:
+            health.append(httpx.get(f"{url}/health", timeout=10).json()["status"])
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)] + [threading.Thread(target=watch)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        running.stop()
+    assert statuses and not wrong and all(s < 500 for s in statuses), sorted(set(statuses))
+    assert {200, 400, 413} <= set(statuses) and set(health) <= {"ok", "busy"} and "busy" in health
+
+
+def test_the_workspace_shrinks_after_an_outlier(engine, monkeypatch):
+    import ddtree.engine as engine_module
+
+    monkeypatch.setitem(engine_module.SHRINK_FLOOR, "rows", 32)
+    engine.workspace = engine.stages = None
+    reference = engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6).token_ids
+    engine.generate([5, 6, 7], method="ddtree", budget=200, max_new_tokens=6)  # an outlier: 201 rows
+    assert engine.workspace.max_rows > 200
+    assert engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6).token_ids == reference
+    assert engine.workspace.max_rows < 50  # made again at the request's size

@@ -60,11 +60,13 @@ class Engine:
     # ----- shared resources ------------------------------------------------------------------------
 
     def workspace_for(self, context: int, rows: int) -> Workspace:
-        """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have."""
+        """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have,
+        and made again at the request's size after an outlier left them far larger than it needs."""
         old = self.workspace
-        if old is None or not old.fits(context, rows):
+        if old is None or not old.fits(context, rows) or outgrown(old, context, rows):
             if old is not None:
-                context, rows = max(context, old.context), max(rows, old.max_rows)
+                if not outgrown(old, context, rows):
+                    context, rows = max(context, old.context), max(rows, old.max_rows)
                 old.owner = -1  # a generation still streaming there stops at its next round
             self.graphs.captured.clear()  # they point into the old buffers
             self.workspace = self.stages = None  # let the old buffers go before the new ones are allocated
@@ -205,6 +207,16 @@ class Engine:
             for stage in stages_to_prepare(self.stages, method, context):
                 stage.capture()
         return len(self.graphs.captured) - before
+
+
+# A workspace SHRINK_FACTOR times the context (or the rows) a request needs, and over SHRINK_FLOOR of it,
+# was made for an outlier (one long prompt, one huge tree): it is made again at the request's size.
+SHRINK_FACTOR, SHRINK_FLOOR = 4, {"context": 16384, "rows": 1024}
+
+
+def outgrown(workspace: Workspace, context: int, rows: int) -> bool:
+    return ((workspace.context > SHRINK_FLOOR["context"] and workspace.context > SHRINK_FACTOR * round_up(context, 1024))
+            or (workspace.max_rows > SHRINK_FLOOR["rows"] and workspace.max_rows > SHRINK_FACTOR * rows))
 
 
 def stages_to_prepare(stages: Stages, method: DecodingMethod, context: int) -> list[Stage]:
