@@ -150,7 +150,8 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return sum(not job.cancelled.is_set() for job in list(self.pending))
+        with self.ready:  # (read from the event loop while the engine thread takes jobs)
+            return sum(not job.cancelled.is_set() for job in self.pending)
 
     @property
     def depth(self) -> int:
