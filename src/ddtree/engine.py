@@ -63,9 +63,10 @@ class Engine:
         """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have,
         and made again at the request's size after an outlier left them far larger than it needs."""
         old = self.workspace
-        if old is None or not old.fits(context, rows) or outgrown(old, context, rows):
+        shrink = old is not None and outgrown(old, context, rows)
+        if old is None or not old.fits(context, rows) or shrink:
             if old is not None:
-                if not outgrown(old, context, rows):
+                if not shrink:
                     context, rows = max(context, old.context), max(rows, old.max_rows)
                 old.owner = -1  # a generation still streaming there stops at its next round
             self.graphs.captured.clear()  # they point into the old buffers
@@ -75,6 +76,11 @@ class Engine:
             self.stages = Stages(self.model, self.drafter, self.workspace, self.graphs, self.position_noise,
                                  self.acceptance)
         return self.workspace
+
+    def tokens_held(self, prompt_tokens: int, new_tokens: int, block: int) -> int:
+        """The cache room a request needs: committed tokens never pass its end by more than one round's
+        path (`block`), nor the context limit."""
+        return min(self.context_limit, prompt_tokens + new_tokens + block)
 
     def method_for(self, decoding: Decoding) -> DecodingMethod:
         """The method object for one generation; auto's first use loads or makes the calibration."""
@@ -103,7 +109,7 @@ class Engine:
         """Times auto's stages on this device, in the engine's own workspace and graphs."""
         sizes = candidate_sizes(self.device.type, self.block - 1, self.model.cfg.vocab_size)
         contexts = calibration_contexts(self.device, 1 + max(sizes), self.block, self.context_limit)
-        self.workspace_for(min(self.context_limit, max(contexts) + 8 + self.block), 1 + max(sizes))
+        self.workspace_for(self.tokens_held(max(contexts), 8, self.block), 1 + max(sizes))
         self.use_acceptance(sizes)
         self.workspace.sampling.set(SamplingParams())
         depth = drafted_depths(max(sizes), self.block, self.model.cfg.vocab_size)
@@ -165,8 +171,7 @@ class Engine:
         if len(ids) >= self.context_limit:
             raise DDTreeError(f"the prompt has {len(ids)} tokens; the context holds {self.context_limit} in all")
         method = self.method_for(options.decoding)
-        # Committed tokens never pass the request's end by more than one round's path, nor the context limit.
-        self.workspace_for(min(self.context_limit, len(ids) + options.max_new_tokens + method.block), method.rows)
+        self.workspace_for(self.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
         stopper = StopChecker(self.tokenizer, self.target.eos_token_ids, list(options.stop), options.max_new_tokens)
         self.tickets += 1
         return Generation(self.stages, method, ids, options, stopper, self.tickets, self.run_ahead)
@@ -195,7 +200,7 @@ class Engine:
         request pays for a capture mid-stream; auto's calibration is made here too. Returns how many
         graphs were new (0 without graphs)."""
         method = self.method_for(decoding or Decoding())
-        context = min(self.context_limit, max(1, min(context, self.context_limit) - 1) + 1 + method.block)
+        context = self.tokens_held(1, max(1, min(context, self.context_limit) - 1), method.block)
         ws = self.workspace_for(context, method.rows)
         if not self.graphs.enabled:
             return 0
