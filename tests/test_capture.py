@@ -159,10 +159,10 @@ def test_every_tree_stage_reads_log_probabilities(engine, monkeypatch):
     read = []
     build_tree = Stages.build_tree
 
-    def recording(self, tree, plan):
+    def recording(self, tree, plan, yields):
         if plan is not None:
             read.append(self.ws.log_probs[:plan.depth].clone())
-        build_tree(self, tree, plan)
+        build_tree(self, tree, plan, yields)
 
     monkeypatch.setattr(Stages, "build_tree", recording)
     for _ in range(2):

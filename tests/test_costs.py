@@ -20,10 +20,11 @@ def chooser(costs: RoundCosts) -> AutoBudget:
     return AutoBudget(costs, AcceptanceModel(costs.sizes, torch.device("cpu")))
 
 
-def synthetic(round_ms: dict[int, float], fixed_ms: float = 10.0, probe_ms: float = 1.0) -> RoundCosts:
+def synthetic(round_ms: dict[int, float], fixed_ms: float = 10.0, probe_ms: float = 1.0, tree_ms: float = 0.5) -> RoundCosts:
+    """Flat in context; a probe at any size costs `probe_ms` against a plain tree's `tree_ms`."""
     sizes = sorted(round_ms)
     return RoundCosts(sizes, [100, 1000], [fixed_ms / 1000] * 2, {s: [round_ms[s] / 1000] * 2 for s in sizes},
-                      [probe_ms / 1000] * 2)
+                      {s: [tree_ms / 1000] * 2 for s in sizes}, {s: [probe_ms / 1000] * 2 for s in sizes})
 
 
 CURVES = [
@@ -39,19 +40,35 @@ def test_choice_is_the_true_maximum_of_yield_per_second(curve):
     sizes = auto.costs.sizes
     for yields in ([1.5, 1.9, 2.2, 2.4, 2.5], [2.9, 3.6, 4.4, 5.0, 5.3], [1.01, 1.02, 1.03, 1.04, 1.05]):
         best = max(sizes, key=lambda s: yields[sizes.index(s)] / (0.010 + curve[s] / 1000))
-        assert auto.choose(yields, 500) == best
+        assert auto.choose(yields, 500, probed=63) == best
+        # a probe at a smaller size saw only the sizes up to its own
+        seen = [s for s in sizes if s <= 15]
+        assert auto.choose(yields, 500, probed=15) == max(seen, key=lambda s: yields[sizes.index(s)] / (0.010 + curve[s] / 1000))
 
 
-@pytest.mark.parametrize("probe_ms, every", [(0.1, 1), (0.3, 2), (1.0, 5), (100.0, 32)])
-def test_probes_come_as_often_as_two_percent_of_the_time_allows(probe_ms, every):
-    auto = chooser(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms))
-    assert auto.probe_every == every  # the cheapest round is 10 ms; at most every 32 rounds
+def test_probes_start_at_the_largest_then_look_one_size_above_the_choice():
+    auto = chooser(synthetic({3: 5, 7: 6, 15: 8, 31: 14}, fixed_ms=5, probe_ms=0.6, tree_ms=0.5))
+    assert auto.probe_size() == 31
+    assert auto.choose([2.0, 2.5, 2.6, 2.7], 500, probed=31) == 7  # 2.5 tokens / 11 ms
+    probes = [auto.probe_size() for _ in range(12)]
+    # a probe's extra is 0.1 ms, 1% of an 11 ms round is 0.11 ms: a probe every round, at 15 nodes
+    assert probes[0] == 15
+    assert auto.choose([2.0, 2.5, 3.3, 2.7], 500, probed=15) == 15
+    assert auto.probe_size() == 31
+    auto.choose([2.0, 2.5, 3.3, 9.0], 500, probed=31)
+    assert auto.current == 31 and auto.probe_size() == 31  # at the top, probes stay at the largest
+
+
+@pytest.mark.parametrize("probe_ms, every", [(0.6, 1), (0.8, 3), (1.5, 10), (100.0, 32)])
+def test_probes_come_as_often_as_one_percent_of_the_time_allows(probe_ms, every):
+    auto = chooser(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms, tree_ms=0.5))
     probes = []
     for _ in range(3 * every + 1):
-        probes.append(auto.probe_due())
-        if probes[-1]:
-            auto.choose([2.0, 2.5], 500)
-    assert [i for i, p in enumerate(probes) if p] == list(range(0, 3 * every + 1, every))
+        probes.append(auto.probe_size())
+        if probes[-1] is not None:
+            auto.choose([2.0, 2.1], 500, probed=probes[-1])  # 3 nodes (10 ms a round) stay the choice
+    assert [i for i, p in enumerate(probes) if p is not None] == list(range(0, 3 * every + 1, every))
+    assert probes[0] == 7 and set(probes) <= {7, None}
 
 
 def test_expected_yields_learn_what_is_really_accepted():
@@ -61,12 +78,12 @@ def test_expected_yields_learn_what_is_really_accepted():
     scores = torch.full((7,), math.log(0.9))
     before = auto.acceptance.expected_yields(scores)
     assert before.tolist() == pytest.approx([1 + 3 * 0.9, 1 + 7 * 0.9], rel=0.05)
-    assert auto.choose(before.tolist(), 500) == 7
+    assert auto.choose(before.tolist(), 500, probed=7) == 7
     for round in range(400):
         auto.acceptance.learn(scores, torch.arange(7) < (7 if round % 2 else 0))  # all or nothing, half the rounds
     after = auto.acceptance.expected_yields(scores)
     assert after.tolist() == pytest.approx([1 + 3 * 0.5, 1 + 7 * 0.5], rel=0.05)
-    assert auto.choose(after.tolist(), 500) == 3  # 2.5 tokens / 15 ms beats 4.5 / 28 ms
+    assert auto.choose(after.tolist(), 500, probed=7) == 3  # 2.5 tokens / 15 ms beats 4.5 / 28 ms
     lower = auto.acceptance.expected_yields(torch.full((7,), math.log(0.1)))  # another bin keeps its prior
     assert lower.tolist() == pytest.approx([1 + 3 * 0.1, 1 + 7 * 0.1], rel=0.15)
 
@@ -75,15 +92,15 @@ def test_measured_round_times_correct_the_calibration():
     costs = synthetic({7: 5, 15: 6, 31: 8})  # with the drafter's 10 ms: 15, 16 and 18 ms a round
     auto = chooser(costs)
     yields = [2.0, 2.5, 2.9]  # tokens per ms: 0.133, 0.156, 0.161
-    assert auto.choose(yields, 500) == 31
+    assert auto.choose(yields, 500, probed=31) == 31
     for _ in range(30):  # 31-node rounds really take twice their calibrated time
-        auto.observe(31, 500, 2 * costs.predict(31, 500), probed=False)
+        auto.observe(31, 500, 2 * costs.predict(31, 500), probed=None)
     assert auto.correction[31] == pytest.approx(2.0, rel=0.05)
-    assert auto.choose(yields, 500) == 15
-    auto.observe(15, 500, 100 * costs.predict(15, 500), probed=False)  # a capture or a pause: ignored
+    assert auto.choose(yields, 500, probed=31) == 15
+    auto.observe(15, 500, 100 * costs.predict(15, 500), probed=None)  # a capture or a pause: ignored
     assert auto.correction[15] == 1.0
-    # a probe round is compared with its prediction plus the probe's extra (1 ms here), not counted as slow
-    auto.observe(15, 500, costs.predict(15, 500) + 0.001, probed=True)
+    # a probe round is compared with its prediction plus the probe's extra (0.5 ms here), not counted as slow
+    auto.observe(15, 500, costs.predict(15, 500) + 0.0005, probed=31)
     assert auto.correction[15] == pytest.approx(1.0)
 
 

@@ -3,8 +3,8 @@ pair, stored as JSON under the cache directory, remade when missing, stale or co
 
 Each stage of a ddtree round is timed at a few context lengths, and every candidate size is measured
 (the sizes are graph shapes, and the cost is a step function of the size: measured, not fitted). The
-stages timed are exactly the ones `auto` replays: its largest tree, scored, and each size as that
-tree's first rows.
+stages timed are exactly the ones `auto` replays: each size's tree, as the first rows of the largest,
+built plainly and as a probe.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from .methods import auto_trees
 from .stages import Stages
 
 # Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
-# 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included).
-CALIBRATION_VERSION = 5
+# 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included;
+# 6: a probe at every size, and each size's tree stage alone).
+CALIBRATION_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -84,30 +85,29 @@ def calibration_contexts(device: torch.device, largest_rows: int, block: int, co
 
 def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple[int, ...], draft_depth: int,
               repeats: int = 5) -> RoundCosts:
-    """Times the draft at each context length, the probe (the largest tree with every size's yield, read
-    on the host), and for every size its tree, verify, commit and host read."""
+    """Times the draft at each context length, and for every size its tree, the same tree as a probe
+    (every size's expected tokens, read on the host), its verify, and its commit and host read."""
     ws, device = stages.ws, stages.ws.device
     vocab = ws.log_probs.shape[1]
     prompt = torch.randint(vocab, (max(contexts),), generator=torch.Generator().manual_seed(0)).tolist()
-    largest, trees = auto_trees(ws, sizes)
-    fixed, probe, per_size = [], [], {size: [] for size in sizes}
-    bar = tqdm(total=len(contexts) * (len(sizes) + 1), desc="calibrating round costs", unit="stage", file=sys.stderr)
+    trees, yields = auto_trees(ws, sizes)
+    fixed, tables = [], {name: {size: [] for size in sizes} for name in ("per_size", "tree", "probe")}
+    bar = tqdm(total=len(contexts) * len(sizes), desc="calibrating round costs", unit="size", file=sys.stderr)
     with torch.inference_mode():
         for context in contexts:
             ws.load_prompt(prompt[:context])
             stages.prefill(ws.prefill_rows(context), taps).run()
-            draft = stages.draft(ws.draft_attend(context), draft_depth, chain=False)
-            fixed.append(time_stage(draft.run, device, repeats))
-            build_largest = stages.tree(largest, ws.plan(max(sizes)))
-            probe.append(time_stage(lambda: (build_largest.run(), largest.yields.tolist()), device, repeats))
-            bar.update(1)
+            fixed.append(time_stage(stages.draft(ws.draft_attend(context), draft_depth, chain=False).run, device, repeats))
             for size, tree in trees.items():
-                seconds = time_stage(stages.tree(tree, ws.plan(size)).run, device, repeats)
-                seconds += time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
-                per_size[size].append(seconds + commit_seconds(stages, tree, repeats))
+                probe = stages.tree(tree, ws.plan(size), yields)
+                tables["probe"][size].append(time_stage(lambda: (probe.run(), yields.tolist()), device, repeats))
+                build = time_stage(stages.tree(tree, ws.plan(size)).run, device, repeats)
+                verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
+                tables["tree"][size].append(build)
+                tables["per_size"][size].append(build + verify + commit_seconds(stages, tree, repeats))
                 bar.update(1)
     bar.close()
-    return RoundCosts(sizes, contexts, fixed, per_size, probe)
+    return RoundCosts(sizes, contexts, fixed, tables["per_size"], tables["tree"], tables["probe"])
 
 
 def commit_seconds(stages: Stages, tree, repeats: int) -> float:

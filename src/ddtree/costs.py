@@ -7,10 +7,11 @@ every round it verifies, the share of nodes accepted at each path probability, a
 calibrated chance instead. It divides the expected tokens by what a round of n nodes costs on this
 device at this context length, and takes the best n.
 
-Seeing every candidate size's expected tokens needs the tree built at the largest size, which costs
-more than building the chosen size. So `auto` does that only on probe rounds, as rarely as keeps
-that extra cost to 2% of the decoding time (every round on the CPU, where a round is slow; every
-dozen or so on a GPU with graphs), and between probes builds and verifies the size it chose.
+Seeing a size's expected tokens needs the tree built at that size, which costs more than building a
+smaller one. So `auto` builds a larger tree only on probe rounds: the largest once, then one size above
+the current choice, which shows whether to grow by a step or to shrink to any smaller size. A probe
+costs little more than the round it replaces, so probes come often (as often as keeps their extra
+cost to 1% of the decoding time), and between probes rounds build and verify the size chosen.
 
 Costs come from a calibration stored per device and model pair: each stage of a round timed at a
 few context lengths, every candidate size measured (the sizes are graph shapes and the cost is a
@@ -37,42 +38,44 @@ CALIBRATION_CONTEXTS = {"cpu": (128, 1024), "cuda": (256, 2048)}
 
 @dataclass
 class RoundCosts:
-    """Seconds per round, measured at `contexts`: `fixed[c]` (the drafter pass), `per_size[n][c]`
-    (building, verifying and committing an n-node tree, and reading the result on the host), and
-    `probe[c]` (building the tree at the largest size and reading every size's expected yield)."""
+    """Seconds per round, measured at `contexts`: `fixed[c]` (the drafter pass), and for every size n
+    `per_size[n][c]` (building, verifying and committing an n-node tree, and reading the result on the
+    host), `tree[n][c]` (building it alone) and `probe[n][c]` (building it with every smaller size's
+    expected tokens, read on the host)."""
 
     sizes: list[int]
     contexts: list[int]
     fixed: list[float]
     per_size: dict[int, list[float]]
-    probe: list[float]
+    tree: dict[int, list[float]]
+    probe: dict[int, list[float]]
 
     def predict(self, size: int, context: int) -> float:
         return interpolate(self.contexts, self.fixed, context) + interpolate(self.contexts, self.per_size[size], context)
 
-    def probe_interval(self, share: float) -> int:
-        """Rounds per probe so that probing costs at most `share` of the decoding time."""
-        context = self.contexts[-1]
-        cheapest = min(self.predict(size, context) for size in self.sizes)
-        return max(1, min(MAX_PROBE_INTERVAL, math.ceil(interpolate(self.contexts, self.probe, context) / (share * cheapest))))
+    def probe_extra(self, probed: int, size: int, context: int) -> float:
+        """What a round verifying `size` nodes costs more when it probed at `probed` instead of building `size`."""
+        return max(0.0, interpolate(self.contexts, self.probe[probed], context)
+                   - interpolate(self.contexts, self.tree[size], context))
 
     def to_json(self) -> dict:
         return {"sizes": self.sizes, "contexts": self.contexts, "fixed": self.fixed,
-                "per_size": {str(k): v for k, v in self.per_size.items()}, "probe": self.probe}
+                **{name: {str(k): v for k, v in table.items()}
+                   for name, table in (("per_size", self.per_size), ("tree", self.tree), ("probe", self.probe))}}
 
     @classmethod
     def from_json(cls, data: dict) -> "RoundCosts":
         """Raises ValueError on anything that is not a complete, sane calibration."""
         sizes, contexts = [int(s) for s in data["sizes"]], [int(c) for c in data["contexts"]]
-        fixed, probe = [float(x) for x in data["fixed"]], [float(x) for x in data["probe"]]
-        per_size = {int(k): [float(x) for x in v] for k, v in data["per_size"].items()}
-        numbers = fixed + probe + [x for v in per_size.values() for x in v]
-        if (not sizes or sorted(per_size) != sorted(sizes) or len(fixed) != len(contexts)
-                or len(probe) != len(contexts) or any(len(v) != len(contexts) for v in per_size.values())
+        fixed = [float(x) for x in data["fixed"]]
+        tables = [{int(k): [float(x) for x in v] for k, v in data[name].items()} for name in ("per_size", "tree", "probe")]
+        numbers = fixed + [x for table in tables for v in table.values() for x in v]
+        if (not sizes or any(sorted(table) != sorted(sizes) for table in tables) or len(fixed) != len(contexts)
+                or any(len(v) != len(contexts) for table in tables for v in table.values())
                 or contexts != sorted(set(contexts))
                 or not all(math.isfinite(x) and x > 0 for x in numbers)):
             raise ValueError("incomplete or invalid calibration")
-        return cls(sizes, contexts, fixed, per_size, probe)
+        return cls(sizes, contexts, fixed, *tables)
 
 
 def interpolate(xs: list[int], ys: list[float], x: float) -> float:
@@ -85,19 +88,23 @@ def interpolate(xs: list[int], ys: list[float], x: float) -> float:
 
 
 def costs_table(costs: RoundCosts) -> str:
-    """Milliseconds per round at each calibrated context: a round of each size, and a probe's extra."""
-    head = ["nodes"] + [f"ms per round at context {c}" for c in costs.contexts]
+    """Milliseconds per round of each size at each calibrated context, what probing one size above
+    adds to it, and how often auto then probes."""
+    head = ["nodes"] + [f"ms per round at context {c}" for c in costs.contexts] \
+        + [f"a probe's extra at {c}" for c in costs.contexts] + ["probe every (rounds)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for size in costs.sizes:
-        lines.append(f"| {size} | " + " | ".join(f"{1000 * costs.predict(size, c):.2f}" for c in costs.contexts) + " |")
-    lines.append("| (a probe's extra: the largest tree) | " + " | ".join(f"{1000 * x:.2f}" for x in costs.probe) + " |")
-    lines.append(f"\nauto probes every {costs.probe_interval(PROBE_SHARE)} rounds\n")
+        above = probe_above(costs.sizes, size)
+        cells = [f"{1000 * costs.predict(size, c):.2f}" for c in costs.contexts]
+        cells += [f"{1000 * costs.probe_extra(above, size, c):.2f}" for c in costs.contexts]
+        cells.append(str(probe_interval(costs, above, size, costs.contexts[-1], 1.0)))
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 # ----- choosing ---------------------------------------------------------------------------------------
 
-PROBE_SHARE = 0.02  # the most of the decoding time that probe rounds may add
+PROBE_SHARE = 0.01  # the most of the decoding time that probe rounds may add
 MAX_PROBE_INTERVAL = 32
 # Path log-probability bins over which the acceptance of drafted nodes is learned (a quarter nat each).
 SCORE_EDGES = tuple(x / 4 for x in range(-48, 1))
@@ -131,9 +138,9 @@ class AcceptanceModel:
 
     def expected_yields(self, scores: torch.Tensor) -> torch.Tensor:
         """1 + the calibrated expected accepted nodes among the best n, at each candidate size n;
-        `scores`: the tree's node path log-probabilities, best first."""
+        `scores`: the tree's node path log-probabilities, best first (sizes past its nodes get its total)."""
         chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)]
-        return 1 + chance.cumsum(0)[self.index]
+        return 1 + chance.cumsum(0)[self.index.clamp(max=len(scores) - 1)]
 
     def learn(self, scores: torch.Tensor, accepted: torch.Tensor) -> None:
         """One verified round: the nodes' path log-probabilities and which of them were accepted."""
@@ -151,7 +158,6 @@ class AutoBudget:
         if costs.sizes != acceptance.sizes:
             raise ValueError("the costs and the acceptance model are for different sizes")
         self.costs, self.acceptance = costs, acceptance
-        self.probe_every = costs.probe_interval(PROBE_SHARE)
         self.current: int | None = None  # the size chosen at the last probe
         self.until_probe = 0
         # measured ÷ calibrated round time per size, learned from the rounds run
@@ -163,15 +169,21 @@ class AutoBudget:
 
     # on the host
 
-    def probe_due(self) -> bool:
+    def probe_size(self) -> int | None:
+        """The size this round's tree is built at to read expected tokens (the largest at first, then one
+        above the current choice), or None when no probe is due."""
         self.until_probe -= 1
-        return self.current is None or self.until_probe < 0
+        if self.current is None:
+            return self.largest
+        return probe_above(self.costs.sizes, self.current) if self.until_probe < 0 else None
 
-    def choose(self, yields: list[float], context: int) -> int:
-        """The size maximising expected tokens per second; `yields[k]` is the expected tokens at sizes[k]."""
-        sizes = self.costs.sizes
-        self.current = sizes[max(range(len(sizes)), key=lambda k: yields[k] / self.round_cost(sizes[k], context))]
-        self.until_probe = self.probe_every - 1
+    def choose(self, yields: list[float], context: int, probed: int) -> int:
+        """The size maximising expected tokens per second among those a probe at `probed` nodes saw;
+        `yields[k]` is the expected tokens at sizes[k]."""
+        seen = [k for k, size in enumerate(self.costs.sizes) if size <= probed]
+        self.current = self.costs.sizes[max(seen, key=lambda k: yields[k] / self.round_cost(self.costs.sizes[k], context))]
+        above = probe_above(self.costs.sizes, self.current)
+        self.until_probe = probe_interval(self.costs, above, self.current, context, self.correction[self.current]) - 1
         return self.current
 
     def round_cost(self, size: int, context: int) -> float:
@@ -180,17 +192,29 @@ class AutoBudget:
         runs slower than calibrated (a busier machine), auto tries the others, learns, and comes back."""
         return self.costs.predict(size, context) * self.correction[size]
 
-    def observe(self, size: int, context: int, seconds: float, probed: bool) -> None:
+    def observe(self, size: int, context: int, seconds: float, probed: int | None) -> None:
         """A finished round's wall time (its host read waited for the device) corrects its size's cost:
         the calibration can be off for the real decoding's cache state, load or context, on the CPU by
         a fifth. A probe round is compared with its prediction plus the probe's extra."""
         predicted = self.costs.predict(size, context)
-        if probed:
-            predicted += interpolate(self.costs.contexts, self.costs.probe, context)
+        if probed is not None:
+            predicted += self.costs.probe_extra(probed, size, context)
         ratio = seconds / predicted
         if ratio >= OUTLIER:
             return
         self.correction[size] += CORRECTION_RATE * (ratio - self.correction[size])
+
+
+def probe_above(sizes: list[int], size: int) -> int:
+    """The size a probe builds while `size` is chosen: the next larger one (the largest, at the top)."""
+    return sizes[min(sizes.index(size) + 1, len(sizes) - 1)]
+
+
+def probe_interval(costs: RoundCosts, probed: int, size: int, context: int, correction: float) -> int:
+    """Rounds from one probe to the next so that probing at `probed` while `size` is chosen costs at most
+    PROBE_SHARE of the decoding time (`correction`: how much slower than calibrated rounds really run)."""
+    share = costs.probe_extra(probed, size, context) / (PROBE_SHARE * costs.predict(size, context) * correction)
+    return max(1, min(MAX_PROBE_INTERVAL, math.ceil(share)))
 
 
 def candidate_sizes(device_type: str, depth: int, vocab: int) -> list[int]:

@@ -230,9 +230,8 @@ def stages_to_prepare(stages: Stages, method: DecodingMethod, context: int) -> l
     first draft) of every prompt length. Captured before the prefill: only the stages' warm-ups run, at an
     empty context, and what they write the prefill and the rounds rewrite before reading."""
     ws = stages.ws
-    built, verified = method.trees(ws)
-    todo = [stages.tree(tree, plan) for tree, plan in built]
-    for tree in verified:
+    todo = method.tree_stages(stages)
+    for tree in method.verified_trees(ws):
         for attend in buckets(ws.attend, 1 + tree.rows, context + tree.rows, ws.attend_step):
             todo.append(stages.verify(tree, attend, method.taps))
         todo.append(stages.commit(tree))

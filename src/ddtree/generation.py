@@ -85,7 +85,7 @@ class Launched:
     read: Callable[[], tuple[int, list[int]]]
     max_tokens: int  # the most tokens it can add
     nodes: int | None  # the nodes it verifies, when its time teaches the method
-    probed: bool
+    probed: int | None  # the size auto probed at, if it did
     launched_at: float
 
 

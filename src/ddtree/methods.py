@@ -12,8 +12,8 @@ import torch
 
 from .costs import AutoBudget
 from .options import Decoding
-from .stages import Stages
-from .tree import FrontierPlan, frontier_widths, tree_size
+from .stages import Stage, Stages
+from .tree import frontier_widths, tree_size
 from .workspace import TreeBuffers, Workspace
 
 
@@ -29,7 +29,7 @@ class DecodingMethod:
         self.rows = 1  # the largest tree it verifies, root included
         self.draft_depth = block - 1  # depths each draft scores
         self.chosen: list[int] = []  # auto: the nodes each drafting round verified
-        self.probed = False  # auto: whether the last round was a probe
+        self.probed: int | None = None  # auto: the size the last round probed at, if it probed
 
     def round(self, stages: Stages, committed: int, prompt_rows: int | None, clock) -> TreeBuffers:
         """Launches one round on the device, `committed` being at least the tokens in the cache when it
@@ -54,12 +54,15 @@ class DecodingMethod:
         """Builds this round's tree from the draft (the tree stage) and returns it."""
         raise NotImplementedError
 
-    def trees(self, ws: Workspace) -> tuple[list[tuple[TreeBuffers, FrontierPlan | None]], list[TreeBuffers]]:
-        """The trees this method's rounds build (with their plans) and those they verify: what
-        `Engine.prepare` captures graphs for."""
-        return [], [ws.tree(1)]
+    def tree_stages(self, stages: Stages) -> list[Stage]:
+        """The tree stages this method's rounds run: what `Engine.prepare` captures graphs for."""
+        return []
 
-    def observe(self, nodes: int, context: int, seconds: float, probed: bool) -> None:
+    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
+        """The trees this method's rounds verify (and commit)."""
+        return [ws.tree(1)]
+
+    def observe(self, nodes: int, context: int, seconds: float, probed: int | None) -> None:
         """A drafting round's wall time, for methods that learn from it (auto)."""
 
     def timed_nodes(self, tree: TreeBuffers, first: bool) -> int | None:
@@ -85,9 +88,11 @@ class ChainDraft(DecodingMethod):
         stages.tree(tree, None).run()
         return tree
 
-    def trees(self, ws: Workspace):
-        chain = ws.tree(self.rows, chain=True)
-        return [(chain, None)], [chain, ws.tree(1)]
+    def tree_stages(self, stages: Stages) -> list[Stage]:
+        return [stages.tree(stages.ws.tree(self.rows, chain=True), None)]
+
+    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
+        return [ws.tree(self.rows, chain=True), ws.tree(1)]
 
 
 class TreeDraft(DecodingMethod):
@@ -106,9 +111,11 @@ class TreeDraft(DecodingMethod):
         stages.tree(tree, stages.ws.plan(self.budget)).run()
         return tree
 
-    def trees(self, ws: Workspace):
-        tree = ws.tree(self.rows)
-        return [(tree, ws.plan(self.budget))], [tree, ws.tree(1)]
+    def tree_stages(self, stages: Stages) -> list[Stage]:
+        return [stages.tree(stages.ws.tree(self.rows), stages.ws.plan(self.budget))]
+
+    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
+        return [ws.tree(self.rows), ws.tree(1)]
 
 
 def drafted_depths(budget: int, block: int, vocab: int) -> int:
@@ -117,20 +124,21 @@ def drafted_depths(budget: int, block: int, vocab: int) -> int:
     return len(frontier_widths(budget, min(block - 1, budget), vocab))
 
 
-def auto_trees(ws: Workspace, sizes: list[int]) -> tuple[TreeBuffers, dict[int, TreeBuffers]]:
-    """auto's largest tree, which probe rounds build to read every candidate size's expected yield, and
-    each size's tree: the first rows of the largest (the same buffers, so the same verify and commit
-    graphs whichever round chose it). Calibration times exactly these."""
+def auto_trees(ws: Workspace, sizes: list[int]) -> tuple[dict[int, TreeBuffers], torch.Tensor]:
+    """auto's tree of each size, and where probes write every size's expected tokens. Each size's tree is
+    the first rows of the largest (the same buffers: a probe's larger tree holds the chosen size's as its
+    first rows, and every round whichever its size commits through the same graphs). Calibration times
+    exactly these."""
     largest = ws.tree(1 + max(sizes), scored=True)
     if largest.yields is None:
         largest.yields = torch.zeros(len(sizes), device=ws.device)
-    return largest, {size: ws.prefix(largest, size + 1) for size in sizes}
+    return {size: ws.prefix(largest, size + 1) for size in sizes}, largest.yields
 
 
 class AutoTree(DecodingMethod):
-    """DDTree with `--budget auto`: probe rounds build the largest candidate tree, read each size's
-    expected tokens and choose the size with the most tokens per second; rounds in between build the
-    size chosen last (`costs.AutoBudget`)."""
+    """DDTree with `--budget auto`: probe rounds build a larger tree than the current choice (the largest
+    at first, then one size above), read the expected tokens of every size it holds and choose the size
+    with the most tokens per second; other rounds build the size chosen last (`costs.AutoBudget`)."""
 
     drafts = True
 
@@ -142,23 +150,26 @@ class AutoTree(DecodingMethod):
 
     def drafted_tree(self, stages: Stages, committed: int) -> TreeBuffers:
         auto, ws = self.auto, stages.ws
-        largest, trees = auto_trees(ws, auto.costs.sizes)
-        self.probed = auto.probe_due()
-        if self.probed:
-            stages.tree(largest, ws.plan(auto.largest)).run()
-            size = auto.choose(largest.yields.tolist(), committed)  # (a second host read)
+        trees, yields = auto_trees(ws, auto.costs.sizes)
+        self.probed = auto.probe_size()
+        if self.probed is not None:
+            stages.tree(trees[self.probed], ws.plan(self.probed), yields).run()
+            size = auto.choose(yields.tolist(), committed, self.probed)  # (a second host read)
         else:
             size = auto.current
             stages.tree(trees[size], ws.plan(size)).run()
         self.chosen.append(size)
         return trees[size]
 
-    def trees(self, ws: Workspace):
-        largest, trees = auto_trees(ws, self.auto.costs.sizes)
-        built = [(largest, ws.plan(self.auto.largest))] + [(tree, ws.plan(size)) for size, tree in trees.items()]
-        return built, [*trees.values(), ws.tree(1)]
+    def tree_stages(self, stages: Stages) -> list[Stage]:
+        ws = stages.ws
+        trees, yields = auto_trees(ws, self.auto.costs.sizes)
+        return [stages.tree(tree, ws.plan(size), probe) for size, tree in trees.items() for probe in (None, yields)]
 
-    def observe(self, nodes: int, context: int, seconds: float, probed: bool) -> None:
+    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
+        return [*auto_trees(ws, self.auto.costs.sizes)[0].values(), ws.tree(1)]
+
+    def observe(self, nodes: int, context: int, seconds: float, probed: int | None) -> None:
         self.auto.observe(nodes, context, seconds, probed)
 
     def timed_nodes(self, tree: TreeBuffers, first: bool) -> int | None:

@@ -63,10 +63,11 @@ class Stages:
         return Stage(("draft", attend, prompt_rows, depth, chain),
                      lambda: self.run_draft(features, attend, depth, chain), self.graphs)
 
-    def tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> Stage:
-        """The round's tree into `tree`: the chain's tokens (no plan), or the best-first tree of `plan`."""
-        key = ("tree", tree.key, plan.budget if plan is not None else None)
-        return Stage(key, lambda: self.build_tree(tree, plan), self.graphs)
+    def tree(self, tree: TreeBuffers, plan: FrontierPlan | None, yields: torch.Tensor | None = None) -> Stage:
+        """The round's tree into `tree`: the chain's tokens (no plan), or the best-first tree of `plan`;
+        with `yields` (an auto probe), also the expected tokens of every candidate size it holds."""
+        key = ("tree", tree.key, plan.budget if plan is not None else None, yields is not None)
+        return Stage(key, lambda: self.build_tree(tree, plan, yields), self.graphs)
 
     def verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...]) -> Stage:
         mode = self.ws.sampling.mode
@@ -109,7 +110,7 @@ class Stages:
         else:
             torch.log_softmax(logits, dim=-1, out=ws.log_probs[:depth])
 
-    def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None) -> None:
+    def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None, yields: torch.Tensor | None) -> None:
         ws = self.ws
         tree.ids[0] = ws.bonus
         if plan is None:  # a chain: its shape is fixed in its buffers, its tokens each depth's argmax
@@ -127,8 +128,8 @@ class Stages:
             tree.parents[1:] = parents
             tree.depths[1:] = depths
             tree.mask.copy_(ancestor_mask(tree.parents, ws.block - 1))
-        if tree.yields is not None:  # auto's largest tree is scored, so `scores` is set
-            tree.yields.copy_(self.acceptance.expected_yields(scores))
+        if yields is not None:  # auto's trees are scored, so `scores` is set
+            yields.copy_(self.acceptance.expected_yields(scores))
 
     def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str) -> None:
         """One target forward over the root and every node: the target's choice at each, and its features."""

@@ -208,4 +208,4 @@ class TreeBuffers:
         self.features = (workspace.features.new_zeros(1, rows, workspace.features.shape[-1])
                          if workspace.draft_cache is not None else None)
         self.out = torch.zeros(self.path_rows + 1, dtype=torch.long, device=device)  # [count, tokens added...]
-        self.yields: torch.Tensor | None = None  # auto's largest tree: 1 + Φ(n) at each candidate size n
+        self.yields: torch.Tensor | None = None  # auto's largest tree: where probes write each size's expected tokens

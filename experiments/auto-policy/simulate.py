@@ -1,0 +1,77 @@
+"""Replays recorded rounds (record.py) under a table of round costs to compare `auto`'s ways of choosing
+the tree size with every fixed size: tokens per second of each, and auto's share of the best fixed.
+Costs are milliseconds per round by size, e.g. an H100's from a committed results file.
+    .venv/bin/python experiments/auto-policy/simulate.py ROUNDS.pt
+"""
+
+import math
+import sys
+
+import torch
+
+from ddtree import costs as C
+
+SIZES = list(C.AUTO_SIZES["cuda"])
+# ms per round (draft + tree + verify + commit/host) and the tree stage alone, by size: sizes 15-255 from
+# docs/results/h200-sweep.md (GSM8K, B=16..256, tree stage of h100-issue18 for 31/63), 7 extrapolated
+ROUND_MS = {7: 1.76, 15: 1.79, 31: 1.75, 63: 1.83, 127: 2.14, 255: 2.63}
+TREE_MS = {7: 0.05, 15: 0.05, 31: 0.06, 63: 0.07, 127: 0.24, 255: 0.61}
+READ_MS = 0.05  # a probe's mid-round host read
+
+
+def tokens(accepted, n):
+    return 1 + int(accepted[:n].sum())
+
+
+def fixed(rounds, n):
+    t = sum(tokens(a, n) for _, a in rounds)
+    return t / (len(rounds) * ROUND_MS[n])
+
+
+def policy(rounds, local, share, noise=0.0, seed=0, smooth=1.0):
+    """auto: probe (the largest tree, or one size above the current), choose by expected tokens per ms."""
+    model = C.AcceptanceModel(SIZES, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    cost = {n: ROUND_MS[n] * (1 + noise * float(torch.randn((), generator=gen))) for n in SIZES}
+    current, until, total_tokens, total_ms, chosen = None, 0, 0, 0.0, []
+    averaged = [None] * len(SIZES)
+    for scores, accepted in rounds:
+        until -= 1
+        extra = 0.0
+        if current is None or until < 0:
+            probe = max(SIZES) if (current is None or not local) else SIZES[min(SIZES.index(current) + 1, len(SIZES) - 1)]
+            fresh = model.expected_yields(scores[:probe].clone() if probe < len(scores) else scores).tolist()
+            options = [n for n in SIZES if n <= probe]
+            for n in options:  # an average over probes: one round's tree is a noisy sample
+                k = SIZES.index(n)
+                averaged[k] = fresh[k] if averaged[k] is None else averaged[k] + smooth * (fresh[k] - averaged[k])
+            current = max(options, key=lambda n: averaged[SIZES.index(n)] / cost[n])
+            extra = TREE_MS[probe] - TREE_MS[current] + READ_MS
+            interval = math.ceil(extra / (share * ROUND_MS[current])) if local else \
+                math.ceil((TREE_MS[max(SIZES)] + READ_MS) / (share * min(ROUND_MS.values())))
+            until = max(1, min(C.MAX_PROBE_INTERVAL, interval)) - 1
+        n = current
+        chosen.append(n)
+        total_tokens += tokens(accepted, n)
+        total_ms += ROUND_MS[n] + extra
+        model.learn(scores[:n], accepted[:n])
+    return total_tokens / total_ms, chosen
+
+
+def main():
+    records = torch.load(sys.argv[1])
+    for dataset, prompts in records.items():
+        rounds = [r for p in prompts for r in p if len(r[0]) == max(SIZES)]
+        speeds = {n: fixed(rounds, n) for n in SIZES}
+        best = max(speeds.values())
+        line = " ".join(f"{n}:{s / best:.3f}" for n, s in speeds.items())
+        results = []
+        for name, local, share, smooth in (("largest 2%", False, 0.02, 1), ("local 1%", True, 0.01, 1),
+                                           ("local 1% avg .3", True, 0.01, 0.3), ("local 1% avg .1", True, 0.01, 0.1),
+                                           ("local 0.5% avg .2", True, 0.005, 0.2)):
+            speed, chosen = policy(rounds, local, share, smooth=smooth)
+            results.append(f"{name} {speed / best:.3f}")
+        print(f"{dataset:10s} {len(rounds)} rounds | fixed {line} | " + " | ".join(results))
+
+
+main()
