@@ -7,10 +7,11 @@ import sys
 
 import torch
 
-from .drafter import Drafter, DrafterConfig, default_target_layer_ids, initialise, load_drafter, save_drafter
+from .drafter import Drafter, DrafterConfig, build_drafter, default_target_layer_ids, load_drafter, save_drafter
 from .engine import Engine, check_pair
 from .errors import DDTreeError
-from .loading import SMOLLM2_ALIAS, Target, load_target
+from .loading import SMOLLM2_ALIAS, Target, load_target, resolve_config_dir
+from .model import initialise
 
 DEFAULT_TARGET = SMOLLM2_ALIAS
 BUNDLED_DRAFTERS = {SMOLLM2_ALIAS: os.path.join(os.path.dirname(__file__), "drafters", "smollm2-135m-instruct")}
@@ -69,12 +70,12 @@ def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, ma
         num_target_layers=t.num_layers,
         rope_parameters=rope,
     )
-    drafter = Drafter(cfg)
+    weight = target.model.embed_tokens.weight
+    drafter = build_drafter(cfg, weight.device, weight.dtype)
     initialise(drafter, seed=seed)
     with torch.no_grad():  # its output goes through the target's LM head, which expects the target's final norm
         drafter.norm.weight.copy_(target.model.norm.weight)
-    weight = target.model.embed_tokens.weight
-    return drafter.to(device=weight.device, dtype=weight.dtype).eval()
+    return drafter.eval()
 
 
 def default_mask_token(target: Target) -> int:
@@ -100,7 +101,7 @@ def bundled_drafter(target_spec: str, target_name: str) -> str:
 
 def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True,
-         compile: bool = False) -> Engine:
+         compile: bool = False, dummy_weights: bool = False) -> Engine:
     """An engine for a target and its drafter.
 
     target: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (the default).
@@ -108,11 +109,13 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
     the drafter bundled with the target (random where none is bundled, said on stderr).
     cuda_graphs: on CUDA, capture each decoding stage once as a CUDA graph and replay it (the fast path).
     compile: torch.compile the target's and the drafter's layers (`compile_layer_functions`).
+    dummy_weights: random weights of the configs' shapes, made on the device (target and drafter may be
+    directories holding only a config.json, or names of configs shipped with ddtree): for timing.
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     target_spec = target or DEFAULT_TARGET
-    loaded = load_target(target_spec, dev, dt)
+    loaded = load_target(target_spec, dev, dt, dummy=dummy_weights)
     if drafter is None:
         drafter = bundled_drafter(target_spec, loaded.name)
     if drafter == RANDOM_DRAFTER:
@@ -120,6 +123,8 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
             print("ddtree: using a randomly initialised drafter (no trained drafter given): expect little speedup",
                   file=sys.stderr)
         draft_model = random_drafter(loaded)
+    elif dummy_weights:
+        draft_model = load_drafter(resolve_config_dir(drafter), dev, dt, dummy=True)
     else:
         draft_model = load_drafter(drafter, dev, dt)
     if compile:

@@ -29,6 +29,13 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the target's and the drafter's layers (fuses the small kernels "
                                  "around each GEMM; the first use of each shape compiles, which takes seconds)")
+        parser.add_argument("--dummy-weights", action="store_true",
+                            help="random weights of the target's (and drafter's) config shape, made on the device: "
+                                 "--target and --drafter may then be directories holding only a config.json, or "
+                                 "the name of a config shipped with ddtree (qwen3-4b, qwen3-8b, qwen3-30b-a3b, "
+                                 "llama-3.1-8b-instruct; drafter qwen3-8b-dflash-b16). Measures speed at a real "
+                                 "shape without the weights; the text is noise. Without a tokenizer beside the "
+                                 "config, the default target's is used")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -290,7 +297,7 @@ def load_engine(args, device: str | None = None, quiet: bool = False):
     from .api import load
 
     return load(args.target, args.drafter, device or args.device, args.dtype, quiet=quiet,
-                cuda_graphs=args.cuda_graphs, compile=args.compile)
+                cuda_graphs=args.cuda_graphs, compile=args.compile, dummy_weights=args.dummy_weights)
 
 
 def read_prompt(args) -> str:

