@@ -23,22 +23,36 @@ from .costs import AcceptanceModel
 from .model import causal_mask
 from .sampling import choose_tokens
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes
-from .workspace import Graphs, TreeBuffers, Workspace
+from .workspace import PREFILL_STEP, Graphs, TreeBuffers, Workspace
+
+
+# A prompt is prefilled in chunks of at most this many rows: the attention's mask and activations stay
+# the size of a chunk, not of the prompt (32k rows of mask per layer would take gigabytes).
+PREFILL_CHUNK = 1024
+# Prefills (and first drafts) of longer prompts run eagerly: a graph per prompt-length bucket up to a 32k
+# context would hold hundreds of graphs, and a long prefill's work dwarfs its launches.
+GRAPH_PREFILL_ROWS = 2048
 
 
 @dataclass
 class Stage:
-    """One piece of device work under its graph key; `repeatable`: running it twice equals once."""
+    """One piece of device work under its graph key; `repeatable`: running it twice equals once; `graphed`:
+    captured and replayed as a CUDA graph where graphs are on (else it always runs eagerly)."""
     key: tuple
     work: Callable[[], None]
     graphs: Graphs
     repeatable: bool = True
+    graphed: bool = True
 
     def run(self) -> None:
-        self.graphs.run(self.key, self.work, self.repeatable)
+        if self.graphed:
+            self.graphs.run(self.key, self.work, self.repeatable)
+        else:
+            self.work()
 
     def capture(self) -> None:
-        self.graphs.capture(self.key, self.work, self.repeatable)
+        if self.graphed:
+            self.graphs.capture(self.key, self.work, self.repeatable)
 
 
 class Stages:
@@ -53,7 +67,8 @@ class Stages:
     def prefill(self, rows: int, taps: tuple[int, ...]) -> Stage:
         """The prompt's first `rows` slots (padding included) through the target: its cache rows, the
         logits after its last real token (the committed count says which) and its tapped features."""
-        return Stage(("prefill", rows, bool(taps)), lambda: self.run_prefill(rows, taps), self.graphs)
+        return Stage(("prefill", rows, bool(taps)), lambda: self.run_prefill(rows, taps), self.graphs,
+                     graphed=rows <= GRAPH_PREFILL_ROWS)
 
     def draft(self, attend: int, depth: int, chain: bool, prompt_rows: int | None = None) -> Stage:
         """A round's draft of `depth` depths; the first round's (`prompt_rows` given) reads the prefill's
@@ -61,7 +76,8 @@ class Stages:
         ws = self.ws
         features = ws.features if prompt_rows is None else ws.prompt_features[:, :prompt_rows]
         return Stage(("draft", attend, prompt_rows, depth, chain),
-                     lambda: self.run_draft(features, attend, depth, chain), self.graphs)
+                     lambda: self.run_draft(features, attend, depth, chain), self.graphs,
+                     graphed=prompt_rows is None or prompt_rows <= GRAPH_PREFILL_ROWS)
 
     def tree(self, tree: TreeBuffers, plan: FrontierPlan | None, yields: torch.Tensor | None = None) -> Stage:
         """The round's tree into `tree`: the chain's tokens (no plan), or the best-first tree of `plan`;
@@ -80,13 +96,15 @@ class Stages:
     # ----- the work ------------------------------------------------------------------------------
 
     def run_prefill(self, rows: int, taps: tuple[int, ...]) -> None:
+        """In chunks (`prefill_chunks`), each attending the cache rows before it."""
         ws, model = self.ws, self.model
-        hidden, features = model(ws.prompt[None, :rows], ws.steps[None, :rows], causal_mask(rows, 0, ws.device),
-                                 ws.cache, 0, taps)
-        last = (ws.committed - 1).clamp(min=0).view(1)  # (0 in a capture's warm-up, at an empty context)
+        for start, end in prefill_chunks(rows):
+            hidden, features = model(ws.prompt[None, start:end], ws.steps[None, start:end],
+                                     causal_mask(end - start, start, ws.device), ws.cache, start, taps)
+            if features is not None:
+                ws.prompt_features[:, start:end].copy_(features)
+        last = (ws.committed - 1 - start).clamp(min=0).view(1)  # (0 in a capture's warm-up, at an empty context)
         ws.prompt_logits.copy_(model.logits(hidden[0].index_select(0, last)))
-        if features is not None:
-            ws.prompt_features[:, :rows].copy_(features)
 
     def run_draft(self, features: torch.Tensor, attend: int, depth: int, chain: bool) -> None:
         """Per-depth log-probs of the tokens after the bonus token, from one drafter pass; for a chain,
@@ -178,3 +196,11 @@ class Stages:
         ws.committed.add_(count)
         tree.out[0] = count
         tree.out[1:] = emitted
+
+
+def prefill_chunks(rows: int) -> list[tuple[int, int]]:
+    """A prefill's chunks, (start, end): PREFILL_CHUNK rows each, the remainder joining the last one when
+    shorter than a prefill step. Padding is less than a step, so the prompt's last token is in the last
+    chunk, whose hidden states give the first token's logits."""
+    starts = [start for start in range(0, rows, PREFILL_CHUNK) if start == 0 or rows - start >= PREFILL_STEP]
+    return list(zip(starts, [*starts[1:], rows]))
