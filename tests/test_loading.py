@@ -149,3 +149,14 @@ def test_dummy_weights_refuse_what_they_cannot_use(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DDTreeError, match="has no config.json"):
         load(str(tmp_path / "empty"), dummy_weights=True, device="cpu")
+
+
+def test_weights_read_per_token_count_each_weight_once(targets):
+    from ddtree.profile import weight_bytes_per_token
+
+    for name in ("llama", "qwen3"):  # untied and tied embeddings
+        model = targets[name].model
+        every = sum(p.numel() * p.element_size() for p in model.parameters())  # (a tied weight once)
+        embedding = model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+        tied = model.lm_head.weight is model.embed_tokens.weight
+        assert weight_bytes_per_token(model) == (every if tied else every - embedding)

@@ -442,7 +442,8 @@ def write_bench_outputs(result: dict, out: str) -> None:
 
 def run_profile(args) -> None:
     from .bench import environment
-    from .profile import profile, profile_table, table_row
+    from .loading import peak_host_memory
+    from .profile import profile, profile_table, roofline, summary_lines, table_row
 
     specs = method_specs(args.methods, args.budgets, ("ar", "dflash", "ddtree"))
     if args.repeats < 1:
@@ -466,10 +467,14 @@ def run_profile(args) -> None:
         print(table_row(profiles[-1], None), file=sys.stderr, flush=True)  # progress, as each one finishes
     table = profile_table(profiles)
     print(table)
+    memory = roofline(engine, next((p for p in profiles if p.method == "ar"), None))
+    loading = {"load_seconds": engine.target.load_seconds, "peak_host_rss": peak_host_memory()}
+    print(summary_lines(memory, loading))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(environment(engine) | {"prompt_tokens": len(ids), "max_new_tokens": args.max_new_tokens,
-                                             "profiles": [p.to_json() for p in profiles], "table": table}, f, indent=1)
+                                             "profiles": [p.to_json() for p in profiles], "table": table,
+                                             "roofline": memory, "loading": loading}, f, indent=1)
 
 
 def run_serve(args) -> None:
