@@ -99,15 +99,39 @@ def test_taps_are_decoder_layer_outputs_in_the_order_asked(taps, targets, hf_mod
     assert_logits_close(features, expected)
 
 
-def test_mistral_sliding_window_caps_the_context(tmp_path, tokenizer):
-    from transformers import MistralConfig, MistralForCausalLM
+SLIDING = {  # every layer sliding (Mistral), and some (Qwen2: layers from max_window_layers on)
+    "mistral": ("MistralConfig", dict(sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(sliding_window=8, use_sliding_window=True, max_window_layers=1)),
+}
 
-    config = MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           sliding_window=100)
-    MistralForCausalLM(config).save_pretrained(tmp_path)
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_attention_matches_transformers(family, tmp_path, tokenizer):
+    """Past the window, with and without the cache; and DDTree's trees (nodes at their depths' positions)
+    decode exactly as the target alone does."""
+    import transformers
+
+    from ddtree.api import random_drafter
+    from ddtree.engine import Engine
+
+    class_name, overrides = SLIDING[family]
+    config = getattr(transformers, class_name)(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256, initializer_range=0.3, **overrides)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    assert load_target(str(tmp_path)).model.cfg.max_positions == 100
+    target = load_target(str(tmp_path))
+    assert target.model.cfg.sliding_window == 8 and target.model.cfg.max_positions == 256
+    assert target.model.cfg.sliding_layers == ((0, 1, 2) if family == "mistral" else (1, 2))
+    ref_model = hf_model(str(tmp_path))
+    ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.inference_mode():
+        ref = ref_model(torch.tensor([ids])).logits[0].float()
+        assert_logits_close(full_logits(target.model, ids), ref)
+        assert_logits_close(chunked_logits(target.model, ids, [13, 21]), ref)
+    engine = Engine(target, random_drafter(target, block_size=6), torch.device("cpu"), torch.float32)
+    expected = engine.generate(ids, method="ar", max_new_tokens=30).token_ids
+    assert engine.generate(ids, method="ddtree", budget=12, max_new_tokens=30).token_ids == expected
 
 
 # ----- the real SmolLM2 --------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class DecoderConfig:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    sliding_window: int | None = None  # a sliding layer's query sees keys less than this many positions back
+    sliding_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_hf(cls, hf) -> "DecoderConfig":
@@ -47,11 +49,6 @@ class DecoderConfig:
         if family not in SUPPORTED_FAMILIES:
             raise ValueError(f"unsupported model family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        max_positions = hf.max_position_embeddings
-        window = getattr(hf, "sliding_window", None)
-        if window and getattr(hf, "use_sliding_window", family == "mistral"):
-            # Inside the window sliding attention is plain attention, so capping the context there keeps us exact.
-            max_positions = min(max_positions, window)
         return cls(
             family=family,
             vocab_size=hf.vocab_size,
@@ -62,13 +59,28 @@ class DecoderConfig:
             num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
-            max_positions=max_positions,
+            max_positions=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else bool(getattr(hf, "attention_bias", False)),
             o_bias=family in ("llama", "qwen3") and bool(getattr(hf, "attention_bias", False)),
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=family == "qwen3",
+            **sliding_attention(hf),
         )
+
+
+def sliding_attention(hf) -> dict:
+    """Which layers attend through a sliding window, and its width: those `layer_types` names (Qwen2/3 with
+    use_sliding_window), or every layer of a Mistral that sets one."""
+    window = getattr(hf, "sliding_window", None)
+    layer_types = getattr(hf, "layer_types", None)
+    if not window:
+        return {}
+    if layer_types:
+        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    else:
+        layers = tuple(range(hf.num_hidden_layers)) if hf.model_type == "mistral" else ()
+    return {"sliding_window": int(window), "sliding_layers": layers} if layers else {}
 
 
 def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -356,14 +368,20 @@ class Decoder(nn.Module):
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        bias = attention_bias(mask, self.cfg.num_heads // self.cfg.num_kv_heads, x.dtype)
+        if isinstance(slots, int):
+            slots = torch.arange(slots, slots + input_ids.shape[1], device=input_ids.device)
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        biases = [attention_bias(mask, groups, x.dtype)]
+        if self.cfg.sliding_layers:
+            window = mask & within_window(positions, slots, mask.shape[-1], self.cfg.sliding_window, cache is not None)
+            biases.append(attention_bias(window, groups, x.dtype))
+        sliding = set(self.cfg.sliding_layers)
         tapped = {}
         last = len(self.layers) - 1
         caches = [cache.layer(i) if cache is not None else None for i in range(len(self.layers))]
-        if isinstance(slots, int):
-            slots = torch.arange(slots, slots + input_ids.shape[1], device=input_ids.device)
         q, kv = self.layers[0].project(x, cos, sin, caches[0], slots)
         for index, layer in enumerate(self.layers):
+            bias = biases[index in sliding]
             k, v = caches[index].read(bias.shape[-1]) if cache is not None else kv
             attended = attention(q, k, v, bias)
             if index < last:
@@ -416,6 +434,19 @@ def initialise(module: nn.Module, std: float = 0.02, seed: int = 0) -> None:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, std, generator=generator)
+
+
+def within_window(positions: torch.Tensor, slots: torch.Tensor, length: int, window: int, cached: bool) -> torch.Tensor:
+    """bool [B, 1, T, L]: which of the L keys lie less than `window` positions before each new token. A cache
+    slot holds its own position, except the new rows', which hold the positions given (a tree's nodes sit
+    in consecutive slots at their depths' positions)."""
+    batch = positions.shape[0]
+    if cached:
+        keys = torch.arange(length, device=positions.device).expand(batch, length).clone()
+        keys.scatter_(1, slots.expand(batch, -1), positions)
+    else:
+        keys = positions
+    return (keys[:, None, None, :] > positions[:, None, :, None] - window)
 
 
 def causal_mask(new: int, past: int, device) -> torch.Tensor:
