@@ -62,15 +62,12 @@ def test_a_missing_shard_or_weight_is_named(model_dirs, tmp_path):
 
 
 LOAD_AND_MEASURE = textwrap.dedent("""
-    import resource, sys
-    import torch
-    from ddtree.loading import load_target
-    def rss():
-        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    import sys
+    from ddtree.loading import load_target, peak_host_memory
     load_target(sys.argv[2])  # a tiny model first: the code that loading imports is not the model
-    before = rss()
+    before = peak_host_memory()
     target = load_target(sys.argv[1])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_host_memory()
     sizes = [p.numel() * p.element_size() for p in target.model.parameters()]
     print(sum(sizes), max(sizes), peak - before)
 """)

@@ -201,6 +201,11 @@ def bundled_configs() -> list[str]:
 
 
 def peak_host_memory() -> int:
-    """The most resident memory this process has held, in bytes (Linux reports kilobytes, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """The most resident memory this process has held, in bytes: Linux's VmHWM (getrusage's figure keeps
+    the parent's peak across an exec), elsewhere getrusage's (macOS reports bytes, others kilobytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
