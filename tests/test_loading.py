@@ -75,12 +75,13 @@ LOAD_AND_MEASURE = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_loading_holds_no_second_copy_of_the_model(tmp_path, tokenizer, model_dirs):
-    """A single 73 MB file: the host's memory grows by the model and one tensor in flight (loading the whole
-    file as a state dict and then copying it, as before, took twice the model and more)."""
+    """A single 90 MB file of many small tensors: the host's memory grows by the model, a tensor in flight
+    and the allocator's slack (loading the whole file as a state dict and then copying it, as before,
+    took twice the model and more)."""
     import transformers
 
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=24000,
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=24,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=4000,
                                       max_position_embeddings=256, tie_word_embeddings=False)
     model_dir = str(tmp_path / "model")
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
@@ -88,8 +89,8 @@ def test_loading_holds_no_second_copy_of_the_model(tmp_path, tokenizer, model_di
     result = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, model_dir, model_dirs["llama"]], capture_output=True, text=True,
                             check=True)
     size, largest, growth = map(int, result.stdout.split())
-    assert size > 50e6 and largest < size / 2
-    assert growth < size + 1.5 * largest, (size, largest, growth)
+    assert size > 80e6 and largest < size / 20
+    assert growth < size + 2 * largest + 24e6, (size, largest, growth)
 
 
 def tiny_config(tmp_path, name: str, **overrides) -> str:
