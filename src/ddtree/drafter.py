@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoints import load_checkpoint
 from .errors import DDTreeError
+from .hub import local_model_dir
 from .model import (
     MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions, keep,
     initialise, rope_inverse_frequencies,
@@ -234,9 +235,10 @@ class Drafter(nn.Module):
         return self.norm(x)
 
 
-def load_drafter(path: str, device="cpu", dtype=torch.float32, dummy: bool = False) -> Drafter:
-    """The drafter in directory `path` (z-lab's DFlash format) on `device` in `dtype`; `dummy`: random
-    weights of its config's shape (the directory needs only its config.json)."""
+def load_drafter(spec: str, device="cpu", dtype=torch.float32, dummy: bool = False) -> Drafter:
+    """The drafter in directory or Hub repo `spec` (z-lab's DFlash format) on `device` in `dtype`; `dummy`:
+    random weights of its config's shape (the directory needs only its config.json)."""
+    path = local_model_dir(spec, "drafter", weights=not dummy)
     config_path = os.path.join(path, "config.json")
     weights_path = os.path.join(path, WEIGHTS_NAME)
     for needed in (config_path,) if dummy else (config_path, weights_path):
