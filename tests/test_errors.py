@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ddtree.cli import main
 from ddtree.drafter import DrafterConfig, default_target_layer_ids, load_drafter
+from ddtree.errors import DDTreeError
 
 TARGET = "qwen3"
 
@@ -330,6 +331,76 @@ def test_published_style_config_parses():
     assert cfg.rope_parameters["rope_theta"] == 1000000
 
 
+def test_shipped_config_parses():
+    from ddtree.loading import CONFIGS_DIR
+
+    with open(os.path.join(CONFIGS_DIR, "qwen3-8b-dflash-b16", "config.json")) as f:
+        cfg = DrafterConfig.from_json(json.load(f))
+    assert cfg.target_layer_ids == [1, 9, 17, 25, 33] and cfg.block_size == 16 and cfg.output_multiplier == 1.0
+
+
+def test_a_sliding_layer_is_named_by_its_index():
+    raw = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+           "block_size": 8, "dflash_config": {"mask_token_id": 3, "target_layer_ids": [1]}, "sliding_window": 16,
+           "layer_types": ["full_attention", "full_attention", "sliding_attention", "full_attention"]}
+    with pytest.raises(DDTreeError, match="layer_types has 'sliding_attention' \\(layer 2\\)"):
+        DrafterConfig.from_json(raw)
+
+
+NEUTRAL_FIELDS = {"architectures": ["DFlashDraftModel"], "layer_types": ["full_attention"], "use_sliding_window": False,
+                  "sliding_window": 4096, "max_window_layers": 28, "attention_dropout": 0.0, "is_causal": False,
+                  "attention_bias": False, "hidden_act": "silu", "input_embedding_scale": 1.0,
+                  "output_multiplier": 1.0, "final_logit_softcapping": None}
+
+
+def test_published_fields_at_neutral_values_keep_loading(capsys, model_dirs, drafters, work):
+    path = edited_copy(drafters[TARGET], work / "neutral", **NEUTRAL_FIELDS)
+    assert load_drafter(path).cfg == load_drafter(drafters[TARGET]).cfg
+    rc, _, err = cli(capsys, *generate_args(model_dirs[TARGET], path))
+    assert rc == 0, err
+
+
+def test_scale_fields_are_read_from_dflash_config_first():
+    raw = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "block_size": 4,
+           "output_multiplier": 3.0, "final_logit_softcapping": -1.0,
+           "dflash_config": {"mask_token_id": 3, "target_layer_ids": [1], "block_size": 8, "input_embedding_scale": 2}}
+    cfg = DrafterConfig.from_json(raw)
+    assert (cfg.block_size, cfg.input_embedding_scale, cfg.output_multiplier) == (8, 2.0, 3.0)
+    assert cfg.final_logit_softcapping is None  # z-lab caps only with a positive value
+    assert DrafterConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_input_embedding_scale_multiplies_the_block_embeddings(drafters, work):
+    plain = load_drafter(drafters[TARGET])
+    scaled = load_drafter(edited_copy(drafters[TARGET], work / "embedding-scale", **{"dflash_config.input_embedding_scale": 2.5}))
+    cfg, generator = plain.cfg, torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, cfg.block_size, cfg.hidden_size, generator=generator)
+    features = torch.randn(1, 5, len(cfg.target_layer_ids) * cfg.hidden_size, generator=generator)
+    block_positions, context_positions = torch.arange(5, 5 + cfg.block_size)[None], torch.arange(5)[None]
+    with torch.no_grad():
+        expected = plain(2.5 * embeds, block_positions, features, context_positions)
+        torch.testing.assert_close(scaled(embeds, block_positions, features, context_positions), expected)
+
+
+def test_logit_scales_shape_the_drafts_and_keep_decoding_lossless(drafters, model_dirs, work, monkeypatch):
+    import ddtree
+    from ddtree.drafter import Drafter
+
+    path = edited_copy(drafters[TARGET], work / "logit-scales", output_multiplier=0.5, final_logit_softcapping=3.0)
+    drafter = load_drafter(path)
+    logits = torch.linspace(-20, 20, 9)
+    torch.testing.assert_close(drafter.scale_logits(logits), 3.0 * torch.tanh(0.5 * logits / 3.0))
+    scaled = []
+    real = Drafter.scale_logits
+    monkeypatch.setattr(Drafter, "scale_logits", lambda self, x: scaled.append(x.shape) or real(self, x))
+    engine = ddtree.load(model_dirs[TARGET], path, device="cpu")
+    expected = engine.generate("hello there", method="ar", max_new_tokens=12).token_ids
+    assert engine.generate("hello there", method="ddtree", budget=8, max_new_tokens=12).token_ids == expected
+    assert scaled  # the draft stage's log-probs came through the scales
+
+
 def test_bundled_drafter_is_found_by_alias_and_by_a_local_copy_of_the_model():
     from ddtree.api import BUNDLED_DRAFTERS, RANDOM_DRAFTER, bundled_drafter
 
@@ -368,6 +439,17 @@ def test_unreadable_safetensors(how, whose, capsys, model_dirs, drafters, work):
     ({"block_size": "8"}, "block_size"),
     ({"hidden_size": "64"}, "hidden_size"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "dynamic"),
+    # published fields that change what the drafter computes (z-lab/dflash dflash/model.py)
+    ({"architectures": ["DFlash2DraftModel"]}, "architectures"),
+    ({"architectures": ["MuseGlimmerAssistantModel"]}, "architectures"),
+    ({"layer_types": ["sliding_attention"]}, "'sliding_attention' (layer 0)"),
+    ({"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, "'sliding_attention' (layer 0)"),
+    ({"is_causal": True}, "is_causal"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"input_embedding_scale": float("nan")}, "input_embedding_scale"),
+    ({"output_multiplier": "2"}, "output_multiplier"),
+    ({"dflash_config": {"mask_token_id": 3, "final_logit_softcapping": True}}, "final_logit_softcapping"),
 ])
 def test_unusable_drafter_configs(config, word, capsys, model_dirs, drafters, work):
     bad = edited_copy(drafters[TARGET], work / "bad-config")

@@ -104,9 +104,12 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
          compile: bool = False, dummy_weights: bool = False) -> Engine:
     """An engine for a target and its drafter.
 
-    target: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (the default).
-    drafter: a drafter directory (z-lab DFlash format), 'random' for an untrained one, or None for
-    the drafter bundled with the target (random where none is bundled, said on stderr).
+    target: a Hugging Face model directory or Hub id ('Qwen/Qwen3-8B'), a .gguf file, or
+    'smollm2-135m-instruct' (the default).
+    drafter: a drafter directory or Hub id in the z-lab DFlash format ('z-lab/Qwen3-8B-DFlash-b16'),
+    'random' for an untrained one, or None for the drafter bundled with the target (random where none
+    is bundled, said on stderr).
+    Hub ids are fetched into the Hugging Face cache, or found there offline (HF_HUB_OFFLINE=1).
     cuda_graphs: on CUDA, capture each decoding stage once as a CUDA graph and replay it (the fast path).
     compile: torch.compile the target's and the drafter's layers (`compile_layer_functions`).
     dummy_weights: random weights of the configs' shapes, made on the device (target and drafter may be
@@ -124,7 +127,7 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
                   file=sys.stderr)
         draft_model = random_drafter(loaded)
     elif dummy_weights:
-        draft_model = load_drafter(resolve_config_dir(drafter), dev, dt, dummy=True)
+        draft_model = load_drafter(resolve_config_dir(drafter, "drafter"), dev, dt, dummy=True)
     else:
         draft_model = load_drafter(drafter, dev, dt)
     if compile:

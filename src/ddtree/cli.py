@@ -12,9 +12,10 @@ from .errors import DDTreeError
 # Optional dependencies, by the extra that installs them (the core install decodes; these serve and plot).
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
           "matplotlib": "bench"}
-TARGET_HELP = "target model: a Hugging Face model directory, a .gguf file, or 'smollm2-135m-instruct' (default)"
-DRAFTER_HELP = ("drafter directory in the z-lab DFlash format, or 'random' for an untrained one "
-                "(default: the drafter bundled with the target)")
+TARGET_HELP = ("target model: a Hugging Face model directory or Hub id (Qwen/Qwen3-8B, fetched into the Hugging "
+               "Face cache or found there offline), a .gguf file, or 'smollm2-135m-instruct' (default)")
+DRAFTER_HELP = ("drafter in the z-lab DFlash format: a directory or Hub id (z-lab/Qwen3-8B-DFlash-b16), or 'random' "
+                "for an untrained one (default: the drafter bundled with the target)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -> None:
@@ -31,7 +32,8 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
                                  "around each GEMM; the first use of each shape compiles, which takes seconds)")
         parser.add_argument("--dummy-weights", action="store_true",
                             help="random weights of the target's (and drafter's) config shape, made on the device: "
-                                 "--target and --drafter may then be directories holding only a config.json, or "
+                                 "--target and --drafter may then be directories holding only a config.json, Hub ids "
+                                 "(only their configs and tokenizers are fetched), or "
                                  "the name of a config shipped with ddtree (qwen3-4b, qwen3-8b, qwen3-30b-a3b, "
                                  "llama-3.1-8b-instruct; drafter qwen3-8b-dflash-b16). Measures speed at a real "
                                  "shape without the weights; the text is noise. Without a tokenizer beside the "

@@ -10,6 +10,7 @@ position. The final norm's output goes through the target's LM head.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -19,12 +20,15 @@ from torch import nn
 
 from .checkpoints import load_checkpoint
 from .errors import DDTreeError
+from .hub import local_model_dir
 from .model import (
     MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions, keep,
     initialise, rope_inverse_frequencies,
 )
 
 WEIGHTS_NAME = "model.safetensors"
+# Published scalars that scale the drafter's input embeddings and its logits, with their neutral values.
+SCALE_FIELDS = {"input_embedding_scale": 1.0, "output_multiplier": 1.0, "final_logit_softcapping": None}
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -52,27 +56,49 @@ class DrafterConfig:
     target_layer_ids: list[int]
     num_target_layers: int | None  # None when the config does not say
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    input_embedding_scale: float = 1.0  # multiplies the block's (target) embeddings
+    output_multiplier: float = 1.0  # multiplies the logits the target's head makes of the drafter's states
+    final_logit_softcapping: float | None = None  # then cap * tanh(logits / cap)
 
     @classmethod
     def from_json(cls, raw: dict) -> "DrafterConfig":
-        """Parses a z-lab config.json (a Qwen3 config with DFlash fields)."""
+        """Parses a z-lab config.json (a Qwen3 config with DFlash fields). Fields are read as z-lab's
+        DFlashDraftModel reads them (z-lab/dflash, dflash/model.py and dflash/model_mlx.py; its test
+        fixtures tests/fixtures/dflash2-config.json and assistant-config.json show newer configs): the
+        DFlash fields from dflash_config, else from the top level.
+
+        Run as published: block_size (required here; z-lab's code falls back to 16), mask_token_id,
+        target_layer_ids (else the default rule from num_target_layers), the Qwen3 shape fields
+        (hidden_size, intermediate_size, num_hidden_layers, heads, head_dim, rms_norm_eps, vocab_size,
+        max_position_embeddings), rope_theta / rope_parameters / rope_scaling (every RoPE type
+        transformers computes but 'dynamic'), input_embedding_scale, output_multiplier and
+        final_logit_softcapping (off unless > 0).
+        Refused, as they change what the drafter computes: architectures other than DFlashDraftModel
+        (DFlash2DraftModel's convolutions and candidate selector, MuseGlimmerAssistantModel), any layer
+        that is not 'full_attention' in layer_types (as given, or as transformers derives it from
+        use_sliding_window, sliding_window and max_window_layers: z-lab's sliding layers are windowed and
+        causal), is_causal true, attention_bias true, hidden_act other than silu.
+        Without effect on drafting, so accepted whatever their value: attention_dropout (z-lab applies it
+        in training only), sliding_window and use_sliding_window where no layer slides,
+        tie_word_embeddings, token ids, dtype, use_cache, initializer_range.
+        """
         from transformers import Qwen3Config
 
-        dflash = raw.get("dflash_config") or {}
-        block_size = raw.get("block_size", dflash.get("block_size"))
+        block_size = dflash_value(raw, "block_size")
         if block_size is None:
             raise DDTreeError("drafter config has no block_size (top level or in dflash_config)")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
             raise DDTreeError(f"drafter config: block_size must be a whole number >= 2, got {block_size!r}")
         hf = Qwen3Config(**{k: v for k, v in raw.items() if k not in ("dflash_config", "architectures")})
+        refuse_unsupported(raw, hf)
         num_layers = hf.num_hidden_layers
         num_target_layers = raw.get("num_target_layers")
-        layer_ids = dflash.get("target_layer_ids") or raw.get("target_layer_ids")
+        layer_ids = dflash_value(raw, "target_layer_ids")
         if layer_ids is None:
             if num_target_layers is None:
                 raise DDTreeError("drafter config has neither target_layer_ids nor num_target_layers")
             layer_ids = default_target_layer_ids(num_target_layers, num_layers)
-        mask_id = dflash.get("mask_token_id", raw.get("mask_token_id"))
+        mask_id = dflash_value(raw, "mask_token_id")
         if mask_id is None:
             raise DDTreeError("drafter config has no mask_token_id (dflash_config.mask_token_id)")
         rope_inverse_frequencies(hf, hf.head_dim or hf.hidden_size // hf.num_attention_heads)  # refuses what we cannot run
@@ -91,6 +117,7 @@ class DrafterConfig:
             target_layer_ids=[int(i) for i in layer_ids],
             num_target_layers=None if num_target_layers is None else int(num_target_layers),
             rope_parameters=dict(hf.rope_parameters),
+            **published_scales(raw),
         )
 
     def to_json(self) -> dict:
@@ -113,13 +140,51 @@ class DrafterConfig:
             "tie_word_embeddings": False,
             "block_size": self.block_size,
             "num_target_layers": self.num_target_layers,
-            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids},
+            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids}
+            | {name: getattr(self, name) for name, neutral in SCALE_FIELDS.items() if getattr(self, name) != neutral},
         }
 
     def hf_config(self):
         from transformers import Qwen3Config
 
         return Qwen3Config(**{k: v for k, v in self.to_json().items() if k not in ("dflash_config", "architectures")})
+
+
+def dflash_value(raw: dict, name: str, default=None):
+    """A DFlash field as z-lab's code reads it: from dflash_config, else from the top level."""
+    value = (raw.get("dflash_config") or {}).get(name)
+    return raw.get(name, default) if value is None else value
+
+
+def refuse_unsupported(raw: dict, hf) -> None:
+    """One line for the first published field whose value makes z-lab's drafter compute what ours does not."""
+    architectures = raw.get("architectures") or ["DFlashDraftModel"]
+    if architectures != ["DFlashDraftModel"]:
+        raise DDTreeError(f"drafter config: architectures is {architectures}; only DFlashDraftModel is supported "
+                          "(DFlash2's convolutions and candidate selector are not)")
+    for index, kind in enumerate(hf.layer_types):
+        if kind != "full_attention":
+            raise DDTreeError(f"drafter config: layer_types has {kind!r} (layer {index}); only full-attention "
+                              "drafter layers are supported, not sliding-window ones")
+    if raw.get("is_causal"):
+        raise DDTreeError("drafter config: is_causal is true; causal block attention is not supported")
+    if hf.attention_bias:
+        raise DDTreeError("drafter config: attention_bias is true; attention projections with biases are not supported")
+    if hf.hidden_act != "silu":
+        raise DDTreeError(f"drafter config: hidden_act is {hf.hidden_act!r}; only 'silu' is supported")
+
+
+def published_scales(raw: dict) -> dict:
+    """The SCALE_FIELDS of a config, each a finite number (the softcap off unless positive, as in z-lab's code)."""
+    scales = {}
+    for name, neutral in SCALE_FIELDS.items():
+        value = dflash_value(raw, name, neutral)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise DDTreeError(f"drafter config: {name} must be a finite number, got {value!r}")
+        scales[name] = None if value is None else float(value)
+    if scales["final_logit_softcapping"] is not None and scales["final_logit_softcapping"] <= 0:
+        scales["final_logit_softcapping"] = None
+    return scales
 
 
 class DraftAttention(nn.Module):
@@ -227,16 +292,28 @@ class Drafter(nn.Module):
         rope_context = self.rotary(context_positions, dtype)
         groups = self.cfg.num_heads // self.cfg.num_kv_heads
         bias = attention_bias(mask, groups, dtype) if mask is not None else None
-        x = block_embeds
+        scale = self.cfg.input_embedding_scale
+        x = block_embeds if scale == 1.0 else block_embeds * scale
         for index, layer in enumerate(self.layers):
             kv = cache.layer(index) if cache is not None else None
             x = layer(x, context, rope_block, rope_context, bias, kv, slots)
         return self.norm(x)
 
+    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The config's output_multiplier and final_logit_softcapping applied to the logits the target's
+        head made of this drafter's states."""
+        cfg = self.cfg
+        if cfg.output_multiplier != 1.0:
+            logits = logits * cfg.output_multiplier
+        if cfg.final_logit_softcapping is not None:
+            logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        return logits
 
-def load_drafter(path: str, device="cpu", dtype=torch.float32, dummy: bool = False) -> Drafter:
-    """The drafter in directory `path` (z-lab's DFlash format) on `device` in `dtype`; `dummy`: random
-    weights of its config's shape (the directory needs only its config.json)."""
+
+def load_drafter(spec: str, device="cpu", dtype=torch.float32, dummy: bool = False) -> Drafter:
+    """The drafter in directory or Hub repo `spec` (z-lab's DFlash format) on `device` in `dtype`; `dummy`:
+    random weights of its config's shape (the directory needs only its config.json)."""
+    path = local_model_dir(spec, "drafter", weights=not dummy)
     config_path = os.path.join(path, "config.json")
     weights_path = os.path.join(path, WEIGHTS_NAME)
     for needed in (config_path,) if dummy else (config_path, weights_path):

@@ -1,4 +1,4 @@
-"""Loading targets: a Hugging Face model directory, a GGUF file, or the alias of the embedded default.
+"""Loading targets: a Hugging Face model directory or Hub id, a GGUF file, or the alias of the embedded default.
 
 A GGUF file is dequantized once through transformers' GGUF reader and cached as an ordinary model
 directory (config, safetensors, tokenizer), so later loads take a second instead of twenty.
@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .checkpoints import load_checkpoint, weight_files
 from .errors import DDTreeError
+from .hub import is_repo_id, local_model_dir
 from .model import Decoder, DecoderConfig, initialise, rope_inverse_frequencies
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -59,15 +60,17 @@ def smollm2_gguf_path() -> str:
 
 
 def resolve_target(spec: str) -> str:
-    """Turns an alias, a GGUF file or a model directory into a model directory, converting GGUF once."""
+    """Turns an alias, a GGUF file, a model directory or a Hub id ('org/name') into a model directory,
+    converting GGUF once."""
     if spec == SMOLLM2_ALIAS:
         return convert_gguf(smollm2_gguf_path())
     if os.path.isfile(spec) and spec.endswith(".gguf"):
         return convert_gguf(spec)
-    if os.path.isdir(spec):
-        if not os.path.isfile(os.path.join(spec, "config.json")):
-            raise DDTreeError(f"target: {spec} has no config.json")
-        return spec
+    if os.path.isdir(spec) or is_repo_id(spec):
+        model_dir = local_model_dir(spec, "target")
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise DDTreeError(f"target: {model_dir} has no config.json")
+        return model_dir
     raise DDTreeError(f"target: {spec!r} is neither a model directory, a .gguf file nor the alias {SMOLLM2_ALIAS!r}")
 
 
@@ -182,17 +185,19 @@ def load_tokenizer(model_dir: str, vocab_size: int):
     return tokenizer
 
 
-def resolve_config_dir(spec: str) -> str:
-    """For random weights: the name of a config shipped with ddtree, or anything `resolve_target` takes
-    (a directory then needs only its config.json)."""
+def resolve_config_dir(spec: str, what: str = "target") -> str:
+    """For random weights: the name of a config shipped with ddtree, a directory holding a config.json, a
+    Hub id (only its configs and tokenizer are fetched), or anything `resolve_target` takes."""
     bundled = os.path.join(CONFIGS_DIR, spec)
     if os.path.isfile(os.path.join(bundled, "config.json")):
         return bundled
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
         raise DDTreeError(f"--dummy-weights: {spec} has no config.json (shipped configs: {', '.join(bundled_configs())})")
+    if os.path.isdir(spec) or is_repo_id(spec):
+        return local_model_dir(spec, what, weights=False)
     if not os.path.exists(spec) and spec != SMOLLM2_ALIAS:
-        raise DDTreeError(f"--dummy-weights: {spec!r} is neither a shipped config ({', '.join(bundled_configs())}) "
-                          "nor a directory with a config.json")
+        raise DDTreeError(f"--dummy-weights: {spec!r} is neither a shipped config ({', '.join(bundled_configs())}), "
+                          "a directory with a config.json nor a Hugging Face Hub id")
     return resolve_target(spec)
 
 

@@ -122,7 +122,7 @@ class Stages:
             model.embed_tokens(block_ids[None]), block_positions[None], features, context_positions[None],
             mask[None, None, None], ws.draft_cache, slots,
         )
-        logits = model.logits(hidden[0, 1:depth + 1])
+        logits = self.drafter.scale_logits(model.logits(hidden[0, 1:depth + 1]))
         if chain:  # a chain takes each depth's argmax, which the logits give as well
             torch.argmax(logits, dim=-1, out=ws.chain_tokens[:depth])
         else:

@@ -136,7 +136,7 @@ def drafter_logits(target: Target, drafter: Drafter, batch: Batch, features: tor
     hidden = drafter(block_embeds, batch.block_positions, features, context_positions, batch.mask)
     size = drafter.cfg.block_size
     hidden = hidden.view(hidden.shape[0], -1, size, hidden.shape[-1])[:, :, 1:]
-    return model.lm_head(hidden.to(model.lm_head.weight.dtype))
+    return drafter.scale_logits(model.lm_head(hidden.to(model.lm_head.weight.dtype)))
 
 
 def target_pass(target: Target, drafter: Drafter, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
