@@ -130,24 +130,30 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]) -> None:
-    """Keeps `parts` (e.g. q/k/v projections) as one stacked Linear `fused`, so one GEMM replaces several,
-    while checkpoints keep transformers' separate names: stacked on load, split again on save."""
+def store_as_parts(module: nn.Module, fused: str, parts: list[str], split, join) -> None:
+    """Keeps the tensor `fused` of `module` whole while its state dict shows it as `parts` (checkpoint
+    names): `split(fused)` gives the parts, as views (what checkpoints are copied into), and
+    `join(parts)` makes it again when a state dict holding the parts is loaded."""
     def load(mod, state, prefix, *_):
-        for kind in ("weight", "bias"):
-            keys = [f"{prefix}{part}.{kind}" for part in parts]
-            if all(k in state for k in keys):
-                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+        keys = [prefix + part for part in parts]
+        if all(k in state for k in keys):
+            state[prefix + fused] = join([state.pop(k) for k in keys])
 
     def save(mod, state, prefix, *_):
-        for kind in ("weight", "bias"):
-            key = f"{prefix}{fused}.{kind}"
-            if key in state:
-                for part, piece in zip(parts, state.pop(key).split(sizes)):
-                    state[f"{prefix}{part}.{kind}"] = piece
+        if prefix + fused in state:
+            for part, piece in zip(parts, split(state.pop(prefix + fused))):
+                state[prefix + part] = piece
 
     module.register_load_state_dict_pre_hook(load)
     module.register_state_dict_post_hook(save)
+
+
+def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]) -> None:
+    """Keeps `parts` (e.g. q/k/v projections) as one stacked Linear `fused`, so one GEMM replaces several,
+    while checkpoints keep transformers' separate names: stacked on load, split again on save."""
+    for kind in ("weight", "bias"):
+        store_as_parts(module, f"{fused}.{kind}", [f"{part}.{kind}" for part in parts],
+                       lambda tensor: tensor.split(sizes), torch.cat)
 
 
 class MLP(nn.Module):
