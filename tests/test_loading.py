@@ -62,15 +62,16 @@ def test_a_missing_shard_or_weight_is_named(model_dirs, tmp_path):
 
 
 LOAD_AND_MEASURE = textwrap.dedent("""
-    import resource, sys
+    import sys
     import torch
     from ddtree.loading import load_target
-    def rss():
-        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+    def status(field):
+        return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
     load_target(sys.argv[2])  # a tiny model first: the code that loading imports is not the model
-    before = rss()
+    before = status("VmRSS")
     target = load_target(sys.argv[1])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # this process's own peak: ru_maxrss would start at the parent's size (Linux keeps it across fork and exec)
+    peak = status("VmHWM")
     sizes = [p.numel() * p.element_size() for p in target.model.parameters()]
     print(sum(sizes), max(sizes), peak - before)
 """)
