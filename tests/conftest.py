@@ -69,7 +69,17 @@ EXTRA_TARGETS = {
     "other_hidden": ("Qwen3Config", dict(vocab_size=TOKENIZER_SIZE, hidden_size=32, intermediate_size=64)),
     "other_vocab": ("Qwen3Config", dict(vocab_size=300)),
 }
-ALL_TARGETS = FAMILIES | EXTRA_TARGETS
+# Qwen3-MoE, 4 experts and 2 a token: a dense layer among the mixtures by mlp_only_layers (top-k weights
+# renormalised), or every other layer dense by decoder_sparse_step (weights as the router gives them)
+MOE = dict(vocab_size=TOKENIZER_SIZE, tie_word_embeddings=False, head_dim=16, rope_theta=1e6, num_experts=4,
+           num_experts_per_tok=2, moe_intermediate_size=32)
+MOE_TARGETS = {
+    "qwen3_moe": ("Qwen3MoeConfig", MOE | dict(num_hidden_layers=3, mlp_only_layers=[1], norm_topk_prob=True)),
+    "qwen3_moe_sparse_step": ("Qwen3MoeConfig", MOE | dict(decoder_sparse_step=2, norm_topk_prob=False)),
+}
+ALL_TARGETS = FAMILIES | EXTRA_TARGETS | MOE_TARGETS
+# a model's seed: its rank by name, the MoE targets (added later) ranked last so that the others keep theirs
+SEEDS = {name: seed for seed, name in enumerate(sorted(FAMILIES | EXTRA_TARGETS) + sorted(MOE_TARGETS))}
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -137,7 +147,7 @@ def model_dirs(tmp_path_factory, tokenizer):
 
     class Dirs(dict):
         def __missing__(self, name):
-            path = save_tiny_model(name, str(root / name), tokenizer, seed=sorted(ALL_TARGETS).index(name))
+            path = save_tiny_model(name, str(root / name), tokenizer, seed=SEEDS[name])
             self[name] = path
             return path
 

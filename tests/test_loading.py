@@ -158,3 +158,16 @@ def test_weights_read_per_token_count_each_weight_once(targets):
         embedding = model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
         tied = model.lm_head.weight is model.embed_tokens.weight
         assert weight_bytes_per_token(model) == (every if tied else every - embedding)
+
+
+def test_a_mixture_reads_only_its_active_experts_per_token(tmp_path):
+    from ddtree.profile import weight_bytes_per_token
+
+    target = load_target(tiny_config(tmp_path, "qwen3-30b-a3b", num_experts=8, num_experts_per_tok=2,
+                                     moe_intermediate_size=32), dummy=True)
+    model = target.model
+    experts = [m for m in model.modules() if type(m).__name__ == "Experts"]
+    expert_bytes = sum(p.numel() * p.element_size() for m in experts for p in m.parameters())
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    assert experts and weight_bytes_per_token(model) == every - embedding - expert_bytes + expert_bytes * 2 // 8

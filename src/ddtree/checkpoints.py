@@ -44,32 +44,48 @@ def checkpoint_views(module: nn.Module) -> dict[str, torch.Tensor]:
         return dict(module.state_dict(keep_vars=True))
 
 
+def whole_parameters(module: nn.Module, views: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """The parameters that `checkpoint_views` shows only in parts, under their own names, with the names
+    of their parts: a checkpoint may hold them whole (transformers' save_pretrained writes a Qwen3-MoE's
+    experts stacked, as `mlp.experts.gate_up_proj`, when asked not to keep the original format). A part
+    is known by its parameter's storage (under inference mode views keep no `_base`)."""
+    own = {param.untyped_storage().data_ptr(): (name, param) for name, param in module.named_parameters()}
+    wholes: dict[str, tuple[torch.Tensor, list[str]]] = {}
+    for part, view in views.items():
+        name, param = own.get(view.untyped_storage().data_ptr(), (None, view))
+        if param is not view:
+            wholes.setdefault(name, (param, []))[1].append(part)
+    return wholes
+
+
 def load_checkpoint(module: nn.Module, files: list[str], what: str, strip: str = "", optional: tuple[str, ...] = ()) -> None:
     """Copies the tensors of `files` into `module`'s parameters, on their device and in their dtype, one
     tensor at a time from memory-mapped files: the host holds one tensor of the checkpoint at a time.
     `strip`: a prefix the checkpoint's names carry and the module's do not. One clear error for files
     that cannot be read and for weights missing, unexpected or wrongly shaped."""
     views, loaded, unexpected = checkpoint_views(module), set(), []
+    targets = {name: (view, [name]) for name, view in views.items()} | whole_parameters(module, views)
     for path in files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = list(f.keys())
             for key in keys:
                 name = key.removeprefix(strip)
-                if name not in views:
+                if name not in targets:
                     unexpected.append(key)
                     continue
+                into, covered = targets[name]
                 # the file is mapped anew for each tensor: the pages a copy reads leave this process's
                 # memory when the mapping closes, so a 16 GB single-file checkpoint never sits in it whole
                 with safe_open(path, framework="pt", device="cpu") as f:
                     tensor = f.get_tensor(key)
-                    if tensor.shape != views[name].shape:
+                    if tensor.shape != into.shape:
                         raise DDTreeError(f"{what} weights do not match its config: {key} is {tuple(tensor.shape)}, "
-                                          f"the config makes it {tuple(views[name].shape)}")
+                                          f"the config makes it {tuple(into.shape)}")
                     with torch.no_grad():
-                        views[name].copy_(tensor)
+                        into.copy_(tensor)
                     del tensor
-                loaded.add(name)
+                loaded.update(covered)
         except DDTreeError:
             raise
         except Exception as exc:  # safetensors raises its own error type, and OSError for unreadable files

@@ -1,4 +1,4 @@
-"""A compact decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3) with a static KV cache.
+"""A compact decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE) with a static KV cache.
 
 One forward pass takes new tokens at explicit positions, writes their keys and values into
 preallocated cache slots, attends under any boolean mask over [cache rows | new tokens], and
@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import DDTreeError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclass
@@ -41,6 +41,12 @@ class DecoderConfig:
     qk_norm: bool
     sliding_window: int | None = None  # a sliding layer's query sees keys less than this many positions back
     sliding_layers: tuple[int, ...] = ()
+    # Qwen3-MoE: the layers whose MLP is a mixture of experts, and the mixture's shape
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
 
     @classmethod
     def from_hf(cls, hf) -> "DecoderConfig":
@@ -62,10 +68,11 @@ class DecoderConfig:
             max_positions=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=True if family == "qwen2" else bool(getattr(hf, "attention_bias", False)),
-            o_bias=family in ("llama", "qwen3") and bool(getattr(hf, "attention_bias", False)),
+            o_bias=family in ("llama", "qwen3", "qwen3_moe") and bool(getattr(hf, "attention_bias", False)),
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             **sliding_attention(hf),
+            **(mixture_fields(hf) if family == "qwen3_moe" else {}),
         )
 
 
@@ -81,6 +88,16 @@ def sliding_attention(hf) -> dict:
     else:
         layers = tuple(range(hf.num_hidden_layers)) if hf.model_type == "mistral" else ()
     return {"sliding_window": int(window), "sliding_layers": layers} if layers else {}
+
+
+def mixture_fields(hf) -> dict:
+    """Qwen3-MoE's mixture. Layers have experts as in transformers' Qwen3MoeDecoderLayer: every
+    decoder_sparse_step-th layer that mlp_only_layers does not name (the others a dense MLP)."""
+    dense = set(hf.mlp_only_layers or ())
+    moe_layers = tuple(i for i in range(hf.num_hidden_layers)
+                       if i not in dense and hf.num_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0)
+    return dict(moe_layers=moe_layers, num_experts=hf.num_experts, experts_per_token=hf.num_experts_per_tok,
+                moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob))
 
 
 def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -142,24 +159,30 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]) -> None:
-    """Keeps `parts` (e.g. q/k/v projections) as one stacked Linear `fused`, so one GEMM replaces several,
-    while checkpoints keep transformers' separate names: stacked on load, split again on save."""
+def store_as_parts(module: nn.Module, fused: str, parts: list[str], split, join) -> None:
+    """Keeps the tensor `fused` of `module` whole while its state dict shows it as `parts` (checkpoint
+    names): `split(fused)` gives the parts, as views (what checkpoints are copied into), and
+    `join(parts)` makes it again when a state dict holding the parts is loaded."""
     def load(mod, state, prefix, *_):
-        for kind in ("weight", "bias"):
-            keys = [f"{prefix}{part}.{kind}" for part in parts]
-            if all(k in state for k in keys):
-                state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+        keys = [prefix + part for part in parts]
+        if all(k in state for k in keys):
+            state[prefix + fused] = join([state.pop(k) for k in keys])
 
     def save(mod, state, prefix, *_):
-        for kind in ("weight", "bias"):
-            key = f"{prefix}{fused}.{kind}"
-            if key in state:
-                for part, piece in zip(parts, state.pop(key).split(sizes)):
-                    state[f"{prefix}{part}.{kind}"] = piece
+        if prefix + fused in state:
+            for part, piece in zip(parts, split(state.pop(prefix + fused))):
+                state[prefix + part] = piece
 
     module.register_load_state_dict_pre_hook(load)
     module.register_state_dict_post_hook(save)
+
+
+def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]) -> None:
+    """Keeps `parts` (e.g. q/k/v projections) as one stacked Linear `fused`, so one GEMM replaces several,
+    while checkpoints keep transformers' separate names: stacked on load, split again on save."""
+    for kind in ("weight", "bias"):
+        store_as_parts(module, f"{fused}.{kind}", [f"{part}.{kind}" for part in parts],
+                       lambda tensor: tensor.split(sizes), torch.cat)
 
 
 class MLP(nn.Module):
@@ -174,6 +197,102 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class Experts(nn.Module):
+    """A mixture's experts, SwiGLU MLPs stacked: gate_up_proj [experts, 2 * intermediate, hidden] (each
+    expert's gate rows, then its up rows) and down_proj [experts, hidden, intermediate], as transformers
+    keeps them. Checkpoints on the Hub hold one gate/up/down_proj per expert: the state dict shows those,
+    as views."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        store_as_parts(self, "gate_up_proj", [f"{e}.{part}.weight" for e in range(num_experts)
+                                              for part in ("gate_proj", "up_proj")],
+                       lambda tensor: tensor.view(-1, intermediate, hidden).unbind(),
+                       lambda parts: torch.stack(parts).view(num_experts, 2 * intermediate, hidden))
+        store_as_parts(self, "down_proj", [f"{e}.down_proj.weight" for e in range(num_experts)],
+                       torch.unbind, torch.stack)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [N, hidden]; experts, weights: [N, k], each row's experts and their weights. The (row, k)
+        pairs are sorted by expert, so that each expert's rows are contiguous for a grouped GEMM; shapes
+        depend on N alone and nothing waits for the device (CUDA graphs, torch.compile)."""
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        by_expert = flat[order]
+        ends = torch.searchsorted(by_expert, torch.arange(self.down_proj.shape[0], device=x.device), right=True,
+                                  out_int32=True)
+        matmul = grouped_matmul if experts_use_grouped_mm(x.device, x.dtype) else gathered_matmul
+        gate, up = matmul(x[order // experts.shape[1]], self.gate_up_proj, by_expert, ends).chunk(2, dim=-1)
+        out = matmul(F.silu(gate) * up, self.down_proj, by_expert, ends)
+        out = torch.empty_like(out).index_copy_(0, order, out).view(*experts.shape, -1)
+        # a sum over k rather than index_add_, whose atomic adds on CUDA would vary the order run to run
+        return (out * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def grouped_matmul(rows, weight, by_expert, ends):
+    """rows [S, in] sorted by expert (expert e's end at ends[e]) times their experts' weight [experts,
+    out, in], transposed: one grouped GEMM."""
+    return torch._grouped_mm(rows, weight.transpose(1, 2), offs=ends)
+
+
+def gathered_matmul(rows, weight, by_expert, ends):
+    """`grouped_matmul` where torch._grouped_mm cannot run: each row's expert weights gathered
+    (by_expert: each row's expert), then batched GEMMs."""
+    return torch.bmm(weight[by_expert], rows.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.compiler.assume_constant_result  # compiling, it runs once as Python and its answer is compiled in
+def experts_use_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """The experts' path: grouped GEMMs where `grouped_mm_runs`, else `gathered_matmul`. Compiled, bf16
+    only: the compiler's grouped GEMM takes no other dtype (torch 2.11 to 2.13)."""
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return False
+    return grouped_mm_runs(device, dtype)
+
+
+@functools.cache
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm as the experts need it: on CUDA one kernel that waits for nothing, which PyTorch
+    has for bf16 on compute capability 9.x and 10.x (elsewhere it reads the offsets on the host, which
+    no CUDA graph can hold); on the CPU, where nothing is captured, in any dtype it takes."""
+    if device.type == "cuda":
+        if not (dtype == torch.bfloat16 and torch.version.hip is None
+                and torch.cuda.get_device_capability(device)[0] in (9, 10)):
+            return False
+    elif device.type != "cpu":
+        return False
+    try:  # (no host-to-device copy: this may first run while a CUDA graph is captured)
+        weight = torch.ones(2, 8, 8, device=device, dtype=dtype)
+        offsets = torch.arange(1, 3, device=device, dtype=torch.int32)
+        grouped_matmul(torch.ones(2, 8, device=device, dtype=dtype), weight, None, offsets)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-MoE's MLP: the router (`gate`) gives each token its top-k experts, whose outputs are summed
+    weighted by the router's probabilities (renormalised over the k under norm_topk_prob), as
+    transformers' Qwen3MoeSparseMoeBlock computes: softmax in float32, weights cast to the activations'."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts.active_share = cfg.experts_per_token / cfg.num_experts  # of its weights one token reads
+        self.top_k, self.renormalise = cfg.experts_per_token, cfg.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(self.gate(rows), dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(rows, experts, weights.to(x.dtype)).view_as(x)
 
 
 class LayerKV(NamedTuple):
@@ -274,12 +393,12 @@ class DecoderLayer(nn.Module):
     (output projection, residual, norm, MLP, residual), and `finish_and_project`, one layer's finish
     and the next layer's project in one function, so that the residual add and the next norm fuse."""
 
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: DecoderConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = SparseMoE(cfg) if index in cfg.moe_layers else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
     def project(self, x, cos, sin, cache: LayerKV | None = None, slots: torch.Tensor | None = None):
         """Queries, and keys and values (None once stored in `cache`: see `keep`)."""
@@ -334,7 +453,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, index) for index in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
