@@ -205,3 +205,30 @@ def test_compile_mode_comes_from_the_environment_and_is_checked(monkeypatch):
     monkeypatch.setenv("DDTREE_COMPILE_MODE", "reduce-overhead")  # its CUDA graphs would clash with the engine's
     with pytest.raises(DDTreeError, match="DDTREE_COMPILE_MODE='reduce-overhead'"):
         compile_mode()
+
+
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(kind, tmp_path, tokenizer):
+    """Llama 3.x's `llama3`, YaRN (with its attention factor) and linear scaling, past the original length."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      initializer_range=0.3, rope_theta=10000.0, rope_scaling=ROPE_SCALINGS[kind])
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    target, ref_model = load_target(str(tmp_path)), hf_model(str(tmp_path))
+    assert ref_model.config.rope_parameters["rope_type"] == kind
+    ids = torch.randint(0, 300, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.inference_mode():
+        ref = ref_model(torch.tensor([ids])).logits[0].float()
+        assert_logits_close(full_logits(target.model, ids), ref)
+        assert_logits_close(chunked_logits(target.model, ids, [40, 70]), ref)
