@@ -171,3 +171,8 @@ def test_a_mixture_reads_only_its_active_experts_per_token(tmp_path):
     every = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
     assert experts and weight_bytes_per_token(model) == every - embedding - expert_bytes + expert_bytes * 2 // 8
+
+
+def test_a_bare_config_too_small_for_the_default_tokenizer_is_refused(tmp_path):
+    with pytest.raises(DDTreeError, match="do not fit its vocabulary of 1000"):
+        load_target(tiny_config(tmp_path, "qwen3-8b", vocab_size=1000), dummy=True)

@@ -147,8 +147,11 @@ def load_target(spec: str, device="cpu", dtype=torch.float32, dummy: bool = Fals
         inv_freq, scaling = rope_inverse_frequencies(hf_config, cfg.head_dim)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DDTreeError(f"target: unusable config in {model_dir}: {exc}") from None
-    tokenizer = load_tokenizer(model_dir if has_tokenizer(model_dir) or not dummy else resolve_target(SMOLLM2_ALIAS),
-                               cfg.vocab_size)
+    borrowed = dummy and not has_tokenizer(model_dir)  # the default target's tokenizer, for a bare config
+    tokenizer = load_tokenizer(resolve_target(SMOLLM2_ALIAS) if borrowed else model_dir)
+    if borrowed and len(tokenizer) > cfg.vocab_size:
+        raise DDTreeError(f"--dummy-weights: {model_dir} has no tokenizer, and the default one's {len(tokenizer)} "
+                          f"tokens do not fit its vocabulary of {cfg.vocab_size}; put a tokenizer beside the config")
     with torch.device("meta"):
         model = Decoder(cfg, inv_freq, scaling)
     model = model.to(dtype=dtype).to_empty(device=device)
@@ -169,7 +172,7 @@ def has_tokenizer(model_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(model_dir, name)) for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(model_dir: str, vocab_size: int):
+def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     if not has_tokenizer(model_dir):
@@ -178,9 +181,6 @@ def load_tokenizer(model_dir: str, vocab_size: int):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise DDTreeError(f"target: cannot load the tokenizer in {model_dir}: {exc}") from exc
-    if len(tokenizer) > vocab_size:
-        raise DDTreeError(f"target: the tokenizer in {model_dir} has {len(tokenizer)} tokens, more than the "
-                          f"model's vocabulary of {vocab_size}")
     tokenizer.clean_up_tokenization_spaces = False  # BPE text must decode exactly as generated
     return tokenizer
 
