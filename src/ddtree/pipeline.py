@@ -21,6 +21,7 @@ from .api import random_drafter
 from .data import SequenceFile, training_prompts
 from .drafter import Drafter, load_drafter
 from .engine import Engine, check_pair
+from .errors import DDTreeError
 from .evalsets import read_jsonl, write_jsonl
 from .loading import Target
 from .modelcard import read_metrics, write_model_card
@@ -103,7 +104,10 @@ def write_atomically(path: str, write) -> None:
 
 def add_seconds(out: str, phase: str, seconds: float) -> dict:
     path = os.path.join(out, SECONDS_FILE)
-    totals = json.load(open(path)) if os.path.isfile(path) else {}
+    totals = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            totals = json.load(f)
     totals[phase] = totals.get(phase, 0.0) + seconds
     with open(path, "w") as f:
         json.dump(totals, f, indent=1)
@@ -147,6 +151,8 @@ def collect_prompts(recipe: Recipe, path: str, log) -> None:
     else:
         rows, report = training_prompts(recipe.data_dir)
         log(json.dumps({"prompts": len(rows), "sources": report}))
+    if not rows:
+        raise DDTreeError(f"no prompts in {recipe.prompts}")
     write_jsonl(rows, path)
 
 
