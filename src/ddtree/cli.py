@@ -30,14 +30,18 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile the target's and the drafter's layers (fuses the small kernels "
                                  "around each GEMM; the first use of each shape compiles, which takes seconds)")
-        parser.add_argument("--dummy-weights", action="store_true",
-                            help="random weights of the target's (and drafter's) config shape, made on the device: "
-                                 "--target and --drafter may then be directories holding only a config.json, Hub ids "
-                                 "(only their configs and tokenizers are fetched), or "
-                                 "the name of a config shipped with ddtree (qwen3-4b, qwen3-8b, qwen3-30b-a3b, "
-                                 "llama-3.1-8b-instruct; drafter qwen3-8b-dflash-b16). Measures speed at a real "
-                                 "shape without the weights; the text is noise. Without a tokenizer beside the "
-                                 "config, the default target's is used")
+        add_dummy_weights_option(parser)
+
+
+def add_dummy_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dummy-weights", action="store_true",
+                        help="random weights of the target's (and drafter's) config shape, made on the device: "
+                             "--target and --drafter may then be directories holding only a config.json, Hub ids "
+                             "(only their configs and tokenizers are fetched), or "
+                             "the name of a config shipped with ddtree (qwen3-4b, qwen3-8b, qwen3-30b-a3b, "
+                             "llama-3.1-8b-instruct; drafter qwen3-8b-dflash-b16). Measures speed at a real "
+                             "shape without the weights; the text is noise. Without a tokenizer beside the "
+                             "config, the default target's is used")
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -225,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "through its chat template, and save prompt+response token ids (.npz). "
                                             "Under torchrun the prompts are shared out over the processes, one GPU each.")
     add_model_options(regen)
+    add_dummy_weights_option(regen)
     regen.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line (see `ddtree prompts`)")
     regen.add_argument("--out", required=True, help="output .npz of token sequences")
     regen.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default 256)")
@@ -236,18 +241,43 @@ def build_parser() -> argparse.ArgumentParser:
     regen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     regen.set_defaults(handler=run_regenerate)
 
-    train = commands.add_parser("train-drafter", help="train a DFlash drafter on regenerated data",
+    train = commands.add_parser("train-drafter", help="train a DFlash drafter (the whole recipe, or on given data)",
                                 description="Train a DFlash drafter for a target: frozen target features, random "
                                             "anchors in responses, block-sparse attention, position-decayed loss, "
                                             "AdamW with cosine schedule. Checkpoints are drafters in the published "
                                             "format; a held-out set reports teacher-forced acceptance. Under torchrun "
-                                            "each process (one GPU each) takes a share of every batch.")
+                                            "each process (one GPU each) takes a share of every batch (with --data). "
+                                            "Without --data it runs the whole recipe into the work directory OUT: "
+                                            "OUT/prompts.jsonl (as `ddtree prompts`, or --prompts), "
+                                            "OUT/data-greedy.npz and OUT/data-sampled.npz (as `ddtree regenerate` at "
+                                            "temperature 0 and 1), training into OUT/drafter, whose last step "
+                                            "evaluates it, and the model card OUT/drafter/README.md. Each phase "
+                                            "is skipped when its output is there and training resumes, so the same "
+                                            "command called again goes on where the last call stopped.")
     add_model_options(train)
-    train.add_argument("--data", required=True, nargs="+", help="one or more .npz files from `ddtree regenerate`")
-    train.add_argument("--out", required=True, help="output drafter directory (checkpoints, metrics.jsonl)")
+    add_dummy_weights_option(train)
+    train.add_argument("--data", nargs="+",
+                       help="one or more .npz files from `ddtree regenerate`: train on them alone, into OUT "
+                            "(without it: the whole recipe, see above)")
+    train.add_argument("--out", required=True,
+                       help="with --data, the drafter directory (checkpoints, metrics.jsonl); without, the work "
+                            "directory of every phase (the drafter in OUT/drafter)")
     train.add_argument("--init", help="start from this drafter instead of a random one")
+    recipe = train.add_argument_group("the recipe (without --data)")
+    recipe.add_argument("--prompts", help="JSONL with a 'prompt' field per line to answer, instead of collecting "
+                                          "GSM8K-train and ShareGPT prompts as `ddtree prompts` does")
+    recipe.add_argument("--data-dir", help="the evaluation sets' files, whose prompts the collected ones must avoid "
+                                           "(default: $DDTREE_DATA_DIR)")
+    recipe.add_argument("--sampled-share", type=float, default=1.0,
+                        help="share of the prompts answered a second time, sampled at temperature 1 (what sampling "
+                             "decodes), beside the greedy answer every prompt gets; 1, the default, is the bundled "
+                             "drafter's recipe, 0 trains on greedy answers alone")
+    recipe.add_argument("--max-new-tokens", type=int, default=256, help="answer length cap (default 256)")
+    recipe.add_argument("--regenerate-batch-size", type=int, default=256,
+                        help="prompts per batch when the target answers (default 256)")
     add_drafter_shape_options(train, default_layers=2)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="with --data, continue from OUT/train_state.pt (the recipe always resumes)")
     defaults = train_config_defaults()
     for name, value in defaults.items():
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
@@ -282,7 +312,9 @@ TRAIN_OPTION_HELP = {
     "eval_sequences": "held-out sequences for the acceptance evaluation",
     "eval_budgets": "tree budgets at which the evaluation reports τ",
     "seed": "seed for the data order, anchors and a random initial drafter",
-    "max_minutes": "checkpoint and stop after this many minutes (go on with --resume); none runs to the end",
+    "max_minutes": "stop cleanly after this many minutes: with --data, checkpoint and stop training (go on with "
+                   "--resume); without, no phase starts after it and training checkpoints and stops (the same "
+                   "command goes on); none runs to the end",
 }
 
 
@@ -530,64 +562,85 @@ def run_loadtest(args) -> None:
 
 def run_prompts(args) -> None:
     from .data import training_prompts
+    from .evalsets import write_jsonl
 
     rows, report = training_prompts(args.data_dir, args.sharegpt_limit, args.sharegpt_later_turns)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl(rows, args.out)
     print(json.dumps({"prompts": len(rows), "sources": report}))
 
 
 def run_regenerate(args) -> None:
     from .api import load
-    from .data import SequenceFile
     from .evalsets import read_jsonl
     from .parallel import data_parallel
-    from .regenerate import regenerate
+    from .pipeline import regenerate_file
 
     rows = read_jsonl(args.prompts)[: args.limit]
     if not rows:
         raise DDTreeError(f"no prompts in {args.prompts}")
     with data_parallel(args.device) as (rank, device):
-        engine = load(args.target, "random", device, args.dtype, quiet=True)
-        prompts = [engine.encode(row["prompt"], chat=True) for row in rows]
-        responses = regenerate(engine.target, prompts, args.max_new_tokens, args.batch_size, args.temperature, args.seed)
+        engine = load(args.target, "random", device, args.dtype, quiet=True, dummy_weights=args.dummy_weights)
+        summary = regenerate_file(engine, rows, args.out, args.max_new_tokens, args.batch_size, args.temperature,
+                                  args.seed, rank)
         if rank == 0:
-            SequenceFile.save(args.out, [p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts])
-            ended = sum(bool(r) and r[-1] in engine.target.eos_token_ids for r in responses)
-            print(json.dumps({"sequences": len(rows), "response_tokens": sum(map(len, responses)), "ended": ended}))
+            print(json.dumps(summary))
 
 
 def run_train(args) -> None:
-    import torch
-
-    from .api import pick_device, pick_dtype, random_drafter
+    if not args.data:
+        return run_train_recipe(args)
+    from .api import pick_device, pick_dtype
     from .data import SequenceFile
-    from .drafter import load_drafter
-    from .engine import check_pair
     from .loading import load_target
     from .parallel import data_parallel
-    from .train import TrainConfig, train
+    from .train import train
 
     with data_parallel(args.device) as (rank, device_name):
         device = pick_device(device_name)
-        target = load_target(args.target or "smollm2-135m-instruct", device, pick_dtype(args.dtype, device))
+        target = load_target(args.target or "smollm2-135m-instruct", device, pick_dtype(args.dtype, device),
+                             dummy=args.dummy_weights)
         sequences, starts = SequenceFile.load(args.data)
-        if args.init:
-            drafter = load_drafter(args.init, device, torch.float32)
-        else:
-            drafter = random_drafter(target, args.layers, args.block_size, None, args.target_layer_ids, args.seed)
-            drafter = drafter.to(dtype=torch.float32)
-        check_pair(target, drafter)
-        fields = train_config_defaults()
-        cfg = TrainConfig(**{name: getattr(args, name) for name in fields})
-        final = train(target, drafter, sequences, starts, args.out, cfg, resume=args.resume)
+        drafter = drafter_shape(args).make(target, args.seed)
+        final = train(target, drafter, sequences, starts, args.out, train_config(args), resume=args.resume)
         if rank == 0:
             print(json.dumps(final))
 
 
+def run_train_recipe(args) -> None:
+    """train-drafter without --data: every phase of the recipe into OUT, each skipped when done."""
+    import shlex
+
+    from .api import load
+    from .pipeline import Recipe, run_recipe
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DDTreeError("under torchrun, train-drafter needs --data (the one-command recipe runs in one process)")
+    if not 0 <= args.sampled_share <= 1:
+        raise DDTreeError(f"--sampled-share is a share of the prompts, between 0 and 1 (got {args.sampled_share})")
+    engine = load(args.target, "random", args.device, args.dtype, quiet=True, dummy_weights=args.dummy_weights)
+    recipe = Recipe(args.target or "smollm2-135m-instruct", args.out, args.prompts, args.data_dir,
+                    args.sampled_share, args.max_new_tokens, args.regenerate_batch_size,
+                    shlex.join(args.command_line))
+    final = run_recipe(recipe, engine, drafter_shape(args), train_config(args))
+    if final:
+        print(json.dumps(final))
+
+
+def drafter_shape(args):
+    from .pipeline import DrafterShape
+
+    return DrafterShape(args.layers, args.block_size, args.target_layer_ids, args.init)
+
+
+def train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(**{name: getattr(args, name) for name in train_config_defaults()})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = ["ddtree", *(sys.argv[1:] if argv is None else argv)]
     try:
         args.handler(args)
     except DDTreeError as exc:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import DDTreeError
 from .evalsets import REASONING_SUFFIX, data_dir, evaluation_texts, read_jsonl
@@ -85,7 +86,7 @@ def remove_overlap(prompts: list[str], forbidden: list[str]) -> tuple[list[str],
     banned: set[tuple[str, ...]] = set()
     for text in forbidden:
         banned |= ngrams(text)
-    kept = [p for p in prompts if not (ngrams(p) & banned)]
+    kept = [p for p in tqdm(prompts, desc="overlap filter", unit="prompt") if not (ngrams(p) & banned)]
     return kept, len(prompts) - len(kept)
 
 

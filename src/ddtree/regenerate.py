@@ -8,6 +8,8 @@ sampling, which is where a greedy-trained drafter is accepted least.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm import tqdm
 
@@ -73,12 +75,15 @@ def regenerate(target: Target, prompts: list[list[int]], max_new_tokens: int, ba
         generator = torch.Generator(target.model.embed_tokens.weight.device).manual_seed(seed * 1000 + rank)
     mine = sorted(range(rank, len(prompts), size), key=lambda i: len(prompts[i]))
     answered: dict[int, list[int]] = {}
+    tokens, started = 0, time.perf_counter()
     with tqdm(total=len(mine), desc="regenerating", unit="prompt", disable=rank != 0) as bar:
         for begin in range(0, len(mine), batch_size):
             chunk = mine[begin:begin + batch_size]
             answers = respond_batch(target, [prompts[i] for i in chunk], max_new_tokens, params, generator)
             answered.update(zip(chunk, answers))
+            tokens += sum(map(len, answers))
             bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{tokens * size / (time.perf_counter() - started):.0f}")  # ranks alike, about
     for part in gather_objects(answered):
         answered.update(part)
     return [answered[i] for i in range(len(prompts))]

@@ -1,5 +1,4 @@
-"""Training a DFlash drafter on target-regenerated sequences (`scripts/train-smollm2-drafter` holds the
-bundled drafter's recipe).
+"""Training a DFlash drafter on target-regenerated sequences (pipeline.py runs the whole recipe).
 
 Each step: the frozen target runs over a batch of prompt+response sequences once and its tapped
 layer outputs become context features. Many random anchors inside each response each make one
@@ -268,7 +267,8 @@ class TrainingData:
 
 def train(target: Target, drafter: Drafter, sequences, response_starts, out: str, cfg: TrainConfig,
           resume: bool = False, log=print) -> dict:
-    """Trains `drafter` in place; checkpoints (published format + train_state.pt) go to `out`.
+    """Trains `drafter` in place; checkpoints (published format + train_state.pt) go to `out`. Returns the
+    last step's metrics and `total_steps` (more than the step when the time limit stopped it).
 
     Under torchrun each rank takes its share of every step's batch and the gradients are averaged, so
     a step is the same step on any number of GPUs; rank 0 evaluates, logs and saves."""
@@ -306,7 +306,7 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
         if out_of_time:
             break
     bar.close()
-    return record
+    return record | {"total_steps": total}
 
 
 def check_config(cfg: TrainConfig, processes: int) -> None:
