@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 CURVES_NAME = "curves.png"
@@ -42,11 +41,6 @@ def plot_curves(runs: list[tuple[str, list[dict]]], out: str, tree_budgets: tupl
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
-
-
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def write_model_card(drafter_dir: str, facts: dict, metrics: list[dict], tree_budgets: tuple[int, ...]) -> str:

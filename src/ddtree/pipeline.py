@@ -24,7 +24,7 @@ from .engine import Engine, check_pair
 from .errors import DDTreeError
 from .evalsets import read_jsonl, write_jsonl
 from .loading import Target
-from .modelcard import read_metrics, write_model_card
+from .modelcard import write_model_card
 from .regenerate import regenerate
 from .train import METRICS_NAME, TrainConfig, train
 
@@ -178,7 +178,7 @@ def train_phase(recipe: Recipe, target: Target, shape: DrafterShape, cfg: TrainC
     seconds = add_seconds(recipe.out, "training", time.monotonic() - started)
     if record["step"] < record["total_steps"]:
         return None
-    metrics = read_metrics(os.path.join(drafter_dir, METRICS_NAME))
+    metrics = read_jsonl(os.path.join(drafter_dir, METRICS_NAME))
     card = write_model_card(drafter_dir, card_facts(recipe, target, drafter, cfg, seconds), metrics, cfg.eval_budgets)
     log(f"model card: {card}")
     return [r for r in metrics if "chain_tau" in r][-1]
