@@ -494,13 +494,12 @@ class Decoder(nn.Module):
         if self.cfg.sliding_layers:
             window = mask & within_window(positions, slots, mask.shape[-1], self.cfg.sliding_window, cache is not None)
             biases.append(attention_bias(window, groups, x.dtype))
-        sliding = set(self.cfg.sliding_layers)
         tapped = {}
         last = len(self.layers) - 1
         caches = [cache.layer(i) if cache is not None else None for i in range(len(self.layers))]
         q, kv = self.layers[0].project(x, cos, sin, caches[0], slots)
         for index, layer in enumerate(self.layers):
-            bias = biases[index in sliding]
+            bias = biases[index in self.cfg.sliding_layers]
             k, v = caches[index].read(bias.shape[-1]) if cache is not None else kv
             attended = attention(q, k, v, bias)
             if index < last:
