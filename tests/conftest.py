@@ -220,14 +220,14 @@ class Oracle:
             current["generation"] = gen  # the request whose round drafts next
             return real_launch(gen, *args)
 
-        def draft(stages, features, attend, depth, chain):
-            real_draft(stages, features, attend, depth, chain)
+        def draft(stages, *args):
+            real_draft(stages, *args)
             gen, ws = current["generation"], stages.ws
-            log_probs = ws.log_probs  # edited in place: the tree stage reads it next
+            log_probs = ws.log_probs[0]  # edited in place: the tree stage reads it next
             oracle.calls += 1
             prefix = list(gen.ids) + list(gen.stopper.tokens)
-            committed = int(ws.committed)
-            assert prefix[-1] == int(ws.bonus) and len(prefix) == committed + 1
+            committed = int(ws.committed[0])
+            assert prefix[-1] == int(ws.bonus[0]) and len(prefix) == committed + 1
             true = oracle.continuation(prefix, log_probs.shape[0])
             for depth, token in enumerate(true or []):
                 rank = oracle.rank(depth, committed + 1 + depth)
@@ -241,7 +241,7 @@ class Oracle:
                 first, second = (token, wrong) if rank == 0 else (wrong, token)
                 row[first], row[second] = math.log(oracle.masses[0]), math.log(oracle.masses[1])
                 log_probs[depth] = torch.log_softmax(row, dim=-1)
-                ws.chain_tokens[depth] = first  # what a chain drafts: each depth's likeliest
+                ws.chain_tokens[0, depth] = first  # what a chain drafts: each depth's likeliest
 
         monkeypatch.setattr(Generation, "launch", launch)
         monkeypatch.setattr(Stages, "run_draft", draft)

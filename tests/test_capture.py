@@ -55,7 +55,7 @@ class ReplayingGraphs(Graphs):
 
     def state(self) -> list[torch.Tensor]:
         ws = self.engine.workspace
-        holders = [ws, ws.sampling, *ws.trees.values(), *ws.prefixes.values()]
+        holders = [ws, ws.sampling, *ws.trees.values()]
         return [value.clone() for holder in holders for value in vars(holder).values() if isinstance(value, torch.Tensor)]
 
 
@@ -159,10 +159,10 @@ def test_every_tree_stage_reads_log_probabilities(engine, monkeypatch):
     read = []
     build_tree = Stages.build_tree
 
-    def recording(self, tree, plan, yields):
+    def recording(self, count, index, kind, plan, *args):
         if plan is not None:
-            read.append(self.ws.log_probs[:plan.depth].clone())
-        build_tree(self, tree, plan, yields)
+            read.append(self.ws.log_probs[index, :plan.depth].clone())
+        build_tree(self, count, index, kind, plan, *args)
 
     monkeypatch.setattr(Stages, "build_tree", recording)
     for _ in range(2):

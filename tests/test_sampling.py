@@ -99,7 +99,7 @@ def flat_drafter(monkeypatch):
 
     def draft(stages, *args):
         real(stages, *args)
-        stages.ws.log_probs.fill_(-math.log(stages.ws.log_probs.shape[1]))
+        stages.ws.log_probs.fill_(-math.log(stages.ws.log_probs.shape[-1]))
 
     monkeypatch.setattr(Stages, "run_draft", draft)
 
@@ -311,5 +311,5 @@ def test_device_state_filters_as_the_values_do():
     for params in (SamplingParams(0.7), SamplingParams(1.3, top_k=5), SamplingParams(0.9, top_p=0.8),
                    SamplingParams(1.0, top_k=7, top_p=0.6), SamplingParams(1.0, top_k=60)):
         state.set(params)
-        assert state.mode == params.mode
-        assert torch.equal(filtered_logits(logits, state), filtered_logits(logits, params))
+        assert state.mode_of(1) == params.mode
+        assert torch.equal(filtered_logits(logits, state.row(0)), filtered_logits(logits, params))

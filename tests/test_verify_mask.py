@@ -127,7 +127,7 @@ def test_move_rows_compaction(family, targets):
 def test_move_rows_moves_exact_rows():
     from ddtree.model import KVCache
 
-    cache = KVCache(2, 1, 2, 10, 3, "cpu", torch.float32)
+    cache = KVCache.empty(2, 1, 2, 10, 3, "cpu", torch.float32)
     cache.keys.copy_(torch.arange(cache.keys.numel(), dtype=torch.float32).view_as(cache.keys))
     cache.values.copy_(-cache.keys)
     before_k, before_v = cache.keys.clone(), cache.values.clone()
@@ -154,12 +154,12 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
         current["generation"] = gen
         return real_launch(gen, *args)
 
-    def draft(stages, features, attend, depth, chain):
-        real_draft(stages, features, attend, depth, chain)
+    def draft(stages, count, attend, depth, chain, tree):
+        real_draft(stages, count, attend, depth, chain, tree)
         ws, gen = stages.ws, current["generation"]
-        committed = int(ws.committed)
+        committed = int(ws.committed[0])
         prefix = list(gen.ids) + list(gen.stopper.tokens)
-        assert len(prefix) == committed + 1 and prefix[-1] == int(ws.bonus)
+        assert len(prefix) == committed + 1 and prefix[-1] == int(ws.bonus[0])
         _, context = model(torch.tensor([prefix[:-1]]), torch.arange(committed)[None],
                            causal_mask(committed, 0, "cpu"), taps=engine.taps)
         block = drafter.cfg.block_size
@@ -167,12 +167,12 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
         hidden = drafter(model.embed_tokens(ids), torch.arange(committed, committed + block)[None], context,
                          torch.arange(committed)[None])
         assert depth == (min(block - 1, budget) if method == "ddtree" else block - 1)  # 3 nodes: 3 depths
-        assert chain == (method == "dflash")
+        assert chain == (method == "dflash") and tree == (not chain)
         logits = model.logits(hidden[0, 1:depth + 1])
         if chain:
-            assert torch.equal(ws.chain_tokens, logits.argmax(dim=-1))
+            assert torch.equal(ws.chain_tokens[0], logits.argmax(dim=-1))
         else:
-            assert_close(ws.log_probs[:depth], torch.log_softmax(logits, dim=-1))
+            assert_close(ws.log_probs[0, :depth], torch.log_softmax(logits, dim=-1))
         checked.append(committed)
 
     monkeypatch.setattr(Generation, "launch", launch)

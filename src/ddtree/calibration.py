@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from .costs import CALIBRATION_CONTEXTS, RoundCosts
 from .loading import cache_root
-from .methods import auto_trees
 from .stages import Stages
 
 # Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
@@ -88,20 +87,22 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
     """Times the draft at each context length, and for every size its tree, the same tree as a probe
     (every size's expected tokens, read on the host), its verify, and its commit and host read."""
     ws, device = stages.ws, stages.ws.device
-    vocab = ws.log_probs.shape[1]
+    vocab = ws.log_probs.shape[-1]
     prompt = torch.randint(vocab, (max(contexts),), generator=torch.Generator().manual_seed(0)).tolist()
-    trees, yields = auto_trees(ws, sizes)
+    yields = ws.auto_yields(len(sizes))[0]
     fixed, tables = [], {name: {size: [] for size in sizes} for name in ("per_size", "tree", "probe")}
     bar = tqdm(total=len(contexts) * len(sizes), desc="calibrating round costs", unit="size", file=sys.stderr)
     with torch.inference_mode():
         for context in contexts:
             ws.load_prompt(prompt[:context])
             stages.prefill(ws.prefill_rows(context), taps).run()
-            fixed.append(time_stage(stages.draft(ws.draft_attend(context), draft_depth, chain=False).run, device, repeats))
-            for size, tree in trees.items():
-                probe = stages.tree(tree, ws.plan(size), yields)
+            draft = stages.draft(1, ws.draft_attend(context), draft_depth, chain=False, tree=True)
+            fixed.append(time_stage(draft.run, device, repeats))
+            for size in sizes:
+                tree, plan = ws.tree(1, size + 1), ws.plan(size)
+                probe = stages.tree(1, 0, "tree", plan, scored=True, probe=True)
                 tables["probe"][size].append(time_stage(lambda: (probe.run(), yields.tolist()), device, repeats))
-                build = time_stage(stages.tree(tree, ws.plan(size)).run, device, repeats)
+                build = time_stage(stages.tree(1, 0, "tree", plan, scored=True).run, device, repeats)
                 verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
                 tables["tree"][size].append(build)
                 tables["per_size"][size].append(build + verify + commit_seconds(stages, tree, repeats))
@@ -112,7 +113,7 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
 
 def commit_seconds(stages: Stages, tree, repeats: int) -> float:
     """A commit and the host's read of its result, the decoding state restored after each."""
-    ws, commit = stages.ws, stages.commit(tree)
+    ws, commit = stages.ws, stages.commit(tree, learn=True)
     state = (ws.committed, ws.pending_start, ws.bonus)
     saved = [t.clone() for t in state]
 

@@ -142,11 +142,13 @@ class AcceptanceModel:
         chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)]
         return 1 + chance.cumsum(0)[self.index.clamp(max=len(scores) - 1)]
 
-    def learn(self, scores: torch.Tensor, accepted: torch.Tensor) -> None:
-        """One verified round: the nodes' path log-probabilities and which of them were accepted."""
-        bins = torch.bucketize(scores, self.edges)
-        self.seen.mul_(DECAY).index_add_(0, bins, torch.ones_like(scores))
-        self.hits.mul_(DECAY).index_add_(0, bins, accepted.to(scores.dtype))
+    def learn(self, scores: torch.Tensor, accepted: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+        """One verified round: the nodes' path log-probabilities and which of them were accepted (any shape,
+        a batch's trees included), of which only the `counted` nodes teach (all without it)."""
+        bins = torch.bucketize(scores, self.edges).view(-1)
+        weights = torch.ones_like(scores) if counted is None else counted.to(scores.dtype)
+        self.seen.mul_(DECAY).index_add_(0, bins, weights.view(-1))
+        self.hits.mul_(DECAY).index_add_(0, bins, (accepted.to(scores.dtype) * weights).view(-1))
 
 
 class AutoBudget:

@@ -260,13 +260,13 @@ class Drafter(nn.Module):
         """torch.compile every layer's `project` and `finish`, as the target's (`compile_layer_functions`)."""
         compile_layer_functions(self.layers, ("project", "finish"))
 
-    def new_cache(self, context: int) -> KVCache:
+    def new_cache(self, context: int, batch: int = 1) -> KVCache:
         """A cache laid out as [block scratch | context row of position p at slot block + p | one block of spare]:
         the block's own rows are rewritten every round, context rows stay, and a round may write a whole
         block of context rows of which only the accepted ones are ever attended."""
         cfg, weight = self.cfg, self.fc.weight
         capacity = context + 2 * cfg.block_size
-        return KVCache(cfg.num_layers, 1, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
+        return KVCache.empty(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
 
     def forward(
         self,

@@ -59,20 +59,22 @@ class Engine:
 
     # ----- shared resources ------------------------------------------------------------------------
 
-    def workspace_for(self, context: int, rows: int) -> Workspace:
-        """The persistent buffers, grown (and graphs recaptured) when a request needs more room than they have,
-        and made again at the request's size after an outlier left them far larger than it needs."""
+    def workspace_for(self, context: int, rows: int, batch: int = 1) -> Workspace:
+        """The persistent buffers for `batch` sequences, grown (and graphs recaptured) when requests need more
+        room than they have, and made again at the request's size after an outlier left them far larger
+        than it needs."""
         old = self.workspace
         shrink = old is not None and outgrown(old, context, rows)
-        if old is None or not old.fits(context, rows) or shrink:
+        if old is None or not old.fits(context, rows, batch) or shrink:
             if old is not None:
+                batch = max(batch, old.batch)
                 if not shrink:
                     context, rows = max(context, old.context), max(rows, old.max_rows)
                 old.owner = -1  # a generation still streaming there stops at its next round
             self.graphs.captured.clear()  # they point into the old buffers
             self.workspace = self.stages = None  # let the old buffers go before the new ones are allocated
             self.workspace = Workspace(self.model, self.drafter, self.taps, self.dtype, round_up(context, 1024), rows,
-                                       self.context_limit, self.graphs.enabled)
+                                       self.context_limit, self.graphs.enabled, batch)
             self.stages = Stages(self.model, self.drafter, self.workspace, self.graphs, self.position_noise,
                                  self.acceptance)
         return self.workspace
@@ -111,7 +113,7 @@ class Engine:
         contexts = calibration_contexts(self.device, 1 + max(sizes), self.block, self.context_limit)
         self.workspace_for(self.tokens_held(max(contexts), 8, self.block), 1 + max(sizes))
         self.use_acceptance(sizes)
-        self.workspace.sampling.set(SamplingParams())
+        self.workspace.sampling.set(SamplingParams(), 0)
         depth = drafted_depths(max(sizes), self.block, self.model.cfg.vocab_size)
         return calibrate(self.stages, sizes, contexts, self.taps, depth)
 
@@ -204,7 +206,7 @@ class Engine:
         ws = self.workspace_for(context, method.rows)
         if not self.graphs.enabled:
             return 0
-        ws.sampling.set(sampling or SamplingParams())
+        ws.sampling.set(sampling or SamplingParams(), 0)
         before = len(self.graphs.captured)
         with torch.inference_mode():
             ws.committed.zero_()  # the warm-ups' cache rows, then, lie inside every shape's attended slots
@@ -231,16 +233,17 @@ def stages_to_prepare(stages: Stages, method: DecodingMethod, context: int) -> l
     empty context, and what they write the prefill and the rounds rewrite before reading."""
     ws = stages.ws
     todo = method.tree_stages(stages)
-    for tree in method.verified_trees(ws):
+    for rows in method.verified_rows():
+        tree = ws.tree(1, rows)
         for attend in buckets(ws.attend, 1 + tree.rows, context + tree.rows, ws.attend_step):
             todo.append(stages.verify(tree, attend, method.taps))
-        todo.append(stages.commit(tree))
+        todo.append(stages.commit(tree, method.scored))
     lengths = range(1, min(context, ws.context_limit))
     if method.drafts:
-        todo += [stages.draft(attend, method.draft_depth, method.chain)
+        todo += [stages.draft(1, attend, method.draft_depth, method.chain, not method.chain)
                  for attend in buckets(ws.draft_attend, 1, context, ws.attend_step)]
         firsts = sorted({(ws.draft_attend(n), ws.prefill_rows(n)) for n in lengths})
-        todo += [stages.draft(attend, method.draft_depth, method.chain, rows) for attend, rows in firsts]
+        todo += [stages.absorb(attend, rows) for attend, rows in firsts]
     todo += [stages.prefill(rows, method.taps) for rows in sorted({ws.prefill_rows(n) for n in lengths})]
     return todo
 

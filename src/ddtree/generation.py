@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from .errors import DDTreeError
-from .methods import DecodingMethod
+from .methods import DecodingMethod, Member, run_round
 from .options import GenerationOptions
 from .results import StreamChunk
-from .sampling import choose_tokens, seed_key
+from .sampling import SamplingParams, choose_tokens, seed_key
 from .stages import Stages
 from .stopping import StopChecker
 
@@ -103,7 +103,6 @@ class Generation:
         self.seed = options.seed if options.seed is not None or options.sampling.greedy else torch.seed()
         self.stats: dict = {"prompt_tokens": len(ids), "method": options.decoding.method,
                             "budget": options.decoding.budget, "budgets": method.chosen}
-        self.prompt_rows = 0  # rows of the prefill, whose features are the first draft's context
         self.rounds = 0  # launched so far
 
     def __iter__(self) -> Iterator[StreamChunk]:
@@ -115,9 +114,8 @@ class Generation:
         ws, limit = self.ws, self.ws.context_limit
         clock = StageClock(ws.device)
         started = time.perf_counter()
-        reader = OutcomeReader(ws.device, self.method.block + 1)
+        reader = OutcomeReader(ws.device, ws.block + 1)
         ws.owner = self.ticket
-        ws.sampling.set(self.options.sampling)  # read by the captured verify stages
         with torch.inference_mode():
             chunk = self.prefill()
             clock.mark("prefill")
@@ -155,23 +153,32 @@ class Generation:
 
     def launch(self, committed: int, clock: StageClock, reader: OutcomeReader) -> Launched:
         """Starts one round, `committed` being at least the tokens in the cache when it runs."""
-        first = self.rounds == 0
         self.rounds += 1
         clock.mark("round")
         launched_at = time.perf_counter()
-        tree = self.method.round(self.stages, committed, self.prompt_rows if first else None, clock)
-        return Launched(reader.after(tree.out), tree.path_rows, self.method.timed_nodes(tree, first),
-                        self.method.probed, launched_at)
+        tree, (rows,) = run_round(self.stages, 1, [Member(0, self.method, committed)], clock)
+        return Launched(reader.after(tree.out[0]), tree.path_rows, self.method.timed_nodes(rows), self.method.probed,
+                        launched_at)
 
     def prefill(self) -> StreamChunk:
         """The prompt fills the cache and its last logits choose the first new token (the first bonus)."""
-        ws, stages = self.ws, self.stages
-        ws.load_prompt(self.ids)
-        self.prompt_rows = ws.prefill_rows(len(self.ids))
-        stages.prefill(self.prompt_rows, self.method.taps).run()
-        noise = None
-        if not self.options.sampling.greedy:
-            ws.seed.fill_(seed_key(self.seed))  # read by the rounds' captured verify stages
-            noise = stages.position_noise(ws.seed, ws.committed.view(1), ws.token_keys)
-        ws.bonus.copy_(choose_tokens(ws.prompt_logits, ws.sampling, noise=noise)[0])
-        return self.stopper.push([int(ws.bonus)])
+        return self.stopper.push([join(self.stages, 0, self.ids, self.method, self.options.sampling, self.seed)])
+
+
+def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sampling: SamplingParams, seed: int) -> int:
+    """A prompt into sequence `index`'s slot, between rounds: the prefill fills its cache, its last logits
+    choose the first new token (the first bonus, returned), and a drafting method's drafter reads the
+    prompt's features. Its sampling values and seed go where the rounds' verifies read them."""
+    ws = stages.ws
+    ws.sampling.set(sampling, index)
+    ws.seed[index] = seed_key(seed) if not sampling.greedy else 0
+    ws.load_prompt(ids, index)
+    rows = ws.prefill_rows(len(ids))
+    stages.prefill(rows, method.taps, index).run()
+    noise = None
+    if not sampling.greedy:
+        noise = stages.position_noise(ws.seed[index], ws.committed[index].view(1), ws.token_keys)
+    ws.bonus[index] = choose_tokens(ws.prompt_logits, ws.sampling.row(index), noise=noise)[0]
+    if method.drafts:
+        stages.absorb(ws.draft_attend(len(ids)), rows, index).run()
+    return int(ws.bonus[index])

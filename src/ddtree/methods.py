@@ -2,26 +2,26 @@
 fixed budget (DDTree) and a tree whose size `auto` chooses as it goes.
 
 A method decides what each round verifies and how that tree is built; the round itself is the same
-for all: draft → tree → verify → commit (`DecodingMethod.round`). A method object belongs to one
-generation; what outlives it (the workspace, auto's costs and learned acceptance) is the engine's.
+for all, and for a batch of sequences of any methods: draft → tree → verify → commit (`run_round`). A
+method object belongs to one generation; what outlives it (the workspace, auto's costs and learned acceptance) is the engine's.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
 from .costs import AutoBudget
 from .options import Decoding
 from .stages import Stage, Stages
 from .tree import frontier_widths, tree_size
-from .workspace import TreeBuffers, Workspace
+from .workspace import TreeBuffers
 
 
 class DecodingMethod:
-    """What every method shares: the round, and rounds of the bonus token alone (no drafter, or no room
-    left in the context for a drafted block)."""
+    """What every method shares: rounds of the bonus token alone (no drafter, or no room left in the
+    context for a drafted block)."""
 
-    drafts, chain = False, False
+    drafts, chain, scored = False, False, False
 
     def __init__(self, block: int = 1, taps: tuple[int, ...] = ()):
         self.block = block  # tokens a round can add at most (a drafter's block; 1 for the target alone)
@@ -31,42 +31,24 @@ class DecodingMethod:
         self.chosen: list[int] = []  # auto: the nodes each drafting round verified
         self.probed: int | None = None  # auto: the size the last round probed at, if it probed
 
-    def round(self, stages: Stages, committed: int, prompt_rows: int | None, clock) -> TreeBuffers:
-        """Launches one round on the device, `committed` being at least the tokens in the cache when it
-        runs; the first round passes the prefill's rows (its draft reads the prompt's features). Returns
-        the tree whose `out` will hold [count, tokens added...]."""
-        ws = stages.ws
-        if self.drafts and committed + self.block + 1 <= ws.context_limit:
-            stages.draft(ws.draft_attend(committed), self.draft_depth, self.chain, prompt_rows).run()
-            clock.mark("draft")
-            tree = self.drafted_tree(stages, committed)
-        else:  # the target alone, or too near the context's end for a drafted block: one token
-            tree = ws.tree(1)
-            tree.ids[0] = ws.bonus
-        clock.mark("tree")
-        stages.verify(tree, ws.attend(committed + tree.rows), self.taps).run()
-        clock.mark("verify")
-        stages.commit(tree).run()
-        clock.mark("commit")
-        return tree
-
-    def drafted_tree(self, stages: Stages, committed: int) -> TreeBuffers:
-        """Builds this round's tree from the draft (the tree stage) and returns it."""
+    def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
+        """Launches the tree stage of sequence `index` (of `count`) after this round's draft; returns the
+        rows of its tree."""
         raise NotImplementedError
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        """The tree stages this method's rounds run: what `Engine.prepare` captures graphs for."""
-        return []
+        """The tree stages this method's rounds run alone (one sequence): what `Engine.prepare` captures."""
+        return [stages.tree(1, 0, "bonus")]
 
-    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
-        """The trees this method's rounds verify (and commit)."""
-        return [ws.tree(1)]
+    def verified_rows(self) -> list[int]:
+        """The tree sizes (rows) this method's rounds verify alone, root included."""
+        return [1]
 
     def observe(self, nodes: int, context: int, seconds: float, probed: int | None) -> None:
         """A drafting round's wall time, for methods that learn from it (auto)."""
 
-    def timed_nodes(self, tree: TreeBuffers, first: bool) -> int | None:
-        """The nodes of the round just launched (verifying `tree`), when its time teaches this method (auto)."""
+    def timed_nodes(self, rows: int) -> int | None:
+        """The nodes of the round just launched (verifying `rows` rows), when its time teaches this method (auto)."""
         return None
 
 
@@ -83,16 +65,15 @@ class ChainDraft(DecodingMethod):
         super().__init__(block, taps)
         self.rows = block
 
-    def drafted_tree(self, stages: Stages, committed: int) -> TreeBuffers:
-        tree = stages.ws.tree(self.rows, chain=True)
-        stages.tree(tree, None).run()
-        return tree
+    def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
+        stages.tree(count, index, "chain").run()
+        return self.rows
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        return [stages.tree(stages.ws.tree(self.rows, chain=True), None)]
+        return [*super().tree_stages(stages), stages.tree(1, 0, "chain")]
 
-    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
-        return [ws.tree(self.rows, chain=True), ws.tree(1)]
+    def verified_rows(self) -> list[int]:
+        return [self.rows, 1]
 
 
 class TreeDraft(DecodingMethod):
@@ -106,16 +87,15 @@ class TreeDraft(DecodingMethod):
         self.rows = 1 + tree_size(budget, block - 1, vocab)
         self.draft_depth = drafted_depths(budget, block, vocab)
 
-    def drafted_tree(self, stages: Stages, committed: int) -> TreeBuffers:
-        tree = stages.ws.tree(self.rows)
-        stages.tree(tree, stages.ws.plan(self.budget)).run()
-        return tree
+    def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
+        stages.tree(count, index, "tree", stages.ws.plan(self.budget)).run()
+        return self.rows
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        return [stages.tree(stages.ws.tree(self.rows), stages.ws.plan(self.budget))]
+        return [*super().tree_stages(stages), stages.tree(1, 0, "tree", stages.ws.plan(self.budget))]
 
-    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
-        return [ws.tree(self.rows), ws.tree(1)]
+    def verified_rows(self) -> list[int]:
+        return [self.rows, 1]
 
 
 def drafted_depths(budget: int, block: int, vocab: int) -> int:
@@ -124,23 +104,14 @@ def drafted_depths(budget: int, block: int, vocab: int) -> int:
     return len(frontier_widths(budget, min(block - 1, budget), vocab))
 
 
-def auto_trees(ws: Workspace, sizes: list[int]) -> tuple[dict[int, TreeBuffers], torch.Tensor]:
-    """auto's tree of each size, and where probes write every size's expected tokens. Each size's tree is
-    the first rows of the largest (the same buffers: a probe's larger tree holds the chosen size's as its
-    first rows, and every round whichever its size commits through the same graphs). Calibration times
-    exactly these."""
-    largest = ws.tree(1 + max(sizes), scored=True)
-    if largest.yields is None:
-        largest.yields = torch.zeros(len(sizes), device=ws.device)
-    return {size: ws.prefix(largest, size + 1) for size in sizes}, largest.yields
-
-
 class AutoTree(DecodingMethod):
     """DDTree with `--budget auto`: probe rounds build a larger tree than the current choice (the largest
     at first, then one size above), read the expected tokens of every size it holds and choose the size
-    with the most tokens per second; other rounds build the size chosen last (`costs.AutoBudget`)."""
+    with the most tokens per second; other rounds build the size chosen last (`costs.AutoBudget`). Every
+    size's tree is the first rows of the larger ones (nodes come best first), so a probe's tree holds the
+    chosen one, and its nodes' scores teach the acceptance model."""
 
-    drafts = True
+    drafts, scored = True, True
 
     def __init__(self, block: int, taps: tuple[int, ...], vocab: int, auto: AutoBudget):
         super().__init__(block, taps)
@@ -148,33 +119,74 @@ class AutoTree(DecodingMethod):
         self.rows = 1 + auto.largest
         self.draft_depth = drafted_depths(auto.largest, block, vocab)
 
-    def drafted_tree(self, stages: Stages, committed: int) -> TreeBuffers:
+    def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
         auto, ws = self.auto, stages.ws
-        trees, yields = auto_trees(ws, auto.costs.sizes)
         self.probed = auto.probe_size()
         if self.probed is not None:
-            stages.tree(trees[self.probed], ws.plan(self.probed), yields).run()
-            size = auto.choose(yields.tolist(), committed, self.probed)  # (a second host read)
+            stages.tree(count, index, "tree", ws.plan(self.probed), scored=True, probe=True).run()
+            size = auto.choose(ws.auto_yields(len(auto.costs.sizes))[index].tolist(), committed, self.probed)
+            ws.tree(count, ws.max_rows).used[index] = size + 1  # the probe built more (a second host read above)
         else:
             size = auto.current
-            stages.tree(trees[size], ws.plan(size)).run()
+            stages.tree(count, index, "tree", ws.plan(size), scored=True).run()
         self.chosen.append(size)
-        return trees[size]
+        return size + 1
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        ws = stages.ws
-        trees, yields = auto_trees(ws, self.auto.costs.sizes)
-        return [stages.tree(tree, ws.plan(size), probe) for size, tree in trees.items() for probe in (None, yields)]
+        ws, sizes = stages.ws, self.auto.costs.sizes
+        ws.auto_yields(len(sizes))
+        return [*super().tree_stages(stages),
+                *(stages.tree(1, 0, "tree", ws.plan(size), True, probe) for size in sizes for probe in (False, True))]
 
-    def verified_trees(self, ws: Workspace) -> list[TreeBuffers]:
-        return [*auto_trees(ws, self.auto.costs.sizes)[0].values(), ws.tree(1)]
+    def verified_rows(self) -> list[int]:
+        return [size + 1 for size in self.auto.costs.sizes] + [1]
 
     def observe(self, nodes: int, context: int, seconds: float, probed: int | None) -> None:
         self.auto.observe(nodes, context, seconds, probed)
 
-    def timed_nodes(self, tree: TreeBuffers, first: bool) -> int | None:
-        # (the first draft reads the whole prompt, and a round near the context's end drafts nothing)
-        return tree.nodes if tree.rows > 1 and not first else None
+    def timed_nodes(self, rows: int) -> int | None:
+        return rows - 1 if rows > 1 else None  # (a round near the context's end drafts nothing)
+
+
+@dataclass
+class Member:
+    """One sequence of a round: its slot in the workspace, its method, and at least the tokens in its cache
+    when the round runs (only attended lengths and whether a drafted block fits depend on it)."""
+    index: int
+    method: DecodingMethod
+    committed: int
+
+
+def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple[TreeBuffers, list[int]]:
+    """Launches one round over the first `count` sequences of the workspace: one draft for all, each
+    member's tree, one verify, one commit. `members` are the live sequences among them (every live one).
+    Returns the trees, whose `out` will hold each sequence's [count, tokens added...], and each member's
+    rows."""
+    ws = stages.ws
+    drafting = [m for m in members if m.method.drafts and m.committed + ws.block + 1 <= ws.context_limit]
+    drafts = {m.index for m in drafting}
+    if drafting:
+        chains = [m.method.chain for m in drafting]
+        stages.draft(count, ws.draft_attend(max(m.committed for m in drafting)),
+                     max(m.method.draft_depth for m in drafting), any(chains), not all(chains)).run()
+        clock.mark("draft")
+    rows = [m.method.build(stages, count, m.index, m.committed) if m.index in drafts else bonus_only(stages, count, m)
+            for m in members]
+    clock.mark("tree")
+    tree = ws.tree(count, max(rows))
+    taps = next((m.method.taps for m in members if m.method.taps), ())
+    stages.verify(tree, ws.attend(max(m.committed for m in members) + tree.rows), taps).run()
+    clock.mark("verify")
+    stages.commit(tree, any(m.method.scored for m in members)).run()
+    clock.mark("commit")
+    return tree, rows
+
+
+def bonus_only(stages: Stages, count: int, member: Member) -> int:
+    """A round of the bonus token alone for this member: the target alone, or too near the context's end
+    for a drafted block."""
+    stages.tree(count, member.index, "bonus").run()
+    return 1
 
 
 def decoding_method(decoding: Decoding, block: int, taps: tuple[int, ...], vocab: int,

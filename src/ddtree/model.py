@@ -301,9 +301,13 @@ class LayerKV(NamedTuple):
     kv: torch.Tensor
 
     def store(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
-        """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (a tensor of T slot indices,
-        which keeps shapes static for graph capture) in one copy."""
-        self.kv.index_copy_(3, slots, kv)
+        """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (a tensor, which keeps shapes
+        static for graph capture) in one copy: T slot indices shared by the batch, or [B, T], each
+        sequence's own."""
+        if slots.dim() == 1 or slots.shape[0] == 1:  # (one sequence: the plain copy)
+            self.kv.index_copy_(3, slots.view(-1), kv)
+        else:  # (indices on two axes apart put those axes first: [B, T, 2, kv_heads, D])
+            self.kv[:, sequence_index(slots), :, slots] = kv.permute(1, 3, 0, 2, 4)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and the values of slots 0..length."""
@@ -328,17 +332,35 @@ class KVCache:
     RoPE, so a row carries its position with it and can be moved to another slot (tree compaction).
     """
 
-    def __init__(self, num_layers, batch, num_kv_heads, capacity, head_dim, device, dtype):
-        self.kv = torch.zeros((num_layers, 2, batch, num_kv_heads, capacity, head_dim), device=device, dtype=dtype)
+    def __init__(self, kv: torch.Tensor):
+        self.kv = kv
         self.keys, self.values = self.kv[:, 0], self.kv[:, 1]
-        self.capacity = capacity
+        self.capacity = kv.shape[4]
+
+    @classmethod
+    def empty(cls, num_layers, batch, num_kv_heads, capacity, head_dim, device, dtype) -> "KVCache":
+        return cls(torch.zeros((num_layers, 2, batch, num_kv_heads, capacity, head_dim), device=device, dtype=dtype))
 
     def layer(self, index: int) -> "LayerKV":
         return LayerKV(self.kv[index])
 
+    def sequences(self, start: int, stop: int) -> "KVCache":
+        """Sequences start..stop alone, as a cache of their own (a view: writes land in this cache)."""
+        return KVCache(self.kv[:, :, start:stop])
+
     def move_rows(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
-        """Copies rows `sources` to slots `destinations` (tensors of slot indices), all layers at once."""
-        self.kv.index_copy_(4, destinations, self.kv.index_select(4, sources))
+        """Copies rows `sources` to slots `destinations`, all layers at once: tensors of slot indices shared
+        by the batch, or [B, R], each sequence's own."""
+        if sources.dim() == 1 or sources.shape[0] == 1:
+            self.kv.index_copy_(4, destinations.view(-1), self.kv.index_select(4, sources.view(-1)))
+        else:
+            batch = sequence_index(sources)
+            self.kv[:, :, batch, :, destinations] = self.kv[:, :, batch, :, sources]
+
+
+def sequence_index(slots: torch.Tensor) -> torch.Tensor:
+    """For per-sequence slots [B, T]: each entry's sequence, [B, T] (the batch axis's index beside them)."""
+    return torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
 
 
 def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -464,7 +486,7 @@ class Decoder(nn.Module):
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         cfg, weight = self.cfg, self.embed_tokens.weight
         capacity = capacity or cfg.max_positions  # slots, not positions: a verified tree may reach past the context
-        return KVCache(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
+        return KVCache.empty(cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim, weight.device, weight.dtype)
 
     def forward(
         self,
@@ -480,8 +502,8 @@ class Decoder(nn.Module):
         input_ids, positions: [B, T]. mask: bool [B or 1, 1, T, L]: which of the cache slots 0..L (with
         the new rows already written) each new token sees; without a cache, [.., T, T] over the new
         tokens. With a cache, the new rows are written at `slots`: the first of T consecutive slots as
-        an int, or a tensor of T slot indices (what the compiled layers take: an int there would compile
-        once per value). Returns the final-normed hidden states [B, T, hidden]
+        an int, or a tensor of T slot indices, or [B, T] of each sequence's own (what the compiled layers
+        take: an int there would compile once per value). Returns the final-normed hidden states [B, T, hidden]
         and the outputs of the decoder layers in `taps`, concatenated on the last axis
         ([B, T, len(taps) * hidden]).
         """

@@ -58,34 +58,74 @@ class SamplingParams:
 
 
 class SamplingState:
-    """A request's sampling values in device tensors: work captured once per `mode` (a CUDA graph)
-    reads them, so every temperature, top-k and top-p of that mode replays the same graph."""
+    """The sampling values of a batch of sequences in device tensors, one entry per sequence: work captured
+    once per `mode` (a CUDA graph) reads them, so every temperature, top-k and top-p replays the same
+    graph. A batch's mode is the most general of its sequences' (`mode_of`); its greedy sequences still
+    take the argmax (`greedy`)."""
 
-    def __init__(self, device):
-        self.temperature = torch.ones((), device=device)
-        self.top_k = torch.zeros((), dtype=torch.long, device=device)
-        self.top_p = torch.ones((), device=device)
-        self.mode = "greedy"
+    def __init__(self, device, batch: int = 1):
+        self.temperature = torch.ones(batch, device=device)
+        self.top_k = torch.zeros(batch, dtype=torch.long, device=device)
+        self.top_p = torch.ones(batch, device=device)
+        self.greedy = torch.ones(batch, dtype=torch.bool, device=device)
+        self.modes = ["greedy"] * batch
 
-    def set(self, params: SamplingParams) -> None:
-        self.mode = params.mode
-        if not params.greedy:
-            self.temperature.fill_(params.temperature)
-            self.top_k.fill_(params.top_k)
-            self.top_p.fill_(params.top_p)
+    def set(self, params: SamplingParams, index: int = 0) -> None:
+        self.modes[index] = params.mode
+        self.greedy[index] = params.greedy
+        self.temperature[index] = 1.0 if params.greedy else params.temperature  # (a greedy row never divides by 0)
+        self.top_k[index] = params.top_k
+        self.top_p[index] = params.top_p
+
+    def mode_of(self, count: int) -> str:
+        """The mode that serves the first `count` sequences: filter over sample over greedy."""
+        modes = set(self.modes[:count])
+        return next(mode for mode in ("filter", "sample", "greedy") if mode in modes)
+
+    def mixed(self, count: int) -> bool:
+        """Whether some of the first `count` sequences are greedy and others sample."""
+        return "greedy" in self.modes[:count] and self.mode_of(count) != "greedy"
+
+    def rows(self, count: int, mode: str, mixed: bool) -> "RowSampling":
+        """The first `count` sequences' values (views), for logits [count, ..., V] in `mode`; `mixed`: the
+        greedy ones among them take the argmax."""
+        return RowSampling(mode, self.temperature[:count], self.top_k[:count], self.top_p[:count],
+                           self.greedy[:count] if mixed else None)
+
+    def row(self, index: int) -> "RowSampling":
+        """Sequence `index`'s values (views), for logits [N, V] of that sequence alone."""
+        return RowSampling(self.modes[index], self.temperature[index], self.top_k[index], self.top_p[index])
 
 
-def filtered_logits(logits: torch.Tensor, params: SamplingParams | SamplingState) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on logits [N, V]; removed tokens get -inf. The
-    values may be numbers or device tensors; in `filter` mode both cuts come from one sort."""
-    logits = logits.float() / params.temperature
+@dataclass
+class RowSampling:
+    """Sampling values that broadcast against logits [..., V]: 0-d (one sequence) or [B] (a batch, logits
+    [B, ..., V])."""
+    mode: str
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    greedy: torch.Tensor | None = None  # [B]: a batch's greedy rows, when it mixes them with sampled ones
+
+
+def per_row(value, logits: torch.Tensor) -> torch.Tensor:
+    """A sampling value (number, 0-d or [B] tensor) shaped to broadcast against logits [B, ..., V]."""
+    value = torch.as_tensor(value, device=logits.device)
+    return value.view(-1, *[1] * (logits.dim() - 1)) if value.dim() == 1 else value
+
+
+def filtered_logits(logits: torch.Tensor, params: SamplingParams | RowSampling) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on logits [..., V]; removed tokens get -inf. The
+    values may be numbers or device tensors (per batch row: see `per_row`); in `filter` mode both cuts
+    come from one sort."""
+    logits = logits.float() / per_row(params.temperature, logits)
     if params.mode != "filter":
         return logits
-    device, vocab = logits.device, logits.shape[-1]
-    top_k, top_p = torch.as_tensor(params.top_k, device=device), torch.as_tensor(params.top_p, device=device)
+    vocab = logits.shape[-1]
+    top_k, top_p = per_row(params.top_k, logits), per_row(params.top_p, logits)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     # top-k keeps every token at least as likely as the k-th (ties included); k = 0 keeps all
-    kth = sorted_logits.gather(-1, (top_k.clamp(max=vocab) - 1).clamp(min=0).expand(logits.shape[0], 1))
+    kth = sorted_logits.gather(-1, (top_k.clamp(max=vocab) - 1).clamp(min=0).expand(*logits.shape[:-1], 1))
     kth = torch.where(top_k > 0, kth, float("-inf"))
     logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = sorted_logits.masked_fill(sorted_logits < kth, float("-inf")).softmax(dim=-1)
@@ -96,18 +136,21 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams | SamplingState
     return logits.masked_fill(drop, float("-inf"))
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams | SamplingState,
+def choose_tokens(logits: torch.Tensor, params: SamplingParams | RowSampling,
                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row of logits [N, V]: the argmax, or at temperature > 0 an independent sample per
+    """One token per row of logits [..., V]: the argmax, or at temperature > 0 an independent sample per
     row from the filtered distribution p, drawn as argmax(p / E) with E ~ Exp(1) (the exponential race,
     an exact sampler that needs no host synchronisation). `noise` is E (the engine's comes from
-    `position_noise`); without it, E is drawn from `generator`."""
+    `position_noise`); without it, E is drawn from `generator`. A batch's greedy rows take the argmax."""
     if params.mode == "greedy":
         return logits.argmax(dim=-1)
     probs = filtered_logits(logits, params).softmax(dim=-1)
     if noise is None:
         noise = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / noise).argmax(dim=-1)
+    sampled = (probs / noise).argmax(dim=-1)
+    if not isinstance(params, RowSampling) or params.greedy is None:
+        return sampled
+    return torch.where(params.greedy.view(-1, *[1] * (sampled.dim() - 1)), logits.argmax(dim=-1), sampled)
 
 
 MASK32 = 0xFFFFFFFF
@@ -143,10 +186,11 @@ def token_keys(vocab: int, device) -> torch.Tensor:
 
 
 def position_noise(seed: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise [len(positions), vocab] that depends only on (seed, position, token): a counter-based
+    """Exp(1) noise [*positions.shape, vocab] that depends only on (seed, position, token): a counter-based
     generator, so that it can be made on the device inside a captured graph and, keyed by position,
-    is the same for every method. seed: int64 tensor (`seed_key`); tokens: `token_keys(vocab)`.
-    Uniforms of 23 bits, (k + 1/2) / 2**23, are exact in float32 and never 0 or 1."""
+    is the same for every method. seed: int64 tensor (`seed_key`) that broadcasts against positions (a
+    batch's: [B, 1]); tokens: `token_keys(vocab)`. Uniforms of 23 bits, (k + 1/2) / 2**23, are exact in
+    float32 and never 0 or 1."""
     rows = mix32(seed ^ mix32(positions & MASK32))
-    bits = mix32(rows[:, None] ^ tokens) >> 9
+    bits = mix32(rows[..., None] ^ tokens) >> 9
     return -torch.log((bits.float() + 0.5) * 2.0 ** -23)

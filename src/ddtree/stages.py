@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from .costs import AcceptanceModel
-from .model import causal_mask
+from .model import causal_mask, sequence_index
 from .sampling import choose_tokens
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes
-from .workspace import PREFILL_STEP, Graphs, TreeBuffers, Workspace
+from .workspace import PREFILL_STEP, Graphs, Sequences, TreeBuffers, Workspace
 
 
 # A prompt is prefilled in chunks of at most this many rows: the attention's mask and activations stay
@@ -56,146 +56,187 @@ class Stage:
 
 
 class Stages:
-    """The stages over one workspace, with the target, the drafter and auto's acceptance model (which
-    scored trees read and every verified scored tree teaches)."""
+    """The stages over one workspace's sequences, with the target, the drafter and auto's acceptance model
+    (which scored trees read and every verified scored tree teaches). A round runs over the first `count`
+    sequences (a batch size the caller picks); a prefill, and the drafter's first look at a prompt, run
+    for one sequence (`index`) between rounds."""
 
     def __init__(self, model, drafter, workspace: Workspace, graphs: Graphs, position_noise,
                  acceptance: AcceptanceModel | None = None):
         self.model, self.drafter, self.ws, self.graphs = model, drafter, workspace, graphs
         self.position_noise, self.acceptance = position_noise, acceptance
 
-    def prefill(self, rows: int, taps: tuple[int, ...]) -> Stage:
-        """The prompt's first `rows` slots (padding included) through the target: its cache rows, the
-        logits after its last real token (the committed count says which) and its tapped features."""
-        return Stage(("prefill", rows, bool(taps)), lambda: self.run_prefill(rows, taps), self.graphs,
+    def prefill(self, rows: int, taps: tuple[int, ...], index: int = 0) -> Stage:
+        """The prompt's first `rows` slots (padding included) through the target into sequence `index`'s
+        cache: its logits after its last real token (the committed count says which) and its tapped features."""
+        return Stage(("prefill", rows, bool(taps), index), lambda: self.run_prefill(rows, taps, index), self.graphs,
                      graphed=rows <= GRAPH_PREFILL_ROWS)
 
-    def draft(self, attend: int, depth: int, chain: bool, prompt_rows: int | None = None) -> Stage:
-        """A round's draft of `depth` depths; the first round's (`prompt_rows` given) reads the prefill's
-        features as context."""
-        ws = self.ws
-        features = ws.features if prompt_rows is None else ws.prompt_features[:, :prompt_rows]
-        return Stage(("draft", attend, prompt_rows, depth, chain),
-                     lambda: self.run_draft(features, attend, depth, chain), self.graphs,
-                     graphed=prompt_rows is None or prompt_rows <= GRAPH_PREFILL_ROWS)
+    def absorb(self, attend: int, rows: int, index: int = 0) -> Stage:
+        """The drafter reads the prefill's features (`rows` of them) into sequence `index`'s drafter cache."""
+        return Stage(("absorb", attend, rows, index), lambda: self.run_absorb(attend, rows, index), self.graphs,
+                     graphed=rows <= GRAPH_PREFILL_ROWS)
 
-    def tree(self, tree: TreeBuffers, plan: FrontierPlan | None, yields: torch.Tensor | None = None) -> Stage:
-        """The round's tree into `tree`: the chain's tokens (no plan), or the best-first tree of `plan`;
-        with `yields` (an auto probe), also the expected tokens of every candidate size it holds."""
-        key = ("tree", tree.key, plan.budget if plan is not None else None, yields is not None)
-        return Stage(key, lambda: self.build_tree(tree, plan, yields), self.graphs)
+    def draft(self, count: int, attend: int, depth: int, chain: bool, tree: bool) -> Stage:
+        """A round's draft of `depth` depths for the first `count` sequences: each depth's likeliest token
+        (for `chain`s) and log-probs (for `tree`s)."""
+        return Stage(("draft", count, attend, depth, chain, tree),
+                     lambda: self.run_draft(count, attend, depth, chain, tree), self.graphs)
+
+    def tree(self, count: int, index: int, kind: str, plan: FrontierPlan | None = None, scored: bool = False,
+             probe: bool = False) -> Stage:
+        """Sequence `index`'s tree of this round, in the trees of `count` sequences: `kind` "bonus" (the
+        bonus token alone), "chain" (the draft's likeliest tokens) or "tree" (the best-first tree of `plan`,
+        its nodes' scores kept when `scored`, and with `probe` the expected tokens of every auto size)."""
+        key = ("tree", count, index, kind, plan.budget if plan is not None else None, scored, probe)
+        return Stage(key, lambda: self.build_tree(count, index, kind, plan, scored, probe), self.graphs)
 
     def verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...]) -> Stage:
-        mode = self.ws.sampling.mode
-        return Stage(("verify", tree.key, attend, mode, bool(taps)), lambda: self.run_verify(tree, attend, taps, mode),
-                     self.graphs)
+        sampling = self.ws.sampling
+        mode, mixed = sampling.mode_of(tree.count), sampling.mixed(tree.count)
+        return Stage(("verify", tree.key, attend, mode, mixed, bool(taps)),
+                     lambda: self.run_verify(tree, attend, taps, mode, mixed), self.graphs)
 
-    def commit(self, tree: TreeBuffers) -> Stage:
-        return Stage(("commit", tree.key), lambda: self.run_commit(tree), self.graphs, repeatable=False)
+    def commit(self, tree: TreeBuffers, learn: bool = False) -> Stage:
+        """`learn`: some tree of the round is scored, and auto's acceptance model learns from it."""
+        return Stage(("commit", tree.key, learn), lambda: self.run_commit(tree, learn), self.graphs, repeatable=False)
 
     # ----- the work ------------------------------------------------------------------------------
 
-    def run_prefill(self, rows: int, taps: tuple[int, ...]) -> None:
+    def run_prefill(self, rows: int, taps: tuple[int, ...], index: int) -> None:
         """In chunks (`prefill_chunks`), each attending the cache rows before it."""
         ws, model = self.ws, self.model
+        cache = ws.cache.sequences(index, index + 1)
         for start, end in prefill_chunks(rows):
             hidden, features = model(ws.prompt[None, start:end], ws.steps[None, start:end],
-                                     causal_mask(end - start, start, ws.device), ws.cache, start, taps)
+                                     causal_mask(end - start, start, ws.device), cache, start, taps)
             if features is not None:
                 ws.prompt_features[:, start:end].copy_(features)
-        last = (ws.committed - 1 - start).clamp(min=0).view(1)  # (0 in a capture's warm-up, at an empty context)
+        last = (ws.committed[index] - 1 - start).clamp(min=0).view(1)  # (0 in a capture's warm-up, at an empty context)
         ws.prompt_logits.copy_(model.logits(hidden[0].index_select(0, last)))
 
-    def run_draft(self, features: torch.Tensor, attend: int, depth: int, chain: bool) -> None:
-        """Per-depth log-probs of the tokens after the bonus token, from one drafter pass; for a chain,
-        only each depth's likeliest token. The new context rows (features of tokens from `pending_start`
-        on; rows past the committed ones are stale and never attended) go to their slots, the block to
-        the scratch rows."""
+    def run_absorb(self, attend: int, rows: int, index: int) -> None:
+        """One drafter pass with the prompt's features as its context: their keys and values go to their
+        slots (the block's own, at the scratch rows, the next draft rewrites). Then nothing is pending."""
+        ws, block, steps = self.ws, self.ws.block, self.ws.steps
+        committed = ws.committed[index]
+        slots = torch.cat([block + steps[:rows], steps[:block]])
+        block_ids = torch.cat([ws.bonus[index].view(1), ws.block_tail])
+        self.drafter(self.model.embed_tokens(block_ids[None]), (committed + steps[:block])[None],
+                     ws.prompt_features[:, :rows], steps[None, :rows], (steps[:attend] < block + committed)[None, None, None],
+                     ws.draft_cache.sequences(index, index + 1), slots)
+        ws.pending_start[index] = committed
+
+    def run_draft(self, count: int, attend: int, depth: int, chain: bool, tree: bool) -> None:
+        """Per-depth log-probs of the tokens after each bonus token, from one drafter pass; for a chain,
+        each depth's likeliest token. The new context rows (features of tokens from `pending_start` on;
+        rows past the committed ones are stale and never attended) go to their slots, the block to the
+        scratch rows."""
         ws, model, block = self.ws, self.model, self.ws.block
-        steps = ws.steps
-        context_positions = ws.pending_start + steps[:features.shape[1]]
-        block_positions = ws.committed + steps[:block]
-        slots = torch.cat([block + context_positions, steps[:block]])
-        mask = steps[:attend] < block + ws.committed  # the scratch block, then committed context rows
-        block_ids = torch.cat([ws.bonus[None], ws.block_tail])
-        hidden = self.drafter(
-            model.embed_tokens(block_ids[None]), block_positions[None], features, context_positions[None],
-            mask[None, None, None], ws.draft_cache, slots,
-        )
-        logits = self.drafter.scale_logits(model.logits(hidden[0, 1:depth + 1]))
+        seqs, steps = ws.sequences(count), ws.steps
+        context_positions = seqs.pending_start[:, None] + steps[:block]
+        block_positions = seqs.committed[:, None] + steps[:block]
+        slots = torch.cat([block + context_positions, steps[:block].expand(count, block)], dim=1)
+        mask = steps[:attend] < block + seqs.committed[:, None]  # the scratch block, then committed context rows
+        block_ids = torch.cat([seqs.bonus[:, None], ws.block_tail.expand(count, -1)], dim=1)
+        hidden = self.drafter(model.embed_tokens(block_ids), block_positions, seqs.features, context_positions,
+                              mask[:, None, None], seqs.draft_cache, slots)
+        logits = self.drafter.scale_logits(model.logits(hidden[:, 1:depth + 1]))
         if chain:  # a chain takes each depth's argmax, which the logits give as well
-            torch.argmax(logits, dim=-1, out=ws.chain_tokens[:depth])
-        else:
-            torch.log_softmax(logits, dim=-1, out=ws.log_probs[:depth])
+            torch.argmax(logits, dim=-1, out=seqs.chain_tokens[:, :depth])
+        if tree:
+            torch.log_softmax(logits, dim=-1, out=seqs.log_probs[:, :depth])
 
-    def build_tree(self, tree: TreeBuffers, plan: FrontierPlan | None, yields: torch.Tensor | None) -> None:
+    def build_tree(self, count: int, index: int, kind: str, plan: FrontierPlan | None, scored: bool,
+                   probe: bool) -> None:
         ws = self.ws
-        tree.ids[0] = ws.bonus
-        if plan is None:  # a chain: its shape is fixed in its buffers, its tokens each depth's argmax
-            tree.ids[1:] = ws.chain_tokens
+        trees = ws.tree(count, ws.max_rows)
+        ids, parents, depths, mask = trees.ids[index], trees.parents[index], trees.depths[index], trees.mask[index]
+        ids[0] = ws.bonus[index]
+        trees.learns[index] = scored
+        if kind == "bonus":
+            trees.used[index] = 1
             return
+        if kind == "chain":  # its shape is fixed, its tokens each depth's argmax
+            rows = ws.block
+            ids[1:rows] = ws.chain_tokens[index]
+            for buffer, structure in zip((parents[:rows], depths[:rows], mask[:rows, :rows]), ws.chain):
+                buffer.copy_(structure)
+            trees.used[index] = rows
+            return
+        rows, log_probs = plan.size + 1, ws.log_probs[index, :plan.depth]
+        scores = trees.scores[index, :plan.size]
         if ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
-            ws.tree_kernel.build(ws.log_probs[:plan.depth], ws.kernel_plan(plan), tree.ids, tree.parents, tree.depths,
-                                 tree.scores, tree.mask)
-            scores = tree.scores
+            ws.tree_kernel.build(log_probs, ws.kernel_plan(plan), ids[:rows], parents[:rows], depths[:rows],
+                                 scores if scored else None, mask[:rows, :rows])
         else:
-            tokens, parents, depths, scores = best_first_nodes(ws.log_probs[:plan.depth], plan)
-            if tree.scores is not None:
-                tree.scores.copy_(scores)
-            tree.ids[1:] = tokens
-            tree.parents[1:] = parents
-            tree.depths[1:] = depths
-            tree.mask.copy_(ancestor_mask(tree.parents, ws.block - 1))
-        if yields is not None:  # auto's trees are scored, so `scores` is set
-            yields.copy_(self.acceptance.expected_yields(scores))
+            tokens, node_parents, node_depths, node_scores = best_first_nodes(log_probs, plan)
+            if scored:
+                scores.copy_(node_scores)
+            ids[1:rows], parents[1:rows], depths[1:rows] = tokens, node_parents, node_depths
+            mask[:rows, :rows].copy_(ancestor_mask(parents[:rows], ws.block - 1))
+        trees.used[index] = rows
+        if probe:  # auto's trees are scored, so `scores` is set
+            ws.yields[index].copy_(self.acceptance.expected_yields(scores))
 
-    def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str) -> None:
-        """One target forward over the root and every node: the target's choice at each, and its features."""
-        ws, rows = self.ws, tree.rows
-        slots = ws.committed + ws.steps[:rows]
-        mask = (ws.steps[:attend] < ws.committed).expand(rows, attend).clone()
-        mask.scatter_(1, slots.expand(rows, rows), tree.mask)
-        hidden, features = self.model(tree.ids[None], (ws.committed + tree.depths)[None], mask[None, None], ws.cache,
+    def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str, mixed: bool) -> None:
+        """One target forward over every sequence's root and nodes: the target's choice at each, and its features."""
+        ws, count, rows = self.ws, tree.count, tree.rows
+        seqs, steps = ws.sequences(count), ws.steps
+        slots = seqs.committed[:, None] + steps[:rows]
+        mask = (steps[:attend] < seqs.committed[:, None])[:, None, :].expand(count, rows, attend).clone()
+        mask.scatter_(2, slots[:, None, :].expand(count, rows, rows), tree.mask)
+        hidden, features = self.model(tree.ids, seqs.committed[:, None] + tree.depths, mask[:, None], seqs.cache,
                                       slots, taps)
         noise = None
         if mode != "greedy":  # a node at depth d chooses the token at position committed + d + 1
             depths = min(rows, ws.block)
-            noise = self.position_noise(ws.seed, ws.committed + 1 + ws.steps[:depths], ws.token_keys)[tree.depths]
-        tree.choices.copy_(choose_tokens(self.model.logits(hidden[0]), ws.sampling, noise=noise))
+            noise = self.position_noise(seqs.seed[:, None], seqs.committed[:, None] + 1 + steps[:depths], ws.token_keys)
+            noise = noise[sequence_index(tree.depths), tree.depths]
+        choices = choose_tokens(self.model.logits(hidden), ws.sampling.rows(count, mode, mixed), noise=noise)
+        tree.choices.copy_(choices)
         if features is not None:
             tree.features.copy_(features)
 
-    def run_commit(self, tree: TreeBuffers) -> None:
-        """Accepts the longest root path whose every token is the target's choice at its parent, moves
-        its K/V rows into place, keeps its features for the drafter and sets the next bonus token."""
-        ws = self.ws
-        if tree.rows == 1:  # the bonus token alone (ar): accepted, and its row is in place already
-            self.advance(tree, tree.choices[:1], tree.out.new_ones(()), tree.features)
+    def run_commit(self, tree: TreeBuffers, learn: bool) -> None:
+        """Per sequence, accepts the longest root path whose every token is the target's choice at its
+        parent, moves its K/V rows into place, keeps its features for the drafter and sets the next bonus
+        token."""
+        ws, count = self.ws, tree.count
+        seqs, steps = ws.sequences(count), ws.steps
+        if tree.rows == 1:  # the bonus tokens alone (ar): accepted, and their rows are in place already
+            features = tree.features[:, :1] if tree.features is not None else None
+            self.advance(seqs, tree, tree.choices[:, :1], seqs.live.long(), features)
             return
-        steps, rows = ws.steps, tree.path_rows
-        matches = (tree.ids == tree.choices[tree.parents]) | (steps[:tree.rows] == 0)
-        accepted = ~(tree.mask & ~matches[None, :]).any(dim=1)  # every ancestor matches
-        count = accepted.sum()
-        # path[d] = the accepted node at depth d; past the path's end, d itself (rows stay where they are)
-        path = steps[:rows + 1].clone()
-        path.scatter_(0, torch.where(accepted, tree.depths, rows), steps[:tree.rows])
-        path = path[:rows]
-        ws.cache.move_rows(ws.committed + path, ws.committed + steps[:rows])
-        if tree.scores is not None:
-            self.acceptance.learn(tree.scores, accepted[1:])
-        self.advance(tree, tree.choices[path], count, tree.features[:, path] if tree.features is not None else None)
+        rows = tree.path_rows
+        matches = (tree.ids == tree.choices.gather(1, tree.parents)) | (steps[:tree.rows] == 0)
+        inside = steps[:tree.rows] < tree.used[:, None]
+        accepted = ~(tree.mask & ~matches[:, None, :]).any(dim=2) & inside  # every ancestor matches
+        count_accepted = accepted.sum(dim=1) * seqs.live
+        # path[b, d] = sequence b's accepted node at depth d; past the path's end, d itself (rows stay put)
+        path = steps[:rows + 1].repeat(count, 1)
+        path.scatter_(1, torch.where(accepted, tree.depths, rows), steps[:tree.rows].expand(count, -1))
+        path = path[:, :rows]
+        seqs.cache.move_rows(seqs.committed[:, None] + path, seqs.committed[:, None] + steps[:rows])
+        if learn:
+            self.acceptance.learn(tree.scores, accepted[:, 1:], (inside & tree.learns[:, None])[:, 1:])
+        features = None
+        if tree.features is not None:
+            features = tree.features.gather(1, path[..., None].expand(-1, -1, tree.features.shape[-1]))
+        self.advance(seqs, tree, tree.choices.gather(1, path), count_accepted, features)
 
-    def advance(self, tree: TreeBuffers, emitted: torch.Tensor, count: torch.Tensor, features: torch.Tensor | None):
-        """The accepted path's `count` tokens join the context: `emitted` holds the target's choice after
-        each path node, the last being the next bonus token; `features` are the path rows' taps."""
-        ws = self.ws
+    def advance(self, seqs: Sequences, tree: TreeBuffers, emitted: torch.Tensor, count: torch.Tensor,
+                features: torch.Tensor | None) -> None:
+        """Each sequence's accepted path of `count` tokens joins its context: `emitted` holds the target's
+        choice after each path node, the last being the next bonus token; `features` are the path rows'
+        taps. A free slot's count is 0: it keeps its place."""
         if features is not None:
-            ws.features[:, :features.shape[1]].copy_(features)
-        ws.bonus.copy_(emitted.index_select(0, (count - 1).view(1))[0])
-        ws.pending_start.copy_(ws.committed)
-        ws.committed.add_(count)
-        tree.out[0] = count
-        tree.out[1:] = emitted
+            seqs.features[:, :features.shape[1]].copy_(features)
+        seqs.bonus.copy_(emitted.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0])
+        seqs.pending_start.copy_(seqs.committed)
+        seqs.committed.add_(count)
+        tree.out[:, 0] = count
+        tree.out[:, 1:1 + emitted.shape[1]] = emitted
 
 
 def prefill_chunks(rows: int) -> list[tuple[int, int]]:

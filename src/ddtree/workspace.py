@@ -80,22 +80,25 @@ def tree_kernel_for(device: torch.device):
 
 
 class Workspace:
-    """Buffers that persist across requests: both caches and the per-round decoding state.
+    """Buffers that persist across requests: both caches and the decoding state of up to `batch` sequences.
 
-    The target cache holds `context` committed tokens plus one verify's rows; the drafter cache is
-    laid out as `Drafter.new_cache` describes. The state tensors are what the stages read and write:
-    `committed` (tokens in the target cache, also the bonus token's position), `bonus`, `pending_start`
-    (position of the first context row the drafter has not yet seen) and `features` (those rows).
-    A draft leaves per-depth log-probs in `log_probs` (for trees) or each depth's likeliest token in
-    `chain_tokens` (for a chain).
+    The target cache holds, per sequence, `context` committed tokens plus one verify's rows; the drafter
+    cache is laid out as `Drafter.new_cache` describes. The state tensors, one entry per sequence, are
+    what the stages read and write: `committed` (tokens in the target cache, also the bonus token's
+    position), `bonus`, `pending_start` (position of the first context row the drafter has not yet seen),
+    `features` (those rows) and `live` (a sequence is decoding there: a free slot's rounds change nothing
+    it keeps). A draft leaves per-depth log-probs in `log_probs` (for trees) and each depth's likeliest
+    token in `chain_tokens` (for chains). A prompt is prefilled into one sequence's slot at a time
+    through `prompt`, `prompt_logits` and `prompt_features`.
     """
 
     def __init__(self, model, drafter, taps: tuple[int, ...], dtype: torch.dtype, context: int, max_rows: int,
-                 context_limit: int, graphs: bool):
+                 context_limit: int, graphs: bool, batch: int = 1):
         device = model.embed_tokens.weight.device
         self.device, self.context, self.max_rows, self.context_limit = device, context, max_rows, context_limit
-        self.cache = model.new_cache(context + max_rows + 1)
-        self.draft_cache = drafter.new_cache(context) if drafter is not None else None
+        self.batch = batch
+        self.cache = model.new_cache(context + max_rows + 1, batch)
+        self.draft_cache = drafter.new_cache(context, batch) if drafter is not None else None
         self.block = drafter.cfg.block_size if drafter is not None else 1
         longest = max(self.cache.capacity, self.draft_cache.capacity if drafter is not None else 0)
         self.steps = torch.arange(longest, device=device)
@@ -103,21 +106,24 @@ class Workspace:
         self.prefill_step = PREFILL_STEP if graphs else 1
         self.prompt = torch.zeros(context, dtype=torch.long, device=device)  # padded with stale ids
         self.prompt_logits = torch.zeros(1, model.cfg.vocab_size, device=device)
-        self.committed = torch.zeros((), dtype=torch.long, device=device)
-        self.pending_start = torch.zeros((), dtype=torch.long, device=device)
-        self.bonus = torch.zeros((), dtype=torch.long, device=device)
-        self.seed = torch.zeros((), dtype=torch.long, device=device)  # sampling: the request's seed_key
-        self.sampling = SamplingState(device)
+        per_sequence = lambda dtype=torch.long: torch.zeros(batch, dtype=dtype, device=device)  # noqa: E731
+        self.committed, self.pending_start, self.bonus = per_sequence(), per_sequence(), per_sequence()
+        self.seed = per_sequence()  # sampling: each request's seed_key
+        self.live = per_sequence(torch.bool)
+        self.sampling = SamplingState(device, batch)
         self.token_keys = token_keys(model.cfg.vocab_size, device)
         if drafter is not None:
             width = len(taps) * model.cfg.hidden_size
-            self.features = torch.zeros(1, self.block, width, device=device, dtype=dtype)
-            self.log_probs = torch.zeros(self.block - 1, model.cfg.vocab_size, device=device)
-            self.chain_tokens = torch.zeros(self.block - 1, dtype=torch.long, device=device)
+            self.features = torch.zeros(batch, self.block, width, device=device, dtype=dtype)
+            self.log_probs = torch.zeros(batch, self.block - 1, model.cfg.vocab_size, device=device)
+            self.chain_tokens = torch.zeros(batch, self.block - 1, dtype=torch.long, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
-            self.prompt_features = self.features.new_zeros(1, context, width)  # the first draft's context
-        self.trees: dict[tuple[int, bool, bool], TreeBuffers] = {}
-        self.prefixes: dict[tuple[str, int], TreeBuffers] = {}
+            self.prompt_features = self.features.new_zeros(1, context, width)  # a joining sequence's context
+            self.chain = chain_structure(self.block, device)  # a chain's parents, depths and mask
+        self.yields: torch.Tensor | None = None  # auto: where a probe writes each size's expected tokens
+        self.trees: dict[int, TreeBuffers] = {}
+        self.prefixes: dict[tuple[int, int], TreeBuffers] = {}
+        self.views: dict[int, Sequences] = {}
         self.plans: dict[int, FrontierPlan] = {}
         # on CUDA trees of up to tree_kernel.MAX_NODES nodes are built by one Triton kernel, others and
         # every tree elsewhere by PyTorch operations
@@ -125,14 +131,16 @@ class Workspace:
         self.kernel_plans: dict = {}
         self.owner = 0  # the generation now decoding here (Engine numbers them)
 
-    def load_prompt(self, ids: list[int]) -> None:
-        """A new prompt: its ids into the prompt buffer, the committed count its length, nothing drafted yet."""
+    def load_prompt(self, ids: list[int], index: int = 0) -> None:
+        """A new prompt for sequence `index`: its ids into the prompt buffer, the committed count its length,
+        nothing drafted yet."""
         self.prompt[:len(ids)].copy_(torch.tensor(ids))
-        self.committed.fill_(len(ids))
-        self.pending_start.zero_()
+        self.committed[index] = len(ids)
+        self.pending_start[index] = 0
+        self.live[index] = True
 
-    def fits(self, context: int, rows: int) -> bool:
-        return self.context >= context and self.max_rows >= rows
+    def fits(self, context: int, rows: int, batch: int = 1) -> bool:
+        return self.context >= context and self.max_rows >= rows and self.batch >= batch
 
     def prefill_rows(self, length: int) -> int:
         """Rows a prefill of `length` prompt tokens runs: padded to a graph shape. The padding's cache
@@ -150,7 +158,7 @@ class Workspace:
     def plan(self, budget: int) -> FrontierPlan:
         """The tree plan of `budget` nodes: no deeper than the block, nor than `budget` (a tree's depth)."""
         if budget not in self.plans:
-            depth, vocab = self.log_probs.shape
+            depth, vocab = self.log_probs.shape[1:]
             self.plans[budget] = FrontierPlan(budget, min(depth, budget), vocab, self.device)
         return self.plans[budget]
 
@@ -160,52 +168,74 @@ class Workspace:
             self.kernel_plans[plan.budget] = self.tree_kernel.KernelPlan(plan, self.device)
         return self.kernel_plans[plan.budget]
 
-    def tree(self, rows: int, scored: bool = False, chain: bool = False) -> "TreeBuffers":
-        """Tree buffers of `rows` rows; `scored` ones (auto's) also keep their nodes' scores; a `chain`'s
-        (plain DFlash's) hold its fixed shape."""
-        if (rows, scored, chain) not in self.trees:
-            self.trees[rows, scored, chain] = TreeBuffers(rows, self, scored=scored, chain=chain)
-        return self.trees[rows, scored, chain]
+    def auto_yields(self, sizes: int) -> torch.Tensor:
+        """[batch, sizes]: where auto's probes write each candidate size's expected tokens, per sequence."""
+        if self.yields is None or self.yields.shape[1] != sizes:
+            self.yields = torch.zeros(self.batch, sizes, device=self.device)
+        return self.yields
 
-    def prefix(self, tree: "TreeBuffers", rows: int) -> "TreeBuffers":
-        """The first `rows` rows of `tree`, as a tree of its own (cached)."""
-        key = (tree.key, rows)
-        if key not in self.prefixes:
-            self.prefixes[key] = TreeBuffers(rows, self, parent=tree)
-        return self.prefixes[key]
+    def sequences(self, count: int) -> "Sequences":
+        """The first `count` sequences' state, caches and trees (a round over them runs at this batch size)."""
+        if count not in self.views:
+            self.views[count] = Sequences(self, count)
+        return self.views[count]
+
+    def tree(self, count: int, rows: int) -> "TreeBuffers":
+        """The trees of the first `count` sequences verified at `rows` rows each: the first rows of one set
+        of buffers of `max_rows` rows per sequence (cached), into which every tree of a round is built."""
+        if count not in self.trees:
+            self.trees[count] = TreeBuffers(count, self.max_rows, self)
+        if rows == self.max_rows:
+            return self.trees[count]
+        if (count, rows) not in self.prefixes:
+            self.prefixes[count, rows] = TreeBuffers(count, rows, self, parent=self.trees[count])
+        return self.prefixes[count, rows]
+
+
+class Sequences:
+    """The first `count` sequences of a workspace, as views: their state, caches and sampling values."""
+
+    def __init__(self, ws: Workspace, count: int):
+        self.count = count
+        self.committed, self.pending_start, self.bonus = ws.committed[:count], ws.pending_start[:count], ws.bonus[:count]
+        self.seed, self.live = ws.seed[:count], ws.live[:count]
+        self.cache = ws.cache.sequences(0, count)
+        if ws.draft_cache is not None:
+            self.draft_cache = ws.draft_cache.sequences(0, count)
+            self.features, self.log_probs = ws.features[:count], ws.log_probs[:count]
+            self.chain_tokens = ws.chain_tokens[:count]
 
 
 class TreeBuffers:
-    """One round's tree and its verification, for trees of `rows` rows: the root (the bonus token) and
-    `nodes` drafted nodes.
+    """One round's trees of `count` sequences and their verification, `rows` rows each: the root (the bonus
+    token) and up to `rows - 1` drafted nodes. Sequence b's tree uses its first `used[b]` rows; the rows
+    after them hold what earlier rounds left there, which is still a tree (nodes come in score order, every
+    parent before its children), so verifying them is harmless, and they are never accepted.
 
-    A prefix tree (`parent` given) views the first `rows` rows of a larger tree's ids, parents,
-    depths and mask, which is a tree because nodes come in score order; it has its own outputs.
-    `key` tells graphs over different buffers apart."""
+    A prefix (`parent` given) views the first `rows` rows of a larger set's every buffer. `key` tells graphs
+    over different buffers apart."""
 
-    def __init__(self, rows: int, workspace: Workspace, parent: "TreeBuffers | None" = None,
-                 scored: bool = False, chain: bool = False):
+    def __init__(self, count: int, rows: int, workspace: Workspace, parent: "TreeBuffers | None" = None):
         device = workspace.device
-        self.rows, self.nodes = rows, rows - 1
+        self.count, self.rows = count, rows
         self.path_rows = min(workspace.block, rows)  # the longest path such a tree can have
+        self.key = (count, rows)
         if parent is None:
-            self.key = ("chain" if chain else "tree") + str(rows) + ("-scored" if scored else "")
-            self.ids = torch.zeros(rows, dtype=torch.long, device=device)
-            if chain:
-                self.parents, self.depths, self.mask = chain_structure(rows, device)
-            else:
-                self.parents = torch.zeros(rows, dtype=torch.long, device=device)
-                self.depths = torch.zeros(rows, dtype=torch.long, device=device)
-                self.mask = torch.eye(rows, dtype=torch.bool, device=device)  # ancestor-or-self
+            self.ids = torch.zeros(count, rows, dtype=torch.long, device=device)
+            self.parents = torch.zeros(count, rows, dtype=torch.long, device=device)
+            self.depths = torch.zeros(count, rows, dtype=torch.long, device=device)
+            self.mask = torch.eye(rows, dtype=torch.bool, device=device).repeat(count, 1, 1)  # ancestor-or-self
             # auto: the nodes' path log-probabilities, from which it learns what gets accepted
-            self.scores = torch.zeros(self.nodes, device=device) if scored else None
+            self.scores = torch.zeros(count, rows - 1, device=device)
+            self.choices = torch.zeros(count, rows, dtype=torch.long, device=device)
+            self.features = (workspace.features.new_zeros(count, rows, workspace.features.shape[-1])
+                             if workspace.draft_cache is not None else None)
+            self.used = torch.ones(count, dtype=torch.long, device=device)  # rows in each sequence's tree
+            self.learns = torch.zeros(count, dtype=torch.bool, device=device)  # its nodes teach auto's model
+            self.out = torch.zeros(count, workspace.block + 1, dtype=torch.long, device=device)  # [count, tokens...]
         else:
-            self.key = f"{parent.key}[:{rows}]"
-            self.ids, self.parents, self.depths = parent.ids[:rows], parent.parents[:rows], parent.depths[:rows]
-            self.mask = parent.mask[:rows, :rows]
-            self.scores = parent.scores[:self.nodes] if parent.scores is not None else None
-        self.choices = torch.zeros(rows, dtype=torch.long, device=device)
-        self.features = (workspace.features.new_zeros(1, rows, workspace.features.shape[-1])
-                         if workspace.draft_cache is not None else None)
-        self.out = torch.zeros(self.path_rows + 1, dtype=torch.long, device=device)  # [count, tokens added...]
-        self.yields: torch.Tensor | None = None  # auto's largest tree: where probes write each size's expected tokens
+            for name in ("ids", "parents", "depths", "choices"):
+                setattr(self, name, getattr(parent, name)[:, :rows])
+            self.mask, self.scores = parent.mask[:, :rows, :rows], parent.scores[:, :rows - 1]
+            self.features = parent.features[:, :rows] if parent.features is not None else None
+            self.used, self.learns, self.out = parent.used, parent.learns, parent.out
