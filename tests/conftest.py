@@ -213,39 +213,48 @@ class Oracle:
         self.calls = 0
 
     def install(self, monkeypatch):
-        real_draft, real_launch = Stages.run_draft, Generation.launch
+        from ddtree.batching import BatchRunner
+
+        real_draft, real_launch, real_round = Stages.run_draft, Generation.launch, BatchRunner.round
         oracle, current = self, {}
 
-        def launch(gen, *args):
-            current["generation"] = gen  # the request whose round drafts next
+        def launch(gen, *args):  # the request whose round drafts next, in slot 0
+            current["prefixes"] = lambda: {0: list(gen.ids) + list(gen.stopper.tokens)}
             return real_launch(gen, *args)
+
+        def batch_round(runner):  # the batch's requests, each in its slot
+            current["prefixes"] = lambda: {r.index: list(r.ids) + list(r.stopper.tokens) for r in runner.live()}
+            return real_round(runner)
 
         def draft(stages, *args):
             real_draft(stages, *args)
-            gen, ws = current["generation"], stages.ws
-            log_probs = ws.log_probs[0]  # edited in place: the tree stage reads it next
-            oracle.calls += 1
-            prefix = list(gen.ids) + list(gen.stopper.tokens)
-            committed = int(ws.committed[0])
-            assert prefix[-1] == int(ws.bonus[0]) and len(prefix) == committed + 1
-            true = oracle.continuation(prefix, log_probs.shape[0])
-            for depth, token in enumerate(true or []):
-                rank = oracle.rank(depth, committed + 1 + depth)
-                if token is None or rank is None:
-                    continue
-                # A confident drafter: the top two tokens hold `masses` (0.6 and 0.3) of the probability,
-                # the drafter's own ranking fills the rest. The truth is the top token or the runner-up.
-                row = torch.log_softmax(log_probs[depth], dim=-1) - 5.0  # (stale after a chain's draft)
-                order = row.argsort(descending=True)
-                wrong = int(order[order != token][0])
-                first, second = (token, wrong) if rank == 0 else (wrong, token)
-                row[first], row[second] = math.log(oracle.masses[0]), math.log(oracle.masses[1])
-                log_probs[depth] = torch.log_softmax(row, dim=-1)
-                ws.chain_tokens[0, depth] = first  # what a chain drafts: each depth's likeliest
+            for index, prefix in current["prefixes"]().items():
+                oracle.rewrite(stages.ws, index, prefix)
 
         monkeypatch.setattr(Generation, "launch", launch)
+        monkeypatch.setattr(BatchRunner, "round", batch_round)
         monkeypatch.setattr(Stages, "run_draft", draft)
         return self
+
+    def rewrite(self, ws, index: int, prefix: list[int]) -> None:
+        log_probs = ws.log_probs[index]  # edited in place: the tree stage reads it next
+        self.calls += 1
+        committed = int(ws.committed[index])
+        assert prefix[-1] == int(ws.bonus[index]) and len(prefix) == committed + 1
+        true = self.continuation(prefix, log_probs.shape[0])
+        for depth, token in enumerate(true or []):
+            rank = self.rank(depth, committed + 1 + depth)
+            if token is None or rank is None:
+                continue
+            # A confident drafter: the top two tokens hold `masses` (0.6 and 0.3) of the probability,
+            # the drafter's own ranking fills the rest. The truth is the top token or the runner-up.
+            row = torch.log_softmax(log_probs[depth], dim=-1) - 5.0  # (stale after a chain's draft)
+            order = row.argsort(descending=True)
+            wrong = int(order[order != token][0])
+            first, second = (token, wrong) if rank == 0 else (wrong, token)
+            row[first], row[second] = math.log(self.masses[0]), math.log(self.masses[1])
+            log_probs[depth] = torch.log_softmax(row, dim=-1)
+            ws.chain_tokens[index, depth] = first  # what a chain drafts: each depth's likeliest
 
 
 @pytest.fixture(scope="session")

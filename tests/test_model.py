@@ -192,6 +192,9 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
                          (compiled.drafter, ("project", "finish"))):
         for name in names:  # one compiled function, shared by the layers
             assert len({getattr(layer, name).func for layer in model.layers}) == 1
+    prompts = random_prompts(3, plain.model.cfg.vocab_size, seed=6, min_len=3, max_len=30)
+    batch = compiled.generate_batch(prompts, method="ddtree", budget=6, max_new_tokens=10)  # per-sequence slots
+    assert [r.token_ids for r in batch] == [plain.generate(p, method="ar", max_new_tokens=10).token_ids for p in prompts]
 
 
 def test_compile_mode_comes_from_the_environment_and_is_checked(monkeypatch):

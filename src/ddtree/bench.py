@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from .errors import DDTreeError
 from .evalsets import load_dataset
 from .model import causal_mask
 from .options import Decoding, GenerationOptions
@@ -254,29 +255,108 @@ class BenchPlan:
 
 
 def bench(engine, datasets: list[str], specs: list, temperatures: list[float], limit: int | None,
-          max_new_tokens: int, repeats: int, seed: int, root: str | None = None, hf_limit: int = 5) -> dict:
-    """Runs every (dataset, temperature, method) and returns the results document.
+          max_new_tokens: int, repeats: int, seed: int, root: str | None = None, hf_limit: int = 5,
+          concurrency: list[int] | None = None) -> dict:
+    """Runs every (dataset, temperature, method) and returns the results document; with `concurrency`,
+    at each of those levels the set's prompts decode that many at a time (`concurrent_runs`).
 
     Under torchrun, each rank takes every size-th conversation and the responses are gathered on
     all ranks, so every rank returns the same document.
     """
     rank, size = world()
+    if concurrency and (size > 1 or HF in specs):
+        raise DDTreeError("--concurrency runs in one process, and without the hf baseline")
     plan = BenchPlan(specs, max_new_tokens, repeats, seed, hf_limit, rank, size)
     result = environment(engine) | {"max_new_tokens": max_new_tokens, "repeats": repeats, "seed": seed,
                                     "world_size": size, "runs": []}
     conversations = {name: load_dataset(name, root)[:limit] for name in datasets}
     total = sum(len(plan.mine(plan.prompts(spec, c))) for c in conversations.values() for spec in specs)
-    bar = tqdm(total=total * len(temperatures), desc="bench", unit="prompt", disable=rank != 0)
+    bar = tqdm(total=total * len(temperatures) * len(concurrency or [1]), desc="bench", unit="prompt",
+               disable=rank != 0)
     generators = method_generators(engine, specs)
     for name, convs in conversations.items():
         engine.generate(convs[0][0], chat=True, max_new_tokens=8, method="ar")  # warm-up
         context = longest_context(engine, convs, max_new_tokens)
         for temperature in temperatures:
+            if concurrency:
+                result["runs"] += concurrent_runs(engine, plan, name, convs, temperature, concurrency, context, bar)
+                continue
             prepare_all(engine, specs, context, temperature)
             per_method = run_set(plan, generators, name, convs, temperature, bar)
             result["runs"] += [run_record(engine, plan, spec, name, convs, temperature, per_method) for spec in specs]
     bar.close()
     return result
+
+
+def concurrent_runs(engine, plan: BenchPlan, name: str, convs: list, temperature: float, levels: list[int],
+                    context: int, bar) -> list[dict]:
+    """Every method at every concurrency level: the set's conversations decode `level` at a time (a request
+    joins as another finishes), turn by turn. Throughput is the set's new tokens over the wall time; a
+    request's latency and time to first token run from joining the batch. With CUDA graphs, a first
+    untimed pass captures them; the wall time is the median of `repeats` timed passes."""
+    rows = max(engine.method_for(spec).rows for spec in plan.specs)
+    engine.workspace_for(context, rows, max(levels))  # once: growing it mid-run would drop every graph
+    records = []
+    for level in levels:
+        per_method = {}
+        for spec in plan.specs:
+            bar.set_postfix(dataset=name, method=spec.label, t=temperature, concurrency=level)
+            options = plan.options(spec, temperature)
+            if engine.graphs.enabled:
+                run_batched(engine, convs, options, level)
+            passes = [run_batched(engine, convs, options, level) for _ in range(plan.repeats)]
+            per_method[spec.label] = passes[0]["responses"], statistics.median(p["seconds"] for p in passes)
+            bar.update(len(convs))
+        ar = per_method.get("ar")
+        for spec in plan.specs:
+            responses, seconds = per_method[spec.label]
+            records.append(concurrent_record(spec, name, temperature, level, responses, seconds, ar))
+    return records
+
+
+def run_batched(engine, convs: list, options: GenerationOptions, level: int) -> dict:
+    """One pass over a set, `level` requests at a time: each turn of every conversation, with its own answers
+    to the earlier turns in the context. Returns the responses and the wall time."""
+    histories: list[list[dict]] = [[] for _ in convs]
+    responses = []
+    started = time.perf_counter()
+    for turn in range(max(len(turns) for turns in convs)):
+        active = [i for i, turns in enumerate(convs) if turn < len(turns)]
+        for i in active:
+            histories[i].append({"role": "user", "content": convs[i][turn]})
+        results = engine.generate_batch([list(histories[i]) for i in active], options, chat=True, slots=level)
+        for i, result in zip(active, results):
+            histories[i].append({"role": "assistant", "content": result.text})
+            responses.append({"conversation": i, "token_ids": result.token_ids, "num_new_tokens": result.num_new_tokens,
+                              "acceptance_lengths": result.acceptance_lengths, "mean_acceptance": result.mean_acceptance,
+                              "seconds": result.seconds, "first_token_seconds": result.first_token_seconds,
+                              "stage_seconds": {}, "chosen_budgets": result.chosen_budgets})
+    return {"responses": sorted(responses, key=lambda r: r["conversation"]), "seconds": time.perf_counter() - started}
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0  # noqa: E731
+    return {"p50": statistics.median(ordered) if ordered else 0.0, "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def concurrent_record(spec, name: str, temperature: float, level: int, responses: list[dict], seconds: float,
+                      ar: tuple[list[dict], float] | None) -> dict:
+    """One method's results at one concurrency level, against `ar` at the same level."""
+    stats = summarise(responses)
+    throughput = stats["new_tokens"] / seconds if seconds else 0.0
+    return {"dataset": dataset_label(name), "method": spec.method, "budget": spec.budget, "temperature": temperature,
+            "concurrency": level, "num_prompts": len({r["conversation"] for r in responses}),
+            **stats, "seconds": seconds, "tokens_per_second": throughput,
+            "seconds_per_token": seconds / stats["new_tokens"] if stats["new_tokens"] else 0.0,
+            "request_tokens_per_second": percentiles([r["num_new_tokens"] / r["seconds"] for r in responses
+                                                      if r["seconds"] > 0]),
+            "first_token_seconds": percentiles([r["first_token_seconds"] for r in responses]),
+            "latency_seconds": percentiles([r["seconds"] for r in responses]),
+            "speedup_vs_ar": throughput / (sum(r["num_new_tokens"] for r in ar[0]) / ar[1]) if ar and ar[1] else None,
+            "speedup_vs_hf": None,
+            "token_agreement_with_ar": agreement(responses, ar[0]) if ar else None,
+            "divergences": [], "responses": responses}
 
 
 def method_generators(engine, specs: list) -> dict:
@@ -340,8 +420,11 @@ def markdown_table(result: dict) -> str:
                  "| largest margin at a divergence | ms per round: draft / tree / verify / commit + host |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cell = lambda value, fmt: "" if value is None else format(value, fmt)  # noqa: E731
+    batched = [run for run in result["runs"] if "concurrency" in run]
     for run in result["runs"]:
-        label = run["method"] if run["budget"] is None else f"{run['method']} B={run['budget']}"
+        if "concurrency" in run:
+            continue
+        label = method_label(run)
         margins = [d["margin"] for d in run.get("divergences", [])]
         ms = run.get("stage_ms_per_round", {})
         stages = (f"{ms.get('draft', 0):.2f} / {ms.get('tree', 0):.2f} / {ms.get('verify', 0):.2f} / "
@@ -351,7 +434,29 @@ def markdown_table(result: dict) -> str:
                      f"{cell(run['speedup_vs_ar'], '.2f')} | {cell(run['speedup_vs_hf'], '.2f')} | "
                      f"{cell(run['token_agreement_with_ar'], '.3f')} | {cell(max(margins, default=None), '.3f')} | "
                      f"{stages} |")
+    if batched:
+        lines = lines[:1] + concurrency_table(batched) if len(lines) == 3 else lines + [""] + concurrency_table(batched)
     return "\n".join(lines) + "\n"
+
+
+def method_label(run: dict) -> str:
+    return run["method"] if run["budget"] is None else f"{run['method']} B={run['budget']}"
+
+
+def concurrency_table(runs: list[dict]) -> list[str]:
+    """Runs at several concurrency levels: throughput, and per request its speed, first token and latency."""
+    spread = lambda p: f"{p['p50']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}"  # noqa: E731
+    lines = ["", "| dataset | T | method | concurrency | prompts | τ | throughput tok/s | vs ar | request tok/s p50 "
+                 "| first token s p50 / p90 / p99 | latency s p50 / p90 / p99 | agreement with ar |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        vs_ar = "" if run["speedup_vs_ar"] is None else f"{run['speedup_vs_ar']:.2f}"
+        agree = "" if run["token_agreement_with_ar"] is None else f"{run['token_agreement_with_ar']:.3f}"
+        lines.append(f"| {run['dataset']} | {run['temperature']:g} | {method_label(run)} | {run['concurrency']} | "
+                     f"{run['num_prompts']} | {run['mean_acceptance']:.2f} | {run['tokens_per_second']:.1f} | {vs_ar} | "
+                     f"{run['request_tokens_per_second']['p50']:.1f} | {spread(run['first_token_seconds'])} | "
+                     f"{spread(run['latency_seconds'])} | {agree} |")
+    return lines
 
 
 def plot(result: dict, prefix: str) -> list[str]:
@@ -365,14 +470,37 @@ def plot(result: dict, prefix: str) -> list[str]:
     written = []
     for temperature in sorted({r["temperature"] for r in result["runs"]}):
         runs = [r for r in result["runs"] if r["temperature"] == temperature]
-        for kind, draw in (("budget", plot_budgets), ("histogram", plot_histograms)):
-            fig = draw(plt, runs)
+        batched = [r for r in runs if "concurrency" in r]
+        kinds = [("concurrency", plot_concurrency)] if batched else [("budget", plot_budgets), ("histogram", plot_histograms)]
+        for kind, draw in kinds:
+            fig = draw(plt, batched or runs)
             fig.suptitle(f"{result['device']}, T={temperature:g}")
             fig.tight_layout()
             written.append(f"{prefix}-{kind}-T{temperature:g}.png")
             fig.savefig(written[-1], dpi=110)
             plt.close(fig)
     return written
+
+
+def plot_concurrency(plt, runs: list[dict]):
+    """Throughput and median request latency against concurrency, a line per method, a row per dataset."""
+    datasets = sorted({r["dataset"] for r in runs})
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 3.8 * len(datasets)), squeeze=False)
+    for row, name in zip(axes, datasets):
+        for label in dict.fromkeys(method_label(r) for r in runs if r["dataset"] == name):
+            mine = sorted((r for r in runs if r["dataset"] == name and method_label(r) == label),
+                          key=lambda r: r["concurrency"])
+            levels = [r["concurrency"] for r in mine]
+            row[0].plot(levels, [r["tokens_per_second"] for r in mine], marker="o", label=label)
+            row[1].plot(levels, [r["latency_seconds"]["p50"] for r in mine], marker="o", label=label)
+        for ax, ylabel in zip(row, ("throughput (new tokens/s)", "request latency p50 (s)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency (requests decoding at once)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(name)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    return fig
 
 
 def plot_budgets(plt, runs: list[dict]):

@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=256, help="per response (default 256)")
     bench.add_argument("--repeats", type=int, default=1, help="time every response this many times; median (default 1)")
     bench.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0 (default 0)")
+    bench.add_argument("--concurrency", type=comma(int),
+                       help="comma-separated levels, e.g. 1,4,8,16,32: decode each set's prompts that many at a time "
+                            "(continuous batching; throughput, latency and time to first token per level)")
     bench.add_argument("--data-dir", help="the evaluation sets' files (default: $DDTREE_DATA_DIR)")
     bench.add_argument("--out", required=True,
                        help="results JSON path, xz-compressed when it ends in .json.xz (the table goes to the "
@@ -450,11 +453,13 @@ def run_bench(args) -> None:
     specs = method_specs(args.methods, args.budgets, ("hf", "ar", "dflash", "ddtree"))
     if args.repeats < 1:
         raise DDTreeError("--repeats must be >= 1")
+    if args.concurrency and min(args.concurrency) < 1:
+        raise DDTreeError("--concurrency levels must be >= 1")
     check_writable(args.out, "--out")
     with data_parallel(args.device) as (rank, device):
         engine = load_engine(args, device, quiet=rank != 0)
         result = bench(engine, args.datasets, specs, args.temperatures, args.limit, args.max_new_tokens,
-                       args.repeats, args.seed, args.data_dir, args.hf_limit)
+                       args.repeats, args.seed, args.data_dir, args.hf_limit, args.concurrency)
         if rank == 0:
             write_bench_outputs(result, args.out)
 

@@ -284,8 +284,10 @@ class Drafter(nn.Module):
         tapped layer outputs [B, C, len(target_layer_ids) * H]. `mask` (bool [B or 1, 1, S, L]) says
         what each block query sees: without a cache the C context rows then the S block rows (None =
         everything); with a cache, cache slots 0..L after the C context rows and then the S block
-        rows have been written at `slots` (a tensor of C + S slot indices).
+        rows have been written at `slots` (a tensor of C + S slot indices, or [B, C + S] of each sequence's own).
         """
+        if slots is not None and slots.dim() == 1:  # (one form for the compiled layers, as the target's)
+            slots = slots[None]
         context = self.hidden_norm(self.fc(context_features))
         dtype = block_embeds.dtype
         rope_block = self.rotary(block_positions, dtype)

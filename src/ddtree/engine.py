@@ -14,6 +14,7 @@ import os
 import torch
 from jinja2 import TemplateError
 
+from .batching import BatchRunner
 from .calibration import (
     CalibrationKey, calibrate, calibration_contexts, device_description, load_or_calibrate, pair_description,
 )
@@ -194,6 +195,28 @@ class Engine:
                                 acceptance_lengths=lengths, seconds=stats["seconds"],
                                 stage_seconds=stats["stage_seconds"], finish_reason=finish, method=stats["method"],
                                 budget=stats["budget"], chosen_budgets=stats["budgets"])
+
+    def generate_batch(self, prompts: list, options: GenerationOptions | list[GenerationOptions] | None = None,
+                       chat: bool = False, slots: int | None = None, **fields) -> list[GenerationResult]:
+        """Generates every prompt to completion, up to `slots` of them at once (all by default), in shared
+        rounds: a request joins when a slot frees up. `options` is one for all, one per prompt, or the fields
+        of one (as for `stream`). Each result is what `generate` gives for that prompt alone."""
+        if not prompts:
+            return []
+        if isinstance(options, list):
+            if len(options) != len(prompts):
+                raise DDTreeError(f"{len(options)} options for {len(prompts)} prompts")
+        else:
+            options = [options or GenerationOptions.of(**fields)] * len(prompts)
+        ids = [self.encode(prompt, chat) for prompt in prompts]
+        methods = [self.method_for(option.decoding) for option in options]
+        context = max(self.tokens_held(len(i), o.max_new_tokens, m.block) for i, o, m in zip(ids, options, methods))
+        runner = BatchRunner(self, min(slots or len(prompts), len(prompts)), context, max(m.rows for m in methods))
+        requests = [runner.add(i, option) for i, option in zip(ids, options)]
+        for _ in runner.run():
+            pass
+        stage_seconds = runner.stage_seconds()
+        return [request.result(stage_seconds) for request in requests]
 
     def prepare(self, decoding: Decoding | None = None, context: int = 1024,
                 sampling: SamplingParams | None = None) -> int:

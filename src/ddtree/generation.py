@@ -100,7 +100,7 @@ class Generation:
         self.stages, self.method, self.ids, self.options = stages, method, ids, options
         self.stopper, self.ticket, self.run_ahead = stopper, ticket, run_ahead
         self.ws = stages.ws
-        self.seed = options.seed if options.seed is not None or options.sampling.greedy else torch.seed()
+        self.seed = request_seed(options)
         self.stats: dict = {"prompt_tokens": len(ids), "method": options.decoding.method,
                             "budget": options.decoding.budget, "budgets": method.chosen}
         self.rounds = 0  # launched so far
@@ -182,3 +182,8 @@ def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sam
     if method.drafts:
         stages.absorb(ws.draft_attend(len(ids)), rows, index).run()
     return int(ws.bonus[index])
+
+
+def request_seed(options: GenerationOptions) -> int | None:
+    """The request's seed; a sampled request without one gets a fresh random one."""
+    return options.seed if options.seed is not None or options.sampling.greedy else torch.seed()

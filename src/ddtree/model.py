@@ -302,10 +302,10 @@ class LayerKV(NamedTuple):
 
     def store(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (a tensor, which keeps shapes
-        static for graph capture) in one copy: T slot indices shared by the batch, or [B, T], each
+        static for graph capture) in one copy: [1, T] slot indices shared by the batch, or [B, T], each
         sequence's own."""
-        if slots.dim() == 1 or slots.shape[0] == 1:  # (one sequence: the plain copy)
-            self.kv.index_copy_(3, slots.view(-1), kv)
+        if slots.shape[0] == 1:  # (shared, or one sequence: the plain copy)
+            self.kv.index_copy_(3, slots[0], kv)
         else:  # (indices on two axes apart put those axes first: [B, T, 2, kv_heads, D])
             self.kv[:, sequence_index(slots), :, slots] = kv.permute(1, 3, 0, 2, 4)
 
@@ -511,6 +511,8 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         if isinstance(slots, int):
             slots = torch.arange(slots, slots + input_ids.shape[1], device=input_ids.device)
+        if slots.dim() == 1:  # (one form for the compiled layers: [1, T] is shared by the batch)
+            slots = slots[None]
         groups = self.cfg.num_heads // self.cfg.num_kv_heads
         biases = [attention_bias(mask, groups, x.dtype)]
         if self.cfg.sliding_layers:

@@ -16,6 +16,7 @@ class GenerationResult:
     method: str
     budget: int | str | None  # nodes per round, "auto", or None for ar and dflash
     chosen_budgets: list[int] = field(default_factory=list)  # with "auto": each round's choice
+    first_token_seconds: float | None = None  # in a batch: from joining it to its first token
 
     @property
     def num_new_tokens(self) -> int:

@@ -156,6 +156,7 @@ class Stages:
         trees.learns[index] = scored
         if kind == "bonus":
             trees.used[index] = 1
+            depths.zero_()  # a batch verifies more rows than the root: near the context's end, none past it
             return
         if kind == "chain":  # its shape is fixed, its tokens each depth's argmax
             rows = ws.block
@@ -177,7 +178,7 @@ class Stages:
             mask[:rows, :rows].copy_(ancestor_mask(parents[:rows], ws.block - 1))
         trees.used[index] = rows
         if probe:  # auto's trees are scored, so `scores` is set
-            ws.yields[index].copy_(self.acceptance.expected_yields(scores))
+            ws.auto_yields(len(self.acceptance.sizes))[index].copy_(self.acceptance.expected_yields(scores))
 
     def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str, mixed: bool) -> None:
         """One target forward over every sequence's root and nodes: the target's choice at each, and its features."""

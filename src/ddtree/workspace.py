@@ -139,6 +139,12 @@ class Workspace:
         self.pending_start[index] = 0
         self.live[index] = True
 
+    def free(self, index: int) -> None:
+        """Sequence `index` leaves: its slot, emptied, stays inside every round's attended lengths."""
+        self.live[index] = False
+        self.committed[index] = 0
+        self.pending_start[index] = 0
+
     def fits(self, context: int, rows: int, batch: int = 1) -> bool:
         return self.context >= context and self.max_rows >= rows and self.batch >= batch
 

@@ -1,0 +1,118 @@
+"""Many requests at once (batching.py): every request's tokens equal its solo run's, whatever it shares
+rounds with, in fp32 on the CPU; requests join and leave between rounds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ddtree.batching import batch_size
+from ddtree.errors import DDTreeError
+from ddtree.options import GenerationOptions
+
+from conftest import Oracle, random_prompts
+from test_lossless import oracle_continuation, second_rank_every_fourth
+
+FAMILY, DRAFTER = "llama", dict(layers=1, block_size=8)
+
+
+@pytest.fixture
+def engine(make_engine):
+    return make_engine(FAMILY, **DRAFTER)
+
+
+def mixed_requests(engine, count: int, seed: int) -> tuple[list[list[int]], list[GenerationOptions]]:
+    """Prompts of mixed lengths, each with its own method, budget, length, temperature, seed and stop rule."""
+    rng = random.Random(seed)
+    prompts = random_prompts(count, engine.model.cfg.vocab_size, seed=seed, min_len=2, max_len=60)
+    decodings = [("ar", None), ("dflash", None), ("ddtree", 4), ("ddtree", 12), ("ddtree", 30)]
+    options = []
+    for i in range(count):
+        method, budget = decodings[i % len(decodings)]
+        sampled = i % 3 == 2
+        options.append(GenerationOptions.of(
+            method=method, budget=budget, max_new_tokens=rng.choice([5, 17, 28]), temperature=1.0 if sampled else 0.0,
+            top_k=rng.choice([0, 20]) if sampled else 0, seed=rng.randrange(1000) if sampled else None,
+            stop=[engine.tokenizer.decode([prompts[i][0]])] if i % 4 == 1 else []))
+    return prompts, options
+
+
+def solo(engine, prompts, options) -> list[list[int]]:
+    return [engine.generate(prompt, option).token_ids for prompt, option in zip(prompts, options)]
+
+
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_each_request_of_a_mixed_batch_equals_its_solo_run(engine, slots, monkeypatch):
+    """Mixed prompt lengths, methods, budgets, temperatures, seeds, stop strings and lengths; with fewer slots
+    than requests they join as others leave. A drafter that often knows the answer (the target's own greedy
+    continuation at rank 0 or 1) makes rounds accept several tokens, so paths move rows per sequence."""
+    prompts, options = mixed_requests(engine, 10, seed=slots)
+    references = [engine.generate(p, method="ar", max_new_tokens=48).token_ids for p in prompts]
+    Oracle(oracle_continuation(prompts, references), rank=second_rank_every_fourth).install(monkeypatch)
+    expected = solo(engine, prompts, options)
+    results = engine.generate_batch(prompts, options, slots=slots)
+    for i, (result, want) in enumerate(zip(results, expected)):
+        assert result.token_ids == want, f"request {i} ({options[i].decoding}) differs from its solo run"
+        assert sum(result.acceptance_lengths) + 1 == len(result.token_ids)
+    assert max(max(r.acceptance_lengths, default=1) for r in results) >= 4  # paths of several tokens were taken
+
+
+def test_solo_runs_equal_ar_and_batched_ar(engine):
+    """The batch's plain path (no oracle, a random drafter): ar, dflash and trees, greedy, against ar."""
+    prompts = random_prompts(5, engine.model.cfg.vocab_size, seed=3, min_len=3, max_len=40)
+    ar = solo(engine, prompts, [GenerationOptions.of(method="ar", max_new_tokens=20)] * 5)
+    for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12)):
+        batch = engine.generate_batch(prompts, method=method, budget=budget, max_new_tokens=20, slots=3)
+        assert [r.token_ids for r in batch] == ar, method
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    """The same sampled request, alone and beside different company, draws the same tokens."""
+    prompt = [5, 9, 23, 4, 17]
+    mine = GenerationOptions.of(method="ddtree", budget=12, max_new_tokens=24, temperature=1.0, seed=7)
+    others = random_prompts(4, engine.model.cfg.vocab_size, seed=11, min_len=5, max_len=30)
+    alone = engine.generate(prompt, mine).token_ids
+    for company in (others[:1], others):
+        company_options = [GenerationOptions.of(method="dflash", max_new_tokens=9, temperature=0.7, seed=1)] * len(company)
+        results = engine.generate_batch([*company, prompt], [*company_options, mine])
+        assert results[-1].token_ids == alone
+
+
+def test_a_request_at_the_context_limit_finishes_by_length(make_engine):
+    engine = make_engine(FAMILY, **DRAFTER)
+    limit = engine.context_limit
+    long_prompt = [i % engine.model.cfg.vocab_size for i in range(1, limit - 5)]
+    results = engine.generate_batch([long_prompt, [3, 4, 5]], method="ddtree", budget=12, max_new_tokens=50)
+    assert results[0].finish_reason == "length" and len(long_prompt) + len(results[0].token_ids) <= limit
+    assert results[0].token_ids == engine.generate(long_prompt, method="ar", max_new_tokens=50).token_ids
+    assert results[1].token_ids == engine.generate([3, 4, 5], method="ddtree", budget=12, max_new_tokens=50).token_ids
+
+
+def test_batch_sizes_are_powers_of_two_up_to_the_slots():
+    assert [batch_size(used, 8) for used in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert batch_size(5, 6) == 6
+
+
+def test_bad_batches_are_refused(engine):
+    with pytest.raises(DDTreeError, match="2 options for 3 prompts"):
+        engine.generate_batch([[1], [2], [3]], [GenerationOptions.of()] * 2)
+    with pytest.raises(DDTreeError, match="context holds"):
+        engine.generate_batch([[1] * (engine.context_limit + 1)])
+    assert engine.generate_batch([]) == []
+
+
+def test_cache_rows_of_a_batch_go_to_each_sequences_own_slots():
+    """Per-sequence slots [B, T] store and move each sequence's rows; shared slots [T] do as before."""
+    from ddtree.model import KVCache
+
+    cache = KVCache.empty(2, 3, 2, 10, 4, "cpu", torch.float32)
+    kv = torch.randn(2, 3, 2, 2, 4)  # [2, B, kv_heads, T, D]
+    cache.layer(1).store(torch.tensor([[0, 1], [5, 6], [8, 9]]), kv)
+    for b, slots in enumerate(([0, 1], [5, 6], [8, 9])):
+        assert torch.equal(cache.kv[1, :, b][:, :, slots], kv[:, b])
+    before = cache.kv.clone()
+    cache.move_rows(torch.tensor([[1, 1], [6, 5], [9, 8]]), torch.tensor([[3, 4], [0, 1], [2, 3]]))
+    for b, (sources, destinations) in enumerate((([1, 1], [3, 4]), ([6, 5], [0, 1]), ([9, 8], [2, 3]))):
+        assert torch.equal(cache.kv[:, :, b][..., destinations, :], before[:, :, b][..., sources, :])
