@@ -4,6 +4,7 @@ rounds with, in fp32 on the CPU; requests join and leave between rounds."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -116,3 +117,33 @@ def test_cache_rows_of_a_batch_go_to_each_sequences_own_slots():
     cache.move_rows(torch.tensor([[1, 1], [6, 5], [9, 8]]), torch.tensor([[3, 4], [0, 1], [2, 3]]))
     for b, (sources, destinations) in enumerate((([1, 1], [3, 4]), ([6, 5], [0, 1]), ([9, 8], [2, 3]))):
         assert torch.equal(cache.kv[:, :, b][..., destinations, :], before[:, :, b][..., sources, :])
+
+
+def test_the_server_decodes_concurrent_clients_together_and_each_reply_is_its_solo_run(engine):
+    """Eight streaming clients at once against a server of four slots: requests join and leave between
+    rounds, /metrics shows batches of more than one, and every temperature-0 reply equals its solo run."""
+    import threading
+
+    from test_server import PROMPTS, RunningServer, chat_reference, metric, run_threads
+
+    running = RunningServer(engine, max_batch=4, context=512)
+    client, replies, sizes = running.client(), {}, []
+    requests = [(PROMPTS[i % len(PROMPTS)], 8 + 5 * i, ("ar", "dflash", "ddtree")[i % 3]) for i in range(8)]
+
+    def ask(index: int) -> None:
+        prompt, max_tokens, method = requests[index]
+        stream = client.chat.completions.create(model=running.settings.model_name, max_tokens=max_tokens, temperature=0,
+                                                stream=True, messages=[{"role": "user", "content": prompt}],
+                                                extra_body={"method": method, "budget": 8})
+        replies[index] = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+    def watch() -> None:
+        while len(replies) < len(requests):
+            sizes.append(metric(running, "ddtree_batch_size"))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))] + [threading.Thread(target=watch)]
+    run_threads(threads, running)
+    assert max(sizes) > 1
+    for index, (prompt, max_tokens, method) in enumerate(requests):
+        assert replies[index] == chat_reference(engine, prompt, max_tokens, method=method, budget=8).text, index

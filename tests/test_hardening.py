@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from ddtree.options import Decoding
-from test_server import PROMPTS, GatedEngine, RunningServer, SlowEngine, chat_reference, error_of, metric
+from test_server import (
+    PROMPTS, GatedEngine, RunningServer, SlowEngine, chat_reference, error_of, metric, run_threads,
+)
 
 TARGET = "llama"
 
@@ -235,13 +237,7 @@ def test_mixed_load_of_normal_oversized_leaving_and_invalid_clients(engine):
             time.sleep(0.2)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(16)] + [threading.Thread(target=watch)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-    finally:
-        running.stop()
+    run_threads(threads, running)
     assert statuses and not wrong and all(s < 500 for s in statuses), sorted(set(statuses))
     assert {200, 400, 413} <= set(statuses) and set(health) <= {"ok", "busy"} and "busy" in health
 

@@ -55,6 +55,17 @@ def server(engine):
     running.stop()
 
 
+def run_threads(threads: list, running: RunningServer) -> None:
+    """Starts the clients' threads, waits for them (two minutes at most), then stops the server."""
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        running.stop()
+
+
 def chat_reference(engine, prompt, max_tokens, **kwargs):
     return engine.generate([{"role": "user", "content": prompt}], max_new_tokens=max_tokens, **kwargs)
 
@@ -195,7 +206,7 @@ def test_health_models_and_metrics(server):
 
 
 class SlowEngine:
-    """The engine, but every streamed chunk takes 50 ms more: a generation that is still running
+    """The engine, but every chunk of its batches takes 50 ms more: a generation that is still running
     when its client hangs up."""
 
     def __init__(self, engine):
@@ -204,21 +215,23 @@ class SlowEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def stream(self, *args, **kwargs):
-        return SlowGeneration(self.engine.stream(*args, **kwargs))
+    def runner(self, *args):
+        return SlowRunner(self.engine.runner(*args))
 
 
-class SlowGeneration:
-    """A generation whose chunks arrive 50 ms apart; `.stats` as the engine's."""
+class SlowRunner:
+    """A batch whose chunks arrive 50 ms apart; otherwise the engine's."""
 
-    def __init__(self, generation):
-        self.generation = generation
-        self.stats = generation.stats
+    def __init__(self, runner):
+        self.runner = runner
 
-    def __iter__(self):
-        for chunk in self.generation:
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def step(self):
+        for event in self.runner.step():
             time.sleep(0.05)
-            yield chunk
+            yield event
 
 
 def test_a_client_that_leaves_mid_stream_cancels_and_the_next_is_served(engine):
@@ -241,7 +254,7 @@ def test_a_client_that_leaves_mid_stream_cancels_and_the_next_is_served(engine):
 
 
 class GatedEngine:
-    """The engine, but every generation waits for `gate` before it starts."""
+    """The engine, but every round of its batches waits for `gate` before it runs."""
 
     def __init__(self, engine):
         self.engine, self.gate, self.started = engine, threading.Event(), threading.Event()
@@ -249,10 +262,21 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def stream(self, *args, **kwargs):
-        self.started.set()
-        assert self.gate.wait(30)
-        return self.engine.stream(*args, **kwargs)
+    def runner(self, *args):
+        return GatedRunner(self.engine.runner(*args), self)
+
+
+class GatedRunner:
+    def __init__(self, runner, gated: GatedEngine):
+        self.runner, self.gated = runner, gated
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def step(self):
+        self.gated.started.set()
+        assert self.gated.gate.wait(30)
+        yield from self.runner.step()
 
 
 def test_full_queue_answers_503_and_shutdown_finishes_requests_in_flight(engine):

@@ -23,7 +23,7 @@ from .results import GenerationResult, StreamChunk
 from .stopping import StopChecker
 
 
-@dataclass
+@dataclass(eq=False)  # (a request is itself: two asking the same are two)
 class BatchRequest:
     """One request of a batch: what it asked for and, as it decodes, where it stands."""
     ids: list[int]
@@ -90,18 +90,44 @@ class BatchRunner:
         self.waiting.append(request)
         return request
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(self.slots)
+
+    def fits(self, ids: list[int], options: GenerationOptions) -> bool:
+        """Whether this batch's workspace has room for such a request."""
+        method = self.engine.method_for(options.decoding)
+        return self.ws.fits(self.engine.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
+
     def run(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """Rounds until every request added (also while running) has finished: (request, chunk) pairs."""
+        while self.busy:
+            yield from self.step()
+
+    def step(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        """Waiting requests join, then one round: the chunks they produced."""
         with torch.inference_mode():
-            while self.waiting or any(self.slots):
-                self.ws.owner = self.ticket
-                yield from self.admit()
-                if any(self.slots):
-                    yield from self.round()
+            self.ws.owner = self.ticket
+            yield from self.admit()
+            if any(self.slots):
+                yield from self.round()
+
+    def cancel(self, request: BatchRequest) -> None:
+        """The request leaves now (its client went away): no more chunks for it."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request.index is not None and self.slots[request.index] is request:
+            self.leave(request)
+
+    def abandon(self) -> None:
+        """Every request leaves (after a failed round, whose state nothing can trust)."""
+        self.waiting.clear()
+        for request in self.live():
+            self.leave(request)
 
     def admit(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """Waiting requests into free slots (the lowest first, which keeps rounds' batches small)."""
-        while self.waiting and None in self.slots:
+        while self.waiting and None in self.slots:  # (a round's host read has finished what the device did)
             request = self.waiting.popleft()
             request.index = self.slots.index(None)
             request.started = time.perf_counter()
@@ -136,11 +162,15 @@ class BatchRunner:
 
     def emit(self, request: BatchRequest, chunk: StreamChunk) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         request.chunks.append(chunk)
-        if chunk.finish_reason is not None:  # it leaves: its slot is free for the next round
-            request.seconds = time.perf_counter() - request.started
-            self.ws.free(request.index)
-            self.slots[request.index] = None
+        if chunk.finish_reason is not None:
+            self.leave(request)
         yield request, chunk
+
+    def leave(self, request: BatchRequest) -> None:
+        """Its slot is free for the next round."""
+        request.seconds = time.perf_counter() - request.started
+        self.ws.free(request.index)
+        self.slots[request.index] = None
 
     def live(self) -> list[BatchRequest]:
         return [request for request in self.slots if request is not None]
@@ -153,3 +183,19 @@ def batch_size(used: int, slots: int) -> int:
     """The batch size a round runs at when slots 0..used are in use: a power of two (a few graph shapes
     serve every batch), at most the slots there are."""
     return min(1 << (used - 1).bit_length(), slots)
+
+
+def default_max_batch(engine, context: int, cap: int = 32) -> int:
+    """How many requests a server decodes at once by default: on a GPU, as many sequences of `context`
+    tokens as half the free memory holds (caches, trees and activations), at most `cap`; on the CPU, whose
+    cores a single request already keeps busy, one."""
+    if engine.device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    cfg, itemsize = engine.model.cfg, engine.dtype.itemsize
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    if engine.drafter is not None:
+        d = engine.drafter.cfg
+        per_token += 2 * d.num_layers * d.num_kv_heads * d.head_dim * itemsize
+    per_sequence = per_token * context * 2  # (room for the verify's activations beside the cache)
+    return max(1, min(cap, free // 2 // per_sequence))

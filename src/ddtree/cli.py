@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
                                 description="Serve /v1/chat/completions, /v1/completions (both with stream: true), "
-                                            "/v1/models, /health and /metrics over one engine. Requests queue and "
-                                            "run one at a time, first come first served; requests may set "
+                                            "/v1/models, /health and /metrics over one engine. Requests queue, "
+                                            "first come first served, and up to --max-batch decode together "
+                                            "(joining and leaving between rounds); requests may set "
                                             "'method' and 'budget' (and 'top_k') besides OpenAI's fields.")
     add_model_options(serve, decoding=True)
     serve.add_argument("--method", choices=["ar", "dflash", "ddtree"], default="ddtree",
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests that may wait; past that the server answers 503 (default 64)")
+    serve.add_argument("--max-batch", type=int,
+                       help="requests decoding at once (default: on a GPU as many as half its free memory holds "
+                            "at --prepare-context tokens each, at most 32; on the CPU 1)")
     serve.add_argument("--model-name", help="the model id clients send (default: the target's name)")
     serve.add_argument("--max-budget", type=int,
                        help="the largest tree budget a request may ask for (default: the largest size auto uses on "
@@ -517,12 +521,13 @@ def run_profile(args) -> None:
 
 
 def run_serve(args) -> None:
+    from .batching import default_max_batch
     from .costs import candidate_sizes
     from .options import Decoding
     from .server import LOOPBACK_NAMES, ServerSettings, serve
 
-    if args.max_queue < 1 or args.max_body_bytes < 1 or args.prepare_context < 0:
-        raise DDTreeError("--max-queue and --max-body-bytes must be >= 1, --prepare-context >= 0")
+    if args.max_queue < 1 or args.max_body_bytes < 1 or args.prepare_context < 0 or (args.max_batch or 1) < 1:
+        raise DDTreeError("--max-queue, --max-batch and --max-body-bytes must be >= 1, --prepare-context >= 0")
     decoding = Decoding(args.method, args.budget)
     engine = load_engine(args)
     max_budget = args.max_budget or max(candidate_sizes(engine.device.type, engine.block - 1,
@@ -535,8 +540,11 @@ def run_serve(args) -> None:
         graphs = engine.prepare(decoding, args.prepare_context)
         print(f"ddtree: prepared {decoding.label} for requests of up to {args.prepare_context} tokens "
               f"({graphs} CUDA graphs)", file=sys.stderr)
+    context = args.prepare_context or 2048
+    max_batch = args.max_batch or default_max_batch(engine, context)
     settings = ServerSettings(args.model_name or engine.target.name, decoding, args.max_queue, max_budget,
-                              args.max_body_bytes, args.api_key, hosts)
+                              args.max_body_bytes, args.api_key, hosts, max_batch, context)
+    print(f"ddtree: up to {max_batch} requests decode at once", file=sys.stderr)
     serve(engine, settings, args.host, args.port)
 
 

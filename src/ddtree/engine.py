@@ -196,6 +196,11 @@ class Engine:
                                 stage_seconds=stats["stage_seconds"], finish_reason=finish, method=stats["method"],
                                 budget=stats["budget"], chosen_budgets=stats["budgets"])
 
+    def runner(self, slots: int, context: int, rows: int) -> BatchRunner:
+        """A batch of up to `slots` requests decoding at once in this engine's workspace (sized for `context`
+        tokens per sequence and trees of `rows` rows), as `generate_batch` and the server use it."""
+        return BatchRunner(self, slots, context, rows)
+
     def generate_batch(self, prompts: list, options: GenerationOptions | list[GenerationOptions] | None = None,
                        chat: bool = False, slots: int | None = None, **fields) -> list[GenerationResult]:
         """Generates every prompt to completion, up to `slots` of them at once (all by default), in shared
@@ -211,7 +216,7 @@ class Engine:
         ids = [self.encode(prompt, chat) for prompt in prompts]
         methods = [self.method_for(option.decoding) for option in options]
         context = max(self.tokens_held(len(i), o.max_new_tokens, m.block) for i, o, m in zip(ids, options, methods))
-        runner = BatchRunner(self, min(slots or len(prompts), len(prompts)), context, max(m.rows for m in methods))
+        runner = self.runner(min(slots or len(prompts), len(prompts)), context, max(m.rows for m in methods))
         requests = [runner.add(i, option) for i, option in zip(ids, options)]
         for _ in runner.run():
             pass

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .batching import BatchRequest, BatchRunner
 from .engine import Engine
 from .errors import DDTreeError
 from .options import Decoding, GenerationOptions
@@ -136,15 +137,22 @@ class Job:
 
 
 class Scheduler:
-    """Runs queued jobs one at a time on the engine, first come first served, in its own thread. Only
-    live requests hold a place in the queue: a job whose client left gives its place up at once."""
+    """Runs queued jobs on the engine in its own thread, up to `max_batch` at once (`BatchRunner`): a job
+    joins the running batch at the next round boundary, first come first served, and leaves when it
+    finishes or its client goes away. Only live requests hold a place in the queue: a job whose client
+    left gives its place up at once. `context`: the tokens per sequence the batch's buffers are first made
+    for (a longer request waits until the batch is empty, which then grows)."""
 
-    def __init__(self, engine: Engine, max_queue: int, on_done):
+    def __init__(self, engine: Engine, max_queue: int, on_done, max_batch: int = 1, context: int = 2048):
         self.engine, self.max_queue, self.on_done = engine, max_queue, on_done
+        self.max_batch, self.context = max_batch, context
         self.pending: deque[Job] = deque()
         self.ready = threading.Condition()
         self.closing = False
-        self.progress_at: float | None = None  # while a job runs: when it last made progress
+        self.runner: BatchRunner | None = None
+        self.running: dict[BatchRequest, Job] = {}
+        self.batch_size = 0  # requests in the latest round
+        self.progress_at: float | None = None  # while jobs run: when the batch last made progress
         self.thread = threading.Thread(target=self.work, name="ddtree-engine", daemon=True)
         self.thread.start()
 
@@ -156,7 +164,7 @@ class Scheduler:
     @property
     def depth(self) -> int:
         """Requests waiting or running."""
-        return self.waiting + int(self.progress_at is not None)
+        return self.waiting + len(self.running)
 
     def health(self) -> str:
         """ok (idle), busy, or stuck (a round has taken longer than anything should)."""
@@ -183,52 +191,98 @@ class Scheduler:
             self.ready.notify()
         self.thread.join()
 
-    def next_job(self) -> Job | None:
-        with self.ready:
-            while not self.pending and not self.closing:
-                self.ready.wait()
-            return self.pending.popleft() if self.pending else None
-
     def work(self) -> None:
-        while (job := self.next_job()) is not None:
-            if job.cancelled.is_set():
-                continue
-            self.progress_at = time.monotonic()
-            try:
-                self.run(job)
-            finally:
-                self.progress_at = None
+        while (jobs := self.take()) is not None:
+            for job in jobs:
+                self.start(job)
+            if self.running:
+                self.step()
+            self.progress_at = time.monotonic() if self.running else None
 
-    def run(self, job: Job) -> None:
-        lengths, started = [], time.perf_counter()
+    def take(self) -> list[Job] | None:
+        """The waiting jobs that join the batch now (as many as it has room for); waits while there is
+        nothing to do, and None once closing with nothing left."""
+        with self.ready:
+            while not self.pending and not self.running and not self.closing:
+                self.ready.wait()
+            if not self.pending and not self.running:
+                return None
+            jobs = []
+            while self.pending and len(self.running) + len(jobs) < self.max_batch:
+                job = self.pending.popleft()
+                if not job.cancelled.is_set():
+                    jobs.append(job)
+            return jobs
+
+    def start(self, job: Job) -> None:
+        """The job into the batch, or back to the queue's front until the batch is empty when it needs
+        more room than the batch's buffers have."""
         try:
-            generation = self.engine.stream(job.ids, job.options)
-            for chunk in generation:
-                self.progress_at = time.monotonic()
-                if chunk.acceptance_length is not None:
-                    lengths.append(chunk.acceptance_length)
-                job.send("chunk", chunk)
-                if job.cancelled.is_set():
-                    break
+            runner = self.runner_for(job)
+            if runner is None:
+                with self.ready:
+                    self.pending.appendleft(job)
+                return
+            self.running[runner.add(job.ids, job.options)] = job
         except DDTreeError as exc:
             job.send("error", APIError(400, str(exc)))
+
+    def runner_for(self, job: Job) -> BatchRunner | None:
+        if self.runner is not None and self.runner.fits(job.ids, job.options):
+            return self.runner
+        if self.running:
+            return None
+        method = self.engine.method_for(job.options.decoding)
+        needed = self.engine.tokens_held(len(job.ids), job.options.max_new_tokens, method.block)
+        rows = max(method.rows, self.runner.ws.max_rows if self.runner else 1)
+        self.runner = self.engine.runner(self.max_batch, max(self.context, needed), rows)
+        return self.runner
+
+    def step(self) -> None:
+        """One round (with the joins before it); its chunks to their jobs; jobs whose client left, out."""
+        self.progress_at = time.monotonic()
+        self.batch_size = len(self.running)
+        try:
+            for request, chunk in self.runner.step():
+                self.progress_at = time.monotonic()
+                self.running[request].send("chunk", chunk)
+                if chunk.finish_reason is not None:
+                    self.finish(request)
+        except Exception as exc:  # noqa: BLE001 - the batch's failure must not stop the server
+            self.fail_all(exc)
             return
-        except Exception:  # noqa: BLE001 - one request's failure must not stop the server
-            log.exception("request %s failed", job.request_id)
-            job.send("error", APIError(500, f"the generation failed (request {job.request_id})", kind="server_error"))
-            return
+        for request, job in list(self.running.items()):
+            if job.cancelled.is_set():
+                self.runner.cancel(request)
+                self.finish(request)
+
+    def finish(self, request: BatchRequest) -> None:
+        job = self.running.pop(request)
+        lengths = [chunk.acceptance_length for chunk in request.chunks if chunk.acceptance_length is not None]
         stats = {"seconds": time.perf_counter() - job.queued_at, "acceptance_lengths": lengths,
-                 "cancelled": job.cancelled.is_set(), "budget": generation.stats["budget"],
-                 "decoding_seconds": time.perf_counter() - started}
+                 "cancelled": job.cancelled.is_set(), "budget": request.options.decoding.budget,
+                 "decoding_seconds": time.perf_counter() - request.started}
         self.on_done(stats)
         job.send("done", stats)
+
+    def fail_all(self, exc: Exception) -> None:
+        """A failed round: every running job gets the error (400 for a request the engine refused)."""
+        if not isinstance(exc, DDTreeError):
+            log.error("a decoding round failed", exc_info=exc)
+        for request, job in self.running.items():
+            error = (APIError(400, str(exc)) if isinstance(exc, DDTreeError) else
+                     APIError(500, f"the generation failed (request {job.request_id})", kind="server_error"))
+            job.send("error", error)
+        self.running.clear()
+        self.runner.abandon()
+        self.runner = None  # (made again for the next job: nothing of this batch's state is trusted)
 
 
 # ----- metrics ----------------------------------------------------------------------------------------
 
 
 class Metrics:
-    def __init__(self, scheduler_depth):
+    def __init__(self, scheduler_depth, batch_size):
         self.total_tokens = self.total_rounds = 0
         self.registry = CollectorRegistry()
         self.requests = Counter("ddtree_requests", "Requests received, by endpoint", ["endpoint"],
@@ -248,6 +302,8 @@ class Metrics:
                                  registry=self.registry)
         depth = Gauge("ddtree_queue_depth", "Requests waiting or running", registry=self.registry)
         depth.set_function(scheduler_depth)
+        batch = Gauge("ddtree_batch_size", "Requests decoding together in the latest round", registry=self.registry)
+        batch.set_function(batch_size)
 
     def record(self, stats: dict) -> None:
         tokens, rounds = sum(stats["acceptance_lengths"]), len(stats["acceptance_lengths"])
@@ -276,6 +332,8 @@ class ServerSettings:
     max_body_bytes: int = 4 << 20
     api_key: str | None = None  # when set, /v1 and /metrics want "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] | None = None  # Host header names answered (None: any)
+    max_batch: int = 1  # requests decoding at once
+    context: int = 2048  # tokens per sequence the batch's buffers are first made for
 
 
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
@@ -283,8 +341,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state["scheduler"] = Scheduler(engine, settings.max_queue, lambda stats: state["metrics"].record(stats))
-        state["metrics"] = Metrics(lambda: state["scheduler"].depth)
+        state["scheduler"] = Scheduler(engine, settings.max_queue, lambda stats: state["metrics"].record(stats),
+                                       settings.max_batch, settings.context)
+        state["metrics"] = Metrics(lambda: state["scheduler"].depth, lambda: state["scheduler"].batch_size)
         yield
         await asyncio.to_thread(state["scheduler"].close)
 
