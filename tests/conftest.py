@@ -15,7 +15,7 @@ import torch
 
 from ddtree.api import random_drafter
 from ddtree.engine import Engine
-from ddtree.generation import Generation
+from ddtree.generation import BatchRunner
 from ddtree.loading import load_target
 from ddtree.stages import Stages
 
@@ -213,26 +213,19 @@ class Oracle:
         self.calls = 0
 
     def install(self, monkeypatch):
-        from ddtree.batching import BatchRunner
-
-        real_draft, real_launch, real_round = Stages.run_draft, Generation.launch, BatchRunner.round
+        real_draft, real_launch = Stages.run_draft, BatchRunner.launch
         oracle, current = self, {}
 
-        def launch(gen, *args):  # the request whose round drafts next, in slot 0
-            current["prefixes"] = lambda: {0: list(gen.ids) + list(gen.stopper.tokens)}
-            return real_launch(gen, *args)
-
-        def batch_round(runner):  # the batch's requests, each in its slot
-            current["prefixes"] = lambda: {r.index: list(r.ids) + list(r.stopper.tokens) for r in runner.live()}
-            return real_round(runner)
+        def launch(runner):  # the requests whose round drafts next, each in its slot
+            current["prefixes"] = {r.index: list(r.ids) + list(r.stopper.tokens) for r in runner.live()}
+            return real_launch(runner)
 
         def draft(stages, *args):
             real_draft(stages, *args)
-            for index, prefix in current["prefixes"]().items():
+            for index, prefix in current["prefixes"].items():
                 oracle.rewrite(stages.ws, index, prefix)
 
-        monkeypatch.setattr(Generation, "launch", launch)
-        monkeypatch.setattr(BatchRunner, "round", batch_round)
+        monkeypatch.setattr(BatchRunner, "launch", launch)
         monkeypatch.setattr(Stages, "run_draft", draft)
         return self
 

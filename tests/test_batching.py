@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ddtree.batching import batch_size
+from ddtree.generation import batch_size
 from ddtree.errors import DDTreeError
 from ddtree.options import GenerationOptions
 
@@ -60,11 +60,14 @@ def test_each_request_of_a_mixed_batch_equals_its_solo_run(engine, slots, monkey
     assert max(max(r.acceptance_lengths, default=1) for r in results) >= 4  # paths of several tokens were taken
 
 
-def test_solo_runs_equal_ar_and_batched_ar(engine):
-    """The batch's plain path (no oracle, a random drafter): ar, dflash and trees, greedy, against ar."""
+@pytest.mark.parametrize("ahead", [False, True])
+def test_solo_runs_equal_ar_and_batched_ar(engine, ahead, monkeypatch):
+    """The batch's plain path (no oracle, a random drafter): ar, dflash and trees, greedy, against ar, also
+    with each round launched before the last one is read (as on a GPU)."""
+    monkeypatch.setattr(engine, "run_ahead", ahead)
     prompts = random_prompts(5, engine.model.cfg.vocab_size, seed=3, min_len=3, max_len=40)
     ar = solo(engine, prompts, [GenerationOptions.of(method="ar", max_new_tokens=20)] * 5)
-    for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12)):
+    for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12), ("ddtree", "auto")):
         batch = engine.generate_batch(prompts, method=method, budget=budget, max_new_tokens=20, slots=3)
         assert [r.token_ids for r in batch] == ar, method
 

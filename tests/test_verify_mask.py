@@ -142,17 +142,17 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
     """Every round, the log-probs the engine drafts from its cached, block-at-a-time drafter context
     equal one cache-free drafter pass over the target features of everything committed so far (a
     chain's draft keeps only each depth's argmax)."""
-    from ddtree.generation import Generation
+    from ddtree.generation import BatchRunner
     from ddtree.stages import Stages
 
     engine = make_engine("llama", layers=2, block_size=6)
     model, drafter = engine.model, engine.drafter
-    real_draft, real_launch = Stages.run_draft, Generation.launch
+    real_draft, real_launch = Stages.run_draft, BatchRunner.launch
     checked, current = [], {}
 
-    def launch(gen, *args):
-        current["generation"] = gen
-        return real_launch(gen, *args)
+    def launch(runner):
+        current["generation"], = runner.live()  # (a request alone)
+        return real_launch(runner)
 
     def draft(stages, count, attend, depth, chain, tree):
         real_draft(stages, count, attend, depth, chain, tree)
@@ -175,7 +175,7 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
             assert_close(ws.log_probs[0, :depth], torch.log_softmax(logits, dim=-1))
         checked.append(committed)
 
-    monkeypatch.setattr(Generation, "launch", launch)
+    monkeypatch.setattr(BatchRunner, "launch", launch)
     monkeypatch.setattr(Stages, "run_draft", draft)
     with torch.inference_mode():
         for prompt in ([5, 9, 23, 4], list(range(30, 70))):

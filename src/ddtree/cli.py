@@ -521,7 +521,7 @@ def run_profile(args) -> None:
 
 
 def run_serve(args) -> None:
-    from .batching import default_max_batch
+    from .generation import default_max_batch
     from .costs import candidate_sizes
     from .options import Decoding
     from .server import LOOPBACK_NAMES, ServerSettings, serve

@@ -14,14 +14,13 @@ import os
 import torch
 from jinja2 import TemplateError
 
-from .batching import BatchRunner
 from .calibration import (
     CalibrationKey, calibrate, calibration_contexts, device_description, load_or_calibrate, pair_description,
 )
 from .costs import AcceptanceModel, AutoBudget, RoundCosts, candidate_sizes
 from .drafter import Drafter
 from .errors import DDTreeError
-from .generation import Generation
+from .generation import BatchRunner, Generation
 from .loading import Target
 from .methods import DecodingMethod, decoding_method, drafted_depths
 from .model import compile_mode
@@ -29,7 +28,6 @@ from .options import Decoding, GenerationOptions
 from .results import GenerationResult
 from .sampling import SamplingParams, position_noise
 from .stages import Stage, Stages
-from .stopping import StopChecker
 from .workspace import Graphs, Workspace, buckets, round_up, tree_kernel_for
 
 
@@ -174,10 +172,8 @@ class Engine:
         if len(ids) >= self.context_limit:
             raise DDTreeError(f"the prompt has {len(ids)} tokens; the context holds {self.context_limit} in all")
         method = self.method_for(options.decoding)
-        self.workspace_for(self.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
-        stopper = StopChecker(self.tokenizer, self.target.eos_token_ids, list(options.stop), options.max_new_tokens)
-        self.tickets += 1
-        return Generation(self.stages, method, ids, options, stopper, self.tickets, self.run_ahead)
+        runner = self.runner(1, self.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
+        return Generation(runner, runner.add(ids, options))
 
     def generate(self, prompt, options: GenerationOptions | None = None, chat: bool = False,
                  **fields) -> GenerationResult:

@@ -1,21 +1,27 @@
-"""One request's host loop: prefill, then rounds launched one ahead of the host, their outcomes read,
-streamed and checked for stops. The device work of a round is the method's (`methods.py`); this
-module only decides when to launch, reads what came back and times the stages.
+"""The host loop: requests decode together, each in its own slot of the engine's workspace. A request joins
+between rounds (its prefill runs then), rounds over every live request (one draft, one verify, one commit:
+`methods.run_round`) are launched one ahead of the host, their outcomes read, streamed and checked for
+stops, and a finished request leaves. One request alone (`Generation`) is a batch of one. The device work
+is the methods' and stages'; this module decides when to launch, reads what came back and times stages.
+
+Each sequence's work reads only its own cache rows, mask, sampling values and seed, so a request's tokens
+are its solo run's whatever it shares rounds with.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .errors import DDTreeError
 from .methods import DecodingMethod, Member, run_round
 from .options import GenerationOptions
-from .results import StreamChunk
+from .results import GenerationResult, StreamChunk
 from .sampling import SamplingParams, choose_tokens, seed_key
 from .stages import Stages
 from .stopping import StopChecker
@@ -52,117 +58,261 @@ class StageClock:
 
 
 class OutcomeReader:
-    """Reads each round's `out` ([count, tokens...]) without stalling the device. On CUDA the copy goes
-    into one of two pinned host buffers behind the round's kernels (at most two rounds are unread: one
-    running, one launched), and reading waits for that round alone; elsewhere rounds run as they are
-    launched, so the values are read at once (the next round reuses the device buffer)."""
+    """Reads each round's `out` ([sequences, 1 + tokens]: each sequence's count, then its tokens) without
+    stalling the device. On CUDA the copy goes into one of two pinned host buffers behind the round's
+    kernels (at most two rounds are unread: one running, one launched), and reading waits for that round
+    alone; elsewhere rounds run as they are launched, so the values are read at once (the next round
+    reuses the device buffer)."""
 
-    def __init__(self, device: torch.device, length: int):
+    def __init__(self, device: torch.device, sequences: int, length: int):
         self.cuda = device.type == "cuda"
-        self.buffers = [torch.empty(length, dtype=torch.long, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self.buffers = ([torch.empty(sequences, length, dtype=torch.long, pin_memory=True) for _ in range(2)]
+                        if self.cuda else [])
         self.turn = 0
 
-    def after(self, out: torch.Tensor) -> Callable[[], tuple[int, list[int]]]:
+    def after(self, out: torch.Tensor) -> Callable[[], list[list[int]]]:
         if not self.cuda:
             values = out.tolist()
-            return lambda: (values[0], values[1:1 + values[0]])
+            return lambda: values
         buffer = self.buffers[self.turn][:len(out)]
         self.turn ^= 1
         buffer.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
 
-        def read() -> tuple[int, list[int]]:
+        def read() -> list[list[int]]:
             done.synchronize()
-            values = buffer.tolist()
-            return values[0], values[1:1 + values[0]]
+            return buffer.tolist()
         return read
+
+
+@dataclass(eq=False)  # (a request is itself: two asking the same are two)
+class BatchRequest:
+    """One request: what it asked for and, as it decodes, where it stands."""
+    ids: list[int]
+    options: GenerationOptions
+    method: DecodingMethod
+    stopper: StopChecker
+    index: int | None = None  # its slot while it decodes
+    committed: int = 0  # tokens in its cache once every launched round is read
+    left: bool = False  # finished or cancelled: no more chunks
+    started: float = 0.0  # when it joined
+    first_token_seconds: float = 0.0
+    seconds: float = 0.0  # from joining to leaving
+    chunks: list[StreamChunk] = field(default_factory=list)
+
+    def result(self, stage_seconds: dict[str, float]) -> GenerationResult:
+        lengths = [chunk.acceptance_length for chunk in self.chunks if chunk.acceptance_length is not None]
+        decoding = self.options.decoding
+        return GenerationResult(
+            text="".join(chunk.text for chunk in self.chunks),
+            token_ids=[token for chunk in self.chunks for token in chunk.token_ids],
+            prompt_tokens=len(self.ids), acceptance_lengths=lengths, seconds=self.seconds,
+            stage_seconds=stage_seconds, finish_reason=next((c.finish_reason for c in self.chunks if c.finish_reason),
+                                                            "length"),
+            method=decoding.method, budget=decoding.budget, chosen_budgets=self.method.chosen,
+            first_token_seconds=self.first_token_seconds)
 
 
 @dataclass
 class Launched:
-    """A round on its way: how to read its outcome, and what auto learns from its time."""
-    read: Callable[[], tuple[int, list[int]]]
-    max_tokens: int  # the most tokens it can add
-    nodes: int | None  # the nodes it verifies, when its time teaches the method
-    probed: int | None  # the size auto probed at, if it did
+    """A round on its way: how to read its outcome, each request in it with the most tokens it can add, and
+    what auto learns from its time (a round of one request)."""
+    read: Callable[[], list[list[int]]]
+    members: dict[BatchRequest, int]
+    nodes: int | None
+    probed: int | None
     launched_at: float
 
 
+class BatchRunner:
+    """Decodes requests in up to `slots` sequences at once, in the engine's workspace sized for `context` tokens
+    per sequence and trees of up to `rows` rows. `add` queues a request; `step` admits waiting ones and runs a
+    round; `run` steps until all are done. Both yield (request, chunk) pairs as chunks come.
+
+    Rounds run one ahead of the host: round k+1 is launched before round k's outcome is read (its inputs
+    are on the device already), so the device never waits while the host reads, streams text and checks
+    for stops. Only attended lengths need the committed counts, and upper bounds serve (masks come from the
+    device's exact counts). What a round launched past a request's end computed for it is discarded.
+
+    The engine numbers runners: the workspace keeps the number of the one decoding in it, and an older one
+    still running is refused, not interleaved."""
+
+    def __init__(self, engine, slots: int, context: int, rows: int):
+        if slots < 1:
+            raise DDTreeError(f"a batch needs at least one slot, got {slots}")
+        self.engine = engine
+        self.ws = engine.workspace_for(context, rows, slots)
+        self.stages = engine.stages
+        self.slots: list[BatchRequest | None] = [None] * slots
+        self.waiting: deque[BatchRequest] = deque()
+        self.pending: Launched | None = None
+        self.run_ahead = engine.run_ahead
+        self.reader = OutcomeReader(self.ws.device, slots, self.ws.block + 1)
+        self.clock = StageClock(self.ws.device)
+        self.read_at = time.perf_counter()
+        engine.tickets += 1
+        self.ticket = self.ws.owner = engine.tickets
+        for index in range(slots):  # (a runner before this one may have left its slots marked live)
+            self.ws.free(index)
+
+    def add(self, ids: list[int], options: GenerationOptions) -> BatchRequest:
+        """Queues a request (token ids); it joins the batch when a slot is free."""
+        engine = self.engine
+        if len(ids) >= engine.context_limit:
+            raise DDTreeError(f"the prompt has {len(ids)} tokens; the context holds {engine.context_limit} in all")
+        if not self.fits(ids, options):
+            raise DDTreeError(f"a request of {len(ids)} prompt tokens and {options.max_new_tokens} new ones does "
+                              f"not fit this batch's workspace ({self.ws.context} tokens, {self.ws.max_rows} rows)")
+        method = engine.method_for(options.decoding)
+        stopper = StopChecker(engine.tokenizer, engine.target.eos_token_ids, list(options.stop), options.max_new_tokens)
+        request = BatchRequest(ids, options, method, stopper)
+        self.waiting.append(request)
+        return request
+
+    def fits(self, ids: list[int], options: GenerationOptions) -> bool:
+        """Whether this batch's workspace has room for such a request."""
+        method = self.engine.method_for(options.decoding)
+        return self.ws.fits(self.engine.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(self.slots) or self.pending is not None
+
+    def run(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        """Steps until every request added (also while running) has finished."""
+        while self.busy:
+            yield from self.step()
+
+    def step(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        """Waiting requests join; the next round is launched (unless the host must read first); the round
+        before it is read."""
+        with torch.inference_mode():
+            if self.ws.owner != self.ticket:
+                raise DDTreeError("another generation started on this engine; finish one stream before the next")
+            yield from self.admit()
+            launched = None
+            if any(self.slots) and (self.pending is None or self.may_run_ahead()):
+                if self.pending is None:  # counts are exact: who has no room left for a round finishes
+                    for request in self.live():
+                        if request.committed + 2 > self.ws.context_limit:
+                            yield from self.emit(request, request.stopper.finish("length"))
+                if any(self.slots):
+                    launched = self.launch()
+            if self.pending is not None:
+                yield from self.read(self.pending)
+            self.pending = launched
+
+    def admit(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        """Waiting requests into free slots (the lowest first, which keeps rounds' batches small). A round in
+        flight still computes for a slot it found free; the prefill runs after it on the device."""
+        while self.waiting and None in self.slots:
+            request = self.waiting.popleft()
+            request.index = self.slots.index(None)
+            request.started = time.perf_counter()
+            self.slots[request.index] = request
+            self.clock.mark("round")
+            first = join(self.stages, request.index, request.ids, request.method, request.options.sampling,
+                         request_seed(request.options))
+            self.clock.mark("prefill")
+            request.committed = len(request.ids)
+            request.first_token_seconds = time.perf_counter() - request.started
+            yield from self.emit(request, request.stopper.push([first]))
+
+    def unread(self, request: BatchRequest) -> int:
+        """The most tokens the round in flight may still add to the request."""
+        return self.pending.members.get(request, 0) if self.pending is not None else 0
+
+    def may_run_ahead(self) -> bool:
+        """Whether every live request needs the next round however many tokens the unread one adds, and
+        has room for it as it would with the exact count; otherwise the host reads first."""
+        return self.run_ahead and all(
+            request.stopper.remaining > self.unread(request)
+            and request.committed + self.unread(request) + request.method.block + 2 <= self.ws.context_limit
+            for request in self.live())
+
+    def launch(self) -> Launched:
+        """Starts one round over every live request."""
+        live = self.live()
+        count = batch_size(max(request.index for request in live) + 1, len(self.slots))
+        self.clock.mark("round")
+        launched_at = time.perf_counter()
+        members = [Member(r.index, r.method, r.committed + self.unread(r)) for r in live]
+        tree, rows = run_round(self.stages, count, members, self.clock)
+        nodes = live[0].method.timed_nodes(rows[0]) if len(live) == 1 else None
+        return Launched(self.reader.after(tree.out[:count]),
+                        {request: min(self.ws.block, used) for request, used in zip(live, rows)},
+                        nodes, live[0].method.probed, launched_at)
+
+    def read(self, launched: Launched) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        """A round's outcome for each request still there: its tokens, streamed and checked for stops."""
+        outcomes = launched.read()
+        now = time.perf_counter()
+        for request in launched.members:
+            if request.left:  # (it finished in the round before; this one ran past its end)
+                continue
+            if launched.nodes is not None:
+                request.method.observe(launched.nodes, request.committed, now - max(self.read_at, launched.launched_at),
+                                       launched.probed)
+            added, *tokens = outcomes[request.index]
+            request.committed += added
+            chunk = request.stopper.push(tokens[:added])
+            chunk.acceptance_length = len(chunk.token_ids)
+            yield from self.emit(request, chunk)
+        self.read_at = now
+
+    def emit(self, request: BatchRequest, chunk: StreamChunk) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        request.chunks.append(chunk)
+        if chunk.finish_reason is not None:
+            self.leave(request)
+        yield request, chunk
+
+    def cancel(self, request: BatchRequest) -> None:
+        """The request leaves now (its client went away): no more chunks for it."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+            request.left = True
+        elif not request.left and request.index is not None:
+            self.leave(request)
+
+    def abandon(self) -> None:
+        """Every request leaves (after a failed round, whose state nothing can trust)."""
+        for request in list(self.waiting):
+            self.cancel(request)
+        for request in self.live():
+            self.leave(request)
+        self.pending = None
+
+    def leave(self, request: BatchRequest) -> None:
+        """Its slot is free for the next round (on the device, after any round in flight)."""
+        request.seconds = time.perf_counter() - request.started
+        request.left = True
+        self.ws.free(request.index)
+        self.slots[request.index] = None
+
+    def live(self) -> list[BatchRequest]:
+        return [request for request in self.slots if request is not None]
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Each stage's time over the runner's life (waits for the kernels of a round launched past the end)."""
+        return self.clock.totals()
+
+
 class Generation:
-    """One request's decoding, as an iterator of StreamChunk; `.stats` holds timing afterwards.
+    """One request's decoding (a batch of one), as an iterator of StreamChunk; `.stats` holds timing afterwards."""
 
-    `ticket` is the engine's number for this generation: the workspace keeps the number of the one
-    decoding in it, so a second stream started on the same engine is refused, not interleaved."""
-
-    def __init__(self, stages: Stages, method: DecodingMethod, ids: list[int], options: GenerationOptions,
-                 stopper: StopChecker, ticket: int, run_ahead: bool):
-        self.stages, self.method, self.ids, self.options = stages, method, ids, options
-        self.stopper, self.ticket, self.run_ahead = stopper, ticket, run_ahead
-        self.ws = stages.ws
-        self.seed = request_seed(options)
-        self.stats: dict = {"prompt_tokens": len(ids), "method": options.decoding.method,
-                            "budget": options.decoding.budget, "budgets": method.chosen}
-        self.rounds = 0  # launched so far
+    def __init__(self, runner: BatchRunner, request: BatchRequest):
+        self.runner, self.request = runner, request
+        options = request.options
+        self.stats: dict = {"prompt_tokens": len(request.ids), "method": options.decoding.method,
+                            "budget": options.decoding.budget, "budgets": request.method.chosen}
 
     def __iter__(self) -> Iterator[StreamChunk]:
-        """Rounds run one ahead of the host: round k+1 is launched before round k's outcome is read
-        (its inputs are on the device already), so the device never waits while the host reads,
-        streams text and checks for stops. Only its attended length needs the committed count, and
-        an upper bound serves (the mask comes from the device's exact count). A round launched past
-        the end is discarded; its time counts, since the next request would wait for it."""
-        ws, limit = self.ws, self.ws.context_limit
-        clock = StageClock(ws.device)
         started = time.perf_counter()
-        reader = OutcomeReader(ws.device, ws.block + 1)
-        ws.owner = self.ticket
-        with torch.inference_mode():
-            chunk = self.prefill()
-            clock.mark("prefill")
+        for _, chunk in self.runner.run():
             yield chunk
-            committed, pending, read_at = len(self.ids), None, time.perf_counter()
-            while chunk.finish_reason is None:
-                if ws.owner != self.ticket:
-                    raise DDTreeError("another generation started on this engine; finish one stream before the next")
-                launched = None
-                bound = committed + (pending.max_tokens if pending else 0)  # what the cache may hold
-                if pending is None or self.may_run_ahead(bound, pending.max_tokens):
-                    if bound + 2 > limit:  # (only reached with nothing pending: bound is exact)
-                        yield self.stopper.finish("length")
-                        break
-                    launched = self.launch(bound, clock, reader)
-                if pending is not None:
-                    count, tokens = pending.read()
-                    now = time.perf_counter()
-                    if pending.nodes is not None:
-                        self.method.observe(pending.nodes, committed, now - max(read_at, pending.launched_at),
-                                            pending.probed)
-                    read_at, committed = now, committed + count
-                    chunk = self.stopper.push(tokens)
-                    chunk.acceptance_length = len(chunk.token_ids)
-                    yield chunk
-                pending = launched
-        self.stats["stage_seconds"] = clock.totals()  # waits for the kernels of a round launched past the end
+        self.stats["stage_seconds"] = self.runner.stage_seconds()
         self.stats["seconds"] = time.perf_counter() - started
-
-    def may_run_ahead(self, bound: int, unread: int) -> bool:
-        """Whether the next round is needed however many tokens the unread round adds (up to `unread`),
-        and fits the context as it would with the exact count; otherwise the host reads first."""
-        return (self.run_ahead and self.stopper.remaining > unread
-                and bound + self.method.block + 2 <= self.ws.context_limit)
-
-    def launch(self, committed: int, clock: StageClock, reader: OutcomeReader) -> Launched:
-        """Starts one round, `committed` being at least the tokens in the cache when it runs."""
-        self.rounds += 1
-        clock.mark("round")
-        launched_at = time.perf_counter()
-        tree, (rows,) = run_round(self.stages, 1, [Member(0, self.method, committed)], clock)
-        return Launched(reader.after(tree.out[0]), tree.path_rows, self.method.timed_nodes(rows), self.method.probed,
-                        launched_at)
-
-    def prefill(self) -> StreamChunk:
-        """The prompt fills the cache and its last logits choose the first new token (the first bonus)."""
-        return self.stopper.push([join(self.stages, 0, self.ids, self.method, self.options.sampling, self.seed)])
 
 
 def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sampling: SamplingParams, seed: int) -> int:
@@ -187,3 +337,25 @@ def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sam
 def request_seed(options: GenerationOptions) -> int | None:
     """The request's seed; a sampled request without one gets a fresh random one."""
     return options.seed if options.seed is not None or options.sampling.greedy else torch.seed()
+
+
+def batch_size(used: int, slots: int) -> int:
+    """The batch size a round runs at when slots 0..used are in use: a power of two (a few graph shapes
+    serve every batch), at most the slots there are."""
+    return min(1 << (used - 1).bit_length(), slots)
+
+
+def default_max_batch(engine, context: int, cap: int = 32) -> int:
+    """How many requests a server decodes at once by default: on a GPU, as many sequences of `context`
+    tokens as half the free memory holds (caches, trees and activations), at most `cap`; on the CPU, whose
+    cores a single request already keeps busy, one."""
+    if engine.device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(engine.device)
+    cfg, itemsize = engine.model.cfg, engine.dtype.itemsize
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+    if engine.drafter is not None:
+        d = engine.drafter.cfg
+        per_token += 2 * d.num_layers * d.num_kv_heads * d.head_dim * itemsize
+    per_sequence = per_token * context * 2  # (room for the verify's activations beside the cache)
+    return max(1, min(cap, free // 2 // per_sequence))

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .batching import BatchRequest, BatchRunner
+from .generation import BatchRequest, BatchRunner
 from .engine import Engine
 from .errors import DDTreeError
 from .options import Decoding, GenerationOptions
