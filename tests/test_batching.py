@@ -61,10 +61,11 @@ def test_each_request_of_a_mixed_batch_equals_its_solo_run(engine, slots, monkey
 
 
 @pytest.mark.parametrize("ahead", [False, True])
-def test_solo_runs_equal_ar_and_batched_ar(engine, ahead, monkeypatch):
+def test_solo_runs_equal_ar_and_batched_ar(engine, ahead, monkeypatch, tmp_path):
     """The batch's plain path (no oracle, a random drafter): ar, dflash and trees, greedy, against ar, also
     with each round launched before the last one is read (as on a GPU)."""
     monkeypatch.setattr(engine, "run_ahead", ahead)
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))  # (auto's calibration)
     prompts = random_prompts(5, engine.model.cfg.vocab_size, seed=3, min_len=3, max_len=40)
     ar = solo(engine, prompts, [GenerationOptions.of(method="ar", max_new_tokens=20)] * 5)
     for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12), ("ddtree", "auto")):
