@@ -189,3 +189,24 @@ def test_methods_are_interleaved_prompt_by_prompt_after_every_graph_is_prepared(
         ("q0", "ar", None), ("q0", "ddtree", 4), ("q0", "ddtree", "auto"),
         ("q1", "ddtree", 4), ("q1", "ddtree", "auto"), ("q1", "ar", None),
         ("q2", "ddtree", "auto"), ("q2", "ar", None), ("q2", "ddtree", 4)]
+
+
+def test_concurrency_runs_decode_sets_several_at_a_time(small_run, tmp_path):
+    """--concurrency: per level and method, throughput over the wall time, request percentiles, answers
+    equal to ar's at temperature 0 (two-turn conversations too), a table and a plot."""
+    _, _, common = small_run
+    out = tmp_path / "batched.json"
+    assert main(["bench", *common, "--methods", "ar,dflash,ddtree", "--budgets", "4", "--concurrency", "1,2",
+                 "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted((r["concurrency"], r["method"]) for r in runs) == [
+        (1, "ar"), (1, "ddtree"), (1, "dflash"), (2, "ar"), (2, "ddtree"), (2, "dflash")]
+    for run in runs:
+        assert run["num_prompts"] == 3 and len(run["responses"]) == 4  # the two-turn conversation twice
+        assert run["token_agreement_with_ar"] == 1.0
+        assert run["tokens_per_second"] == pytest.approx(run["new_tokens"] / run["seconds"])
+        assert 0 < run["first_token_seconds"]["p50"] <= run["latency_seconds"]["p99"]
+    prefix = os.path.splitext(out)[0]
+    assert "| concurrency |" in open(prefix + ".md").read()
+    assert open(f"{prefix}-concurrency-T0.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", *common, "--methods", "hf,ar", "--concurrency", "2", "--out", str(out)]) != 0  # (refused)
