@@ -316,6 +316,15 @@ def test_loadtest_reports_throughput_and_latency(server):
     assert result["requests"] >= 3 and result["errors"] == 0
     assert result["tokens_per_second"] > 0
     assert 0 < result["time_to_first_token"]["p50"] <= result["latency"]["p50"] <= result["latency"]["p99"]
+    assert result["distinct_replies"] == 1  # one prompt at temperature 0
+
+
+def test_loadtest_runs_several_client_counts(server, capsys):
+    from ddtree.cli import main
+
+    assert main(["loadtest", "--url", server.url, "--clients", "1,2", "--seconds", "1", "--max-tokens", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "| clients | 1 | 2 |" in table and "| different replies | 1 | 1 |" in table
 
 
 def test_smollm2_end_to_end(smollm2_target):

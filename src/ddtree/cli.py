@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "prints throughput and latency percentiles (time to first token, total).")
     load.add_argument("--url", default="http://127.0.0.1:8000", help="server address (default http://127.0.0.1:8000)")
     load.add_argument("--model", help="model id (default: the first the server lists)")
-    load.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    load.add_argument("--clients", type=comma(int), default=[4],
+                      help="concurrent clients; comma-separated counts run one after the other (default 4)")
     load.add_argument("--seconds", type=float, default=30, help="how long to send requests (default 30)")
     load.add_argument("--max-tokens", type=int, default=64, help="per request (default 64)")
     load.add_argument("--prompt", default="Write a short story about a robot who learns to paint.",
@@ -553,15 +554,16 @@ def run_loadtest(args) -> None:
 
     import httpx
 
-    from .loadtest import run, summary_table
+    from .loadtest import run_levels, summary_table
 
-    if args.clients < 1 or args.seconds <= 0 or args.max_tokens < 1:
+    if min(args.clients) < 1 or args.seconds <= 0 or args.max_tokens < 1:
         raise DDTreeError("--clients and --max-tokens must be >= 1 and --seconds > 0")
     extra = {k: v for k, v in (("method", args.method), ("budget", args.budget)) if v is not None}
     if args.out:
         check_writable(args.out, "--out")
     try:
-        result = asyncio.run(run(args.url, args.model, args.clients, args.seconds, args.prompt, args.max_tokens, extra))
+        result = asyncio.run(run_levels(args.url, args.model, args.clients, args.seconds, args.prompt, args.max_tokens,
+                                        extra))
     except httpx.HTTPError as exc:
         raise DDTreeError(f"cannot reach the server at {args.url}: {exc}") from None
     except (ValueError, KeyError, IndexError, TypeError):

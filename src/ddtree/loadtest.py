@@ -1,8 +1,10 @@
 """`ddtree loadtest`: N concurrent streaming clients against a running server for M seconds.
 
 Each client sends one chat request after another; for each it records the time to the first
-content chunk and to the end, and the completion tokens the server reports. The summary gives
-throughput (requests and tokens per second over the whole run) and latency percentiles.
+content chunk and to the end, the completion tokens the server reports and the reply. The summary gives
+throughput (requests and tokens per second over the whole run), latency percentiles and how many
+different replies came (one, at temperature 0: the same prompt gets the same answer however the
+server batches it). Several client counts run one after the other (`runs`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import httpx
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     started = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, text = None, 0, []
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
@@ -26,12 +28,15 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[len("data: "):])
-            if first is None and any(c.get("delta", {}).get("content") for c in event.get("choices", [])):
+            content = "".join(c.get("delta", {}).get("content") or "" for c in event.get("choices", []))
+            if content and first is None:
                 first = time.perf_counter()
+            text.append(content)
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     ended = time.perf_counter()
-    return {"status": 200, "ttft": (first or ended) - started, "total": ended - started, "tokens": tokens}
+    return {"status": 200, "ttft": (first or ended) - started, "total": ended - started, "tokens": tokens,
+            "text": "".join(text)}
 
 
 async def client_loop(client: httpx.AsyncClient, url: str, body: dict, deadline: float, records: list) -> None:
@@ -70,17 +75,29 @@ async def run(url: str, model: str | None, clients: int, seconds: float, prompt:
         "time_to_first_token": percentiles([r["ttft"] for r in done]),
         "latency": percentiles([r["total"] for r in done]),
         "statuses": sorted({str(r["status"]) for r in records}),
+        "distinct_replies": len({r["text"] for r in done}),
     }
 
 
+async def run_levels(url: str, model: str | None, levels: list[int], seconds: float, prompt: str, max_tokens: int,
+                     extra: dict) -> dict:
+    """`run` at each client count in turn: one result, or {"runs": [...]} for several."""
+    runs = [await run(url, model, clients, seconds, prompt, max_tokens, extra) for clients in levels]
+    return runs[0] if len(runs) == 1 else {"runs": runs}
+
+
 def summary_table(result: dict) -> str:
-    ttft, total = result["time_to_first_token"], result["latency"]
+    """A table of figures, a column per client count."""
+    runs = result.get("runs", [result])
+    spread = lambda values: " / ".join(f"{values[k]:.2f}" for k in ("p50", "p90", "p99")) if values else ""  # noqa: E731
     rows = [
-        ("clients", str(result["clients"])), ("wall seconds", f"{result['seconds']:.1f}"),
-        ("requests (errors)", f"{result['requests']} ({result['errors']})"),
-        ("requests/s", f"{result['requests_per_second']:.2f}"), ("tokens/s", f"{result['tokens_per_second']:.1f}"),
+        ("clients", lambda r: str(r["clients"])), ("wall seconds", lambda r: f"{r['seconds']:.1f}"),
+        ("requests (errors)", lambda r: f"{r['requests']} ({r['errors']})"),
+        ("requests/s", lambda r: f"{r['requests_per_second']:.2f}"), ("tokens/s", lambda r: f"{r['tokens_per_second']:.1f}"),
+        ("time to first token p50 / p90 / p99 (s)", lambda r: spread(r["time_to_first_token"])),
+        ("latency p50 / p90 / p99 (s)", lambda r: spread(r["latency"])),
+        ("different replies", lambda r: str(r["distinct_replies"])),
     ]
-    for name, values in (("time to first token", ttft), ("latency", total)):
-        if values:
-            rows.append((f"{name} p50 / p90 / p99 (s)", " / ".join(f"{values[k]:.2f}" for k in ("p50", "p90", "p99"))))
-    return "\n".join(["| figure | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+    lines = ["| figure |" + " value |" * len(runs), "| --- |" + " --- |" * len(runs)]
+    lines += [f"| {name} | " + " | ".join(cell(r) for r in runs) + " |" for name, cell in rows]
+    return "\n".join(lines) + "\n"
