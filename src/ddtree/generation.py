@@ -176,6 +176,11 @@ class BatchRunner:
         return self.ws.fits(self.engine.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
 
     @property
+    def owns(self) -> bool:
+        """Whether the engine's workspace is still this runner's (no other runner, nor a grown workspace, since)."""
+        return self.engine.workspace is self.ws and self.ws.owner == self.ticket
+
+    @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(self.slots) or self.pending is not None
 
@@ -188,7 +193,7 @@ class BatchRunner:
         """Waiting requests join; the next round is launched (unless the host must read first); the round
         before it is read."""
         with torch.inference_mode():
-            if self.ws.owner != self.ticket:
+            if not self.owns:
                 raise DDTreeError("another generation started on this engine; finish one stream before the next")
             yield from self.admit()
             launched = None

@@ -228,7 +228,7 @@ class Scheduler:
             job.send("error", APIError(400, str(exc)))
 
     def runner_for(self, job: Job) -> BatchRunner | None:
-        if self.runner is not None and self.runner.fits(job.ids, job.options):
+        if self.runner is not None and self.runner.owns and self.runner.fits(job.ids, job.options):
             return self.runner
         if self.running:
             return None
