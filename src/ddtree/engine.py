@@ -69,7 +69,7 @@ class Engine:
                 batch = max(batch, old.batch)
                 if not shrink:
                     context, rows = max(context, old.context), max(rows, old.max_rows)
-                old.owner = -1  # a generation still streaming there stops at its next round
+                old.owner = -1  # a runner still decoding there stops at its next round
             self.graphs.captured.clear()  # they point into the old buffers
             self.workspace = self.stages = None  # let the old buffers go before the new ones are allocated
             self.workspace = Workspace(self.model, self.drafter, self.taps, self.dtype, round_up(context, 1024), rows,

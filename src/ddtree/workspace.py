@@ -129,7 +129,7 @@ class Workspace:
         # every tree elsewhere by PyTorch operations
         self.tree_kernel = tree_kernel_for(device)
         self.kernel_plans: dict = {}
-        self.owner = 0  # the generation now decoding here (Engine numbers them)
+        self.owner = 0  # the runner now decoding here (Engine numbers them)
 
     def load_prompt(self, ids: list[int], index: int = 0) -> None:
         """A new prompt for sequence `index`: its ids into the prompt buffer, the committed count its length,
