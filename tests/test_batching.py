@@ -151,3 +151,51 @@ def test_the_server_decodes_concurrent_clients_together_and_each_reply_is_its_so
     assert max(sizes) > 1
     for index, (prompt, max_tokens, method) in enumerate(requests):
         assert replies[index] == chat_reference(engine, prompt, max_tokens, method=method, budget=8).text, index
+
+
+def test_a_request_too_large_for_the_batch_waits_until_it_is_empty_then_the_batch_grows(engine, monkeypatch):
+    """The server's batch is made for the trees of the first requests: one asking for a larger tree waits
+    for the running ones to finish, then runs in a larger batch; every reply is its solo run."""
+    import threading
+
+    from ddtree.generation import BatchRunner
+    from test_server import PROMPTS, RunningServer, chat_reference, run_threads
+
+    made = []
+    real_init = BatchRunner.__init__
+
+    def recording(runner, engine, slots, context, rows):
+        made.append(rows)
+        real_init(runner, engine, slots, context, rows)
+
+    monkeypatch.setattr(BatchRunner, "__init__", recording)
+    running = RunningServer(engine, max_batch=2, context=64)
+    client, replies = running.client(), {}
+    asks = [(PROMPTS[0], 8), (PROMPTS[1], 8), (PROMPTS[2], 30)]  # (prompt, budget): the last needs more rows
+
+    def ask(index: int) -> None:
+        prompt, budget = asks[index]
+        reply = client.chat.completions.create(model=running.settings.model_name, max_tokens=20, temperature=0,
+                                               messages=[{"role": "user", "content": prompt}],
+                                               extra_body={"method": "ddtree", "budget": budget})
+        replies[index] = reply.choices[0].message.content
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    time.sleep(0.2)  # (the first request makes the batch)
+    run_threads([first] + [threading.Thread(target=ask, args=(i,)) for i in range(1, len(asks))], running)
+    assert made[0] == 9 and made[-1] == 31  # the batch grew for the larger tree
+    for index, (prompt, budget) in enumerate(asks):
+        assert replies[index] == chat_reference(engine, prompt, 20, method="ddtree", budget=budget).text
+
+
+def test_a_waiting_request_can_be_cancelled_before_it_joins(engine):
+    runner = engine.runner(1, 256, 16)
+    first = runner.add([3, 4, 5], GenerationOptions.of(method="ar", max_new_tokens=6))
+    second = runner.add([6, 7, 8], GenerationOptions.of(method="ar", max_new_tokens=6))
+    events = runner.step()
+    request, _ = next(events)  # the first joins
+    assert request is first
+    runner.cancel(second)
+    assert [r for r, _ in [*events, *runner.run()]] and not second.chunks and second.left
+    assert first.result({}).token_ids == engine.generate([3, 4, 5], method="ar", max_new_tokens=6).token_ids

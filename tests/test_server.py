@@ -59,7 +59,8 @@ def run_threads(threads: list, running: RunningServer) -> None:
     """Starts the clients' threads, waits for them (two minutes at most), then stops the server."""
     try:
         for thread in threads:
-            thread.start()
+            if thread.ident is None:  # (one may have started already)
+                thread.start()
         for thread in threads:
             thread.join(120)
     finally:
