@@ -169,6 +169,7 @@ def test_a_request_too_large_for_the_batch_waits_until_it_is_empty_then_the_batc
         real_init(runner, engine, slots, context, rows)
 
     monkeypatch.setattr(BatchRunner, "__init__", recording)
+    engine.workspace = engine.stages = None  # (made again at the first request's size)
     running = RunningServer(engine, max_batch=2, context=64)
     client, replies = running.client(), {}
     asks = [(PROMPTS[0], 8), (PROMPTS[1], 8), (PROMPTS[2], 30)]  # (prompt, budget): the last needs more rows
