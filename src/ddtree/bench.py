@@ -493,8 +493,10 @@ def plot_concurrency(plt, runs: list[dict]):
             levels = [r["concurrency"] for r in mine]
             row[0].plot(levels, [r["tokens_per_second"] for r in mine], marker="o", label=label)
             row[1].plot(levels, [r["latency_seconds"]["p50"] for r in mine], marker="o", label=label)
+        levels = sorted({r["concurrency"] for r in runs if r["dataset"] == name})
         for ax, ylabel in zip(row, ("throughput (new tokens/s)", "request latency p50 (s)")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(level) for level in levels])
             ax.set_xlabel("concurrency (requests decoding at once)")
             ax.set_ylabel(ylabel)
             ax.set_title(name)
