@@ -125,7 +125,7 @@ class AutoTree(DecodingMethod):
         if self.probed is not None:
             stages.tree(count, index, "tree", ws.plan(self.probed), scored=True, probe=True).run()
             size = auto.choose(ws.auto_yields(len(auto.costs.sizes))[index].tolist(), committed, self.probed)
-            ws.tree(count, ws.max_rows).used[index] = size + 1  # the probe built more (a second host read above)
+            ws.tree(count, ws.max_rows).used[index].fill_(size + 1)  # the probe built more (a second host read above)
         else:
             size = auto.current
             stages.tree(count, index, "tree", ws.plan(size), scored=True).run()

@@ -153,9 +153,9 @@ class Stages:
         trees = ws.tree(count, ws.max_rows)
         ids, parents, depths, mask = trees.ids[index], trees.parents[index], trees.depths[index], trees.mask[index]
         ids[0] = ws.bonus[index]
-        trees.learns[index] = scored
+        trees.learns[index].fill_(scored)  # (fill_: a scalar copied in would be a host copy, refused in a capture)
         if kind == "bonus":
-            trees.used[index] = 1
+            trees.used[index].fill_(1)
             depths.zero_()  # a batch verifies more rows than the root: near the context's end, none past it
             return
         if kind == "chain":  # its shape is fixed, its tokens each depth's argmax
@@ -163,7 +163,7 @@ class Stages:
             ids[1:rows] = ws.chain_tokens[index]
             for buffer, structure in zip((parents[:rows], depths[:rows], mask[:rows, :rows]), ws.chain):
                 buffer.copy_(structure)
-            trees.used[index] = rows
+            trees.used[index].fill_(rows)
             return
         rows, log_probs = plan.size + 1, ws.log_probs[index, :plan.depth]
         scores = trees.scores[index, :plan.size]
@@ -176,7 +176,7 @@ class Stages:
                 scores.copy_(node_scores)
             ids[1:rows], parents[1:rows], depths[1:rows] = tokens, node_parents, node_depths
             mask[:rows, :rows].copy_(ancestor_mask(parents[:rows], ws.block - 1))
-        trees.used[index] = rows
+        trees.used[index].fill_(rows)
         if probe:  # auto's trees are scored, so `scores` is set
             ws.auto_yields(len(self.acceptance.sizes))[index].copy_(self.acceptance.expected_yields(scores))
 
