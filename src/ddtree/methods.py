@@ -121,10 +121,11 @@ class AutoTree(DecodingMethod):
 
     def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
         auto, ws = self.auto, stages.ws
+        yields = ws.auto_yields(len(auto.costs.sizes))  # (made here, not inside the probe's graph capture)
         self.probed = auto.probe_size()
         if self.probed is not None:
             stages.tree(count, index, "tree", ws.plan(self.probed), scored=True, probe=True).run()
-            size = auto.choose(ws.auto_yields(len(auto.costs.sizes))[index].tolist(), committed, self.probed)
+            size = auto.choose(yields[index].tolist(), committed, self.probed)
             ws.tree(count, ws.max_rows).used[index].fill_(size + 1)  # the probe built more (a second host read above)
         else:
             size = auto.current
