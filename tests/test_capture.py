@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddtree.options import Decoding
+from ddtree.options import Decoding, GenerationOptions
 from ddtree.sampling import SamplingParams
 from ddtree.workspace import Graphs, buckets
 
@@ -34,10 +35,20 @@ class RecordingGraphs(Graphs):
         stage()
 
 
+class HostDataRefused(TorchDispatchMode):
+    """Fails on a tensor made from host data (a Python number assigned into a tensor, torch.tensor(...)):
+    inside a CUDA graph capture that is a host-to-device copy, which the capture refuses."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func is not torch.ops.aten.lift_fresh.default, "a stage copies host data onto the device"
+        return func(*args, **(kwargs or {}))
+
+
 class ReplayingGraphs(Graphs):
     """CUDA graphs' semantics on the CPU: a key runs the work first captured under it, whatever function
     the caller passes later. A repeatable stage (running it twice equals once) also runs the caller's
-    function afterwards, and the workspace must come out the same: one key, one piece of work."""
+    function afterwards, and the workspace must come out the same: one key, one piece of work. A stage
+    may not copy host data (`HostDataRefused`)."""
 
     def __init__(self, engine):
         super().__init__(torch.device("cpu"))
@@ -47,7 +58,8 @@ class ReplayingGraphs(Graphs):
         return self.captured.setdefault(key, stage)
 
     def run(self, key, stage, repeatable=True):
-        self.capture(key, stage, repeatable)()
+        with HostDataRefused():
+            self.capture(key, stage, repeatable)()
         if repeatable:
             replayed = self.state()
             stage()
@@ -113,6 +125,10 @@ def test_methods_sharing_an_engine_never_share_a_graph(engine):
                            ("ar", None)]:
         for prompt, want in zip(prompts, expected):
             assert engine.generate(prompt, method=method, budget=budget, max_new_tokens=20).token_ids == want
+    options = [GenerationOptions.of(method=m, budget=b, max_new_tokens=20, temperature=t, seed=1)  # and batched
+               for m, b, t in (("dflash", None, 1.0), ("ddtree", "auto", 0.0), ("ar", None, 0.0), ("ddtree", 7, 0.0))]
+    batch = engine.generate_batch([prompts[0], prompts[1], prompts[1], prompts[0]], options)
+    assert [r.token_ids for r in batch][1:] == [expected[1], expected[1], expected[0]]
 
 
 def test_buckets_are_every_shape_between_the_ends():
