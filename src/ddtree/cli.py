@@ -537,12 +537,12 @@ def run_serve(args) -> None:
         raise DDTreeError(f"--budget {decoding.budget} is over --max-budget {max_budget}")
     loopback = args.host in LOOPBACK_NAMES
     hosts = tuple(LOOPBACK_NAMES) + tuple(args.allow_host) if loopback or args.allow_host else None
-    if args.prepare_context:  # auto's calibration and the graphs, before the first request waits for them
-        graphs = engine.prepare(decoding, args.prepare_context)
-        print(f"ddtree: prepared {decoding.label} for requests of up to {args.prepare_context} tokens "
-              f"({graphs} CUDA graphs)", file=sys.stderr)
     context = args.prepare_context or 2048
     max_batch = args.max_batch or default_max_batch(engine, context)
+    if args.prepare_context:  # auto's calibration and the graphs, before the first request waits for them
+        graphs = engine.prepare(decoding, args.prepare_context, batch=max_batch)
+        print(f"ddtree: prepared {decoding.label} for requests of up to {args.prepare_context} tokens "
+              f"({graphs} CUDA graphs)", file=sys.stderr)
     settings = ServerSettings(args.model_name or engine.target.name, decoding, args.max_queue, max_budget,
                               args.max_body_bytes, args.api_key, hosts, max_batch, context)
     print(f"ddtree: up to {max_batch} requests decode at once", file=sys.stderr)

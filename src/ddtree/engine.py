@@ -220,14 +220,14 @@ class Engine:
         return [request.result(stage_seconds) for request in requests]
 
     def prepare(self, decoding: Decoding | None = None, context: int = 1024,
-                sampling: SamplingParams | None = None) -> int:
-        """Allocates the buffers for requests of up to `context` tokens (prompt and answer together) and
-        captures every CUDA graph their decoding can replay, as a server does at start-up, so that no
-        request pays for a capture mid-stream; auto's calibration is made here too. Returns how many
-        graphs were new (0 without graphs)."""
+                sampling: SamplingParams | None = None, batch: int = 1) -> int:
+        """Allocates the buffers for up to `batch` requests of up to `context` tokens each (prompt and answer
+        together) and captures every CUDA graph a request decoding alone can replay, as a server does at
+        start-up, so that no request pays for a capture mid-stream; auto's calibration is made here too.
+        Returns how many graphs were new (0 without graphs)."""
         method = self.method_for(decoding or Decoding())
         context = self.tokens_held(1, max(1, min(context, self.context_limit) - 1), method.block)
-        ws = self.workspace_for(context, method.rows)
+        ws = self.workspace_for(context, method.rows, batch)
         if not self.graphs.enabled:
             return 0
         ws.sampling.set(sampling or SamplingParams(), 0)
