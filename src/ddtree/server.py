@@ -260,6 +260,7 @@ class Scheduler:
         job = self.running.pop(request)
         lengths = [chunk.acceptance_length for chunk in request.chunks if chunk.acceptance_length is not None]
         stats = {"seconds": time.perf_counter() - job.queued_at, "acceptance_lengths": lengths,
+                 "tokens": sum(len(chunk.token_ids) for chunk in request.chunks),
                  "cancelled": job.cancelled.is_set(), "budget": request.options.decoding.budget,
                  "decoding_seconds": time.perf_counter() - request.started}
         self.on_done(stats)
@@ -306,12 +307,13 @@ class Metrics:
         batch.set_function(batch_size)
 
     def record(self, stats: dict) -> None:
-        tokens, rounds = sum(stats["acceptance_lengths"]), len(stats["acceptance_lengths"])
+        accepted, rounds = sum(stats["acceptance_lengths"]), len(stats["acceptance_lengths"])
+        tokens = stats["tokens"]  # (the first comes from the prefill, not from a round)
         self.tokens.inc(tokens)
         self.rounds.inc(rounds)
         if stats["cancelled"]:
             self.cancelled.inc()
-        self.total_tokens += tokens
+        self.total_tokens += accepted
         self.total_rounds += rounds
         if self.total_rounds:
             self.acceptance.set(self.total_tokens / self.total_rounds)
