@@ -25,7 +25,7 @@ from .evalsets import load_dataset
 from .model import causal_mask
 from .options import Decoding, GenerationOptions
 from .parallel import gather_objects, world
-from .results import GenerationResult
+from .results import GenerationResult, percentiles
 from .sampling import SamplingParams
 
 def dataset_label(name: str) -> str:
@@ -334,12 +334,6 @@ def run_batched(engine, convs: list, options: GenerationOptions, level: int) -> 
     return {"responses": sorted(responses, key=lambda r: r["conversation"]), "seconds": time.perf_counter() - started}
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0  # noqa: E731
-    return {"p50": statistics.median(ordered) if ordered else 0.0, "p90": pick(0.9), "p99": pick(0.99)}
-
-
 def concurrent_record(spec, name: str, temperature: float, level: int, responses: list[dict], seconds: float,
                       ar: tuple[list[dict], float] | None) -> dict:
     """One method's results at one concurrency level, against `ar` at the same level."""
@@ -445,7 +439,7 @@ def method_label(run: dict) -> str:
 
 def concurrency_table(runs: list[dict]) -> list[str]:
     """Runs at several concurrency levels: throughput, and per request its speed, first token and latency."""
-    spread = lambda p: f"{p['p50']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}"  # noqa: E731
+    spread = lambda p: f"{p['p50']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}" if p else ""  # noqa: E731
     lines = ["", "| dataset | T | method | concurrency | prompts | τ | throughput tok/s | vs ar | request tok/s p50 "
                  "| first token s p50 / p90 / p99 | latency s p50 / p90 / p99 | agreement with ar |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -454,7 +448,7 @@ def concurrency_table(runs: list[dict]) -> list[str]:
         agree = "" if run["token_agreement_with_ar"] is None else f"{run['token_agreement_with_ar']:.3f}"
         lines.append(f"| {run['dataset']} | {run['temperature']:g} | {method_label(run)} | {run['concurrency']} | "
                      f"{run['num_prompts']} | {run['mean_acceptance']:.2f} | {run['tokens_per_second']:.1f} | {vs_ar} | "
-                     f"{run['request_tokens_per_second']['p50']:.1f} | {spread(run['first_token_seconds'])} | "
+                     f"{run['request_tokens_per_second'].get('p50', 0.0):.1f} | {spread(run['first_token_seconds'])} | "
                      f"{spread(run['latency_seconds'])} | {agree} |")
     return lines
 

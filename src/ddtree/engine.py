@@ -173,7 +173,7 @@ class Engine:
             raise DDTreeError(f"the prompt has {len(ids)} tokens; the context holds {self.context_limit} in all")
         method = self.method_for(options.decoding)
         runner = self.runner(1, self.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
-        return Generation(runner, runner.add(ids, options))
+        return Generation(runner, runner.add(ids, options, method))
 
     def generate(self, prompt, options: GenerationOptions | None = None, chat: bool = False,
                  **fields) -> GenerationResult:
@@ -213,7 +213,7 @@ class Engine:
         methods = [self.method_for(option.decoding) for option in options]
         context = max(self.tokens_held(len(i), o.max_new_tokens, m.block) for i, o, m in zip(ids, options, methods))
         runner = self.runner(min(slots or len(prompts), len(prompts)), context, max(m.rows for m in methods))
-        requests = [runner.add(i, option) for i, option in zip(ids, options)]
+        requests = [runner.add(i, option, method) for i, option, method in zip(ids, options, methods)]
         for _ in runner.run():
             pass
         stage_seconds = runner.stage_seconds()

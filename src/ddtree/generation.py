@@ -156,23 +156,24 @@ class BatchRunner:
         for index in range(slots):  # (a runner before this one may have left its slots marked live)
             self.ws.free(index)
 
-    def add(self, ids: list[int], options: GenerationOptions) -> BatchRequest:
-        """Queues a request (token ids); it joins the batch when a slot is free."""
+    def add(self, ids: list[int], options: GenerationOptions, method: DecodingMethod | None = None) -> BatchRequest:
+        """Queues a request (token ids; its method object, when the caller made it already); it joins the
+        batch when a slot is free."""
         engine = self.engine
         if len(ids) >= engine.context_limit:
             raise DDTreeError(f"the prompt has {len(ids)} tokens; the context holds {engine.context_limit} in all")
-        if not self.fits(ids, options):
+        method = method or engine.method_for(options.decoding)
+        if not self.fits(ids, options, method):
             raise DDTreeError(f"a request of {len(ids)} prompt tokens and {options.max_new_tokens} new ones does "
                               f"not fit this batch's workspace ({self.ws.context} tokens, {self.ws.max_rows} rows)")
-        method = engine.method_for(options.decoding)
         stopper = StopChecker(engine.tokenizer, engine.target.eos_token_ids, list(options.stop), options.max_new_tokens)
         request = BatchRequest(ids, options, method, stopper)
         self.waiting.append(request)
         return request
 
-    def fits(self, ids: list[int], options: GenerationOptions) -> bool:
+    def fits(self, ids: list[int], options: GenerationOptions, method: DecodingMethod | None = None) -> bool:
         """Whether this batch's workspace has room for such a request."""
-        method = self.engine.method_for(options.decoding)
+        method = method or self.engine.method_for(options.decoding)
         return self.ws.fits(self.engine.tokens_held(len(ids), options.max_new_tokens, method.block), method.rows)
 
     @property

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 
 import httpx
+
+from .results import percentiles
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
@@ -45,15 +46,6 @@ async def client_loop(client: httpx.AsyncClient, url: str, body: dict, deadline:
             records.append(await one_request(client, url, body))
         except httpx.HTTPError as exc:
             records.append({"status": f"failed: {exc.__class__.__name__}"})
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    if len(values) == 1:
-        return {"p50": values[0], "p90": values[0], "p99": values[0]}
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98]}
 
 
 async def run(url: str, model: str | None, clients: int, seconds: float, prompt: str, max_tokens: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 @dataclass
@@ -61,3 +62,13 @@ class StreamChunk:
     text: str
     finish_reason: str | None = None
     acceptance_length: int | None = None
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p90 and p99 of a set of timings (none for an empty set)."""
+    if not values:
+        return {}
+    if len(values) == 1:
+        return {"p50": values[0], "p90": values[0], "p99": values[0]}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98]}

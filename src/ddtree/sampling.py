@@ -108,10 +108,12 @@ class RowSampling:
     greedy: torch.Tensor | None = None  # [B]: a batch's greedy rows, when it mixes them with sampled ones
 
 
-def per_row(value, logits: torch.Tensor) -> torch.Tensor:
-    """A sampling value (number, 0-d or [B] tensor) shaped to broadcast against logits [B, ..., V]."""
-    value = torch.as_tensor(value, device=logits.device)
-    return value.view(-1, *[1] * (logits.dim() - 1)) if value.dim() == 1 else value
+def per_row(value, logits: torch.Tensor):
+    """A sampling value shaped to broadcast against logits [B, ..., V]: a [B] tensor one per row; a number
+    or a 0-d tensor as it is (a number never becomes a device tensor: that would be a host copy a step)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.view(-1, *[1] * (logits.dim() - 1))
+    return value
 
 
 def filtered_logits(logits: torch.Tensor, params: SamplingParams | RowSampling) -> torch.Tensor:
@@ -121,8 +123,9 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams | RowSampling) 
     logits = logits.float() / per_row(params.temperature, logits)
     if params.mode != "filter":
         return logits
-    vocab = logits.shape[-1]
-    top_k, top_p = per_row(params.top_k, logits), per_row(params.top_p, logits)
+    device, vocab = logits.device, logits.shape[-1]
+    top_k = per_row(torch.as_tensor(params.top_k, device=device), logits)
+    top_p = per_row(torch.as_tensor(params.top_p, device=device), logits)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     # top-k keeps every token at least as likely as the k-th (ties included); k = 0 keeps all
     kth = sorted_logits.gather(-1, (top_k.clamp(max=vocab) - 1).clamp(min=0).expand(*logits.shape[:-1], 1))
