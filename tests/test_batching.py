@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from ddtree.generation import batch_size
+from ddtree.generation import batch_size, batch_sizes
 from ddtree.errors import DDTreeError
 from ddtree.options import GenerationOptions
 
@@ -71,6 +71,45 @@ def test_solo_runs_equal_ar_and_batched_ar(engine, ahead, monkeypatch, tmp_path)
     for method, budget in (("ar", None), ("dflash", None), ("ddtree", 12), ("ddtree", "auto")):
         batch = engine.generate_batch(prompts, method=method, budget=budget, max_new_tokens=20, slots=3)
         assert [r.token_ids for r in batch] == ar, method
+
+
+def test_auto_in_a_batch_chooses_once_a_round_at_that_batch_sizes_costs(engine, monkeypatch, tmp_path):
+    """The auto requests of a batch choose one size a round, from the costs measured for rounds of that many
+    sequences: cheap large trees alone, dear ones at batch 4 (made up here); the round's time teaches the
+    chooser of its batch size only. Tokens stay ar's."""
+    from test_costs import synthetic
+
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))
+    flat, steep = {3: 5, 7: 5, 15: 5, 31: 5, 63: 5}, {3: 5, 7: 50, 15: 100, 31: 200, 63: 400}
+    engine.use_costs({1: synthetic(flat), 2: synthetic(flat), 4: synthetic(steep)}, fresh=True)
+    observed = {count: [] for count in (1, 4)}
+    for count in observed:
+        monkeypatch.setattr(engine.autos.at(count), "observe", lambda *args, count=count: observed[count].append(args))
+    prompts = random_prompts(4, engine.model.cfg.vocab_size, seed=5, min_len=3, max_len=30)
+    ar = solo(engine, prompts, [GenerationOptions.of(method="ar", max_new_tokens=24)] * 4)
+    batch = engine.generate_batch(prompts, method="ddtree", budget="auto", max_new_tokens=24, slots=4)
+    assert [r.token_ids for r in batch] == ar
+    together = min(len(r.chosen_budgets) for r in batch)  # rounds all four were in
+    assert all(len({r.chosen_budgets[k] for r in batch}) == 1 for k in range(together))
+    assert set(batch[0].chosen_budgets[1:together]) == {3}  # after the first probe, at the largest
+    assert observed[4] and not observed[1] and {size for size, *_ in observed[4]} <= {3, 63}
+    alone = engine.generate(prompts[0], method="ddtree", budget="auto", max_new_tokens=24)
+    assert alone.token_ids == ar[0] and alone.chosen_budgets[1] == 63 and observed[1]
+
+
+def test_auto_is_calibrated_at_every_batch_size_a_runner_can_take(engine, monkeypatch, tmp_path):
+    import json
+
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))
+    monkeypatch.setattr(engine, "autos", None)
+    engine.prepare(GenerationOptions.of(method="ddtree", budget="auto").decoding, context=256, batch=3)
+    stored = json.load(open(engine.calibration_key().path))
+    assert sorted(map(int, stored["batches"])) == batch_sizes(3) == [1, 2, 3]
+    assert engine.autos.covers([1, 2, 3]) and engine.auto_ready(GenerationOptions.of().decoding, 3)
+    assert not engine.auto_ready(GenerationOptions.of().decoding, 8)
+    engine.runner(8, 256, engine.workspace.max_rows)  # measures the batch sizes still missing, keeps the rest
+    stored = json.load(open(engine.calibration_key().path))
+    assert sorted(map(int, stored["batches"])) == [1, 2, 3, 4, 8]
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):

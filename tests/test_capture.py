@@ -75,9 +75,9 @@ class ReplayingGraphs(Graphs):
 def engine(make_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))  # (the calibration's home)
     built = make_engine(TARGET, layers=1, block_size=8)
-    plain, built.graphs, built.auto, built.workspace = built.graphs, RecordingGraphs(), None, None
+    plain, built.graphs, built.autos, built.workspace = built.graphs, RecordingGraphs(), None, None
     yield built
-    built.graphs, built.auto, built.workspace = plain, None, None
+    built.graphs, built.autos, built.workspace = plain, None, None
 
 
 @pytest.mark.parametrize("method, budget", [("ar", None), ("dflash", None), ("ddtree", 12), ("ddtree", "auto")])

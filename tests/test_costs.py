@@ -115,9 +115,9 @@ def test_interpolation_in_context():
 def engine(make_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))
     built = make_engine(TARGET, layers=1, block_size=8)
-    built.auto = None  # each test calibrates or loads for itself
+    built.autos = None  # each test calibrates or loads for itself
     yield built
-    built.auto = None
+    built.autos = None
 
 
 BROKEN = {
@@ -133,33 +133,33 @@ BROKEN = {
 @pytest.mark.parametrize("kind", list(BROKEN))
 def test_broken_calibration_files_are_rebuilt(kind, engine, capsys):
     path = engine.calibration_key().path
-    good = engine.calibration(force=False)
+    good = engine.calibration([1], force=False)[1]
     stored = json.loads(open(path).read())
     text = BROKEN[kind]
     if kind == "another version":
         text = json.dumps(stored | {"version": -1})
     elif kind == "negative time":
-        stored["costs"]["fixed"][0] = -1.0
+        stored["batches"]["1"]["fixed"][0] = -1.0
         text = json.dumps(stored)
     elif kind == "wrong shape":
-        stored["costs"]["per_size"].popitem()
+        stored["batches"]["1"]["per_size"].popitem()
         text = json.dumps(stored)
     with open(path, "w") as f:
         f.write(text)
     capsys.readouterr()
-    rebuilt = engine.calibration(force=False)
+    rebuilt = engine.calibration([1], force=False)[1]
     assert "recalibrating" in capsys.readouterr()[1]
     assert rebuilt.sizes == good.sizes and all(x > 0 for x in rebuilt.fixed)
-    assert engine.calibration(force=False).to_json() == rebuilt.to_json()  # now read back as it is
+    assert engine.calibration([1], force=False)[1].to_json() == rebuilt.to_json()  # now read back as it is
 
 
 def test_a_calibration_for_another_pair_is_not_used(engine, capsys):
     path = engine.calibration_key().path
-    engine.calibration(force=False)
+    engine.calibration([1], force=False)
     stored = json.loads(open(path).read())
     with open(path, "w") as f:
         json.dump(stored | {"pair": "someone-else"}, f)
-    engine.calibration(force=False)
+    engine.calibration([1], force=False)
     assert "another version, device or pair" in capsys.readouterr()[1]
 
 
@@ -171,7 +171,7 @@ def test_auto_output_equals_ar_and_reports_its_choices(engine):
         result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=40)
         assert result.token_ids == expected
         assert result.budget == "auto" and len(result.chosen_budgets) == result.rounds
-        assert set(result.chosen_budgets) <= set(engine.auto.costs.sizes)
+        assert set(result.chosen_budgets) <= set(engine.autos.sizes)
 
 
 def test_generate_json_and_profile_calibrate(engine, capsys, model_dirs, tmp_path):

@@ -199,8 +199,8 @@ def test_a_calibration_that_cannot_be_stored_is_kept_in_memory(engine, tmp_path,
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("DDTREE_CACHE", str(blocker))
-    costs = engine.calibration(force=True)
-    assert costs.sizes and "could not be stored" in capsys.readouterr().err
+    costs = engine.calibration([1], force=True)
+    assert costs[1].sizes and "could not be stored" in capsys.readouterr().err
 
 
 def test_mixed_load_of_normal_oversized_leaving_and_invalid_clients(engine):

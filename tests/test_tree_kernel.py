@@ -96,7 +96,7 @@ def test_engine_rounds_with_the_kernel_match_the_pytorch_path(make_engine, monke
     for budget in (8, 32):
         assert runs["cpu", budget] == runs["0", budget]
         assert max(max(lengths) for _, lengths in runs["cpu", budget]) > 3  # long paths were accepted
-    engine.use_costs(synthetic({3: 5, 7: 6, 15: 8, 31: 14, 63: 30}))
+    engine.use_costs({1: synthetic({3: 5, 7: 6, 15: 8, 31: 14, 63: 30})}, fresh=True)
     for prompt, want in zip(prompts, truth):
         result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=new_tokens)
         assert result.token_ids == want[:new_tokens] and result.chosen_budgets

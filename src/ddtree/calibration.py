@@ -2,9 +2,10 @@
 pair, stored as JSON under the cache directory, remade when missing, stale or corrupt.
 
 Each stage of a ddtree round is timed at a few context lengths, and every candidate size is measured
-(the sizes are graph shapes, and the cost is a step function of the size: measured, not fitted). The
-stages timed are exactly the ones `auto` replays: each size's tree, as the first rows of the largest,
-built plainly and as a probe.
+(the sizes are graph shapes, and the cost is a step function of the size: measured, not fitted), for
+each batch size rounds run at (powers of two: a round of 8 sequences costs what it costs, not 8 times a
+round of one). The stages timed are exactly the ones `auto` replays: each size's tree, as the first rows
+of the largest, built plainly and as a probe.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from .stages import Stages
 
 # Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
 # 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included;
-# 6: a probe at every size, and each size's tree stage alone).
-CALIBRATION_VERSION = 6
+# 6: a probe at every size, and each size's tree stage alone; 7: costs per batch size).
+CALIBRATION_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -83,32 +84,44 @@ def calibration_contexts(device: torch.device, largest_rows: int, block: int, co
 
 
 def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple[int, ...], draft_depth: int,
-              repeats: int = 5) -> RoundCosts:
-    """Times the draft at each context length, and for every size its tree, the same tree as a probe
-    (every size's expected tokens, read on the host), its verify, and its commit and host read."""
+              count: int = 1, repeats: int = 5) -> RoundCosts:
+    """Times rounds of `count` sequences (each at the same context): the draft at each context length, and
+    for every size the sequences' trees, the same trees as probes (every size's expected tokens, read on
+    the host), their verify, and their commit and host read."""
     ws, device = stages.ws, stages.ws.device
     vocab = ws.log_probs.shape[-1]
     prompt = torch.randint(vocab, (max(contexts),), generator=torch.Generator().manual_seed(0)).tolist()
-    yields = ws.auto_yields(len(sizes))[0]
+    yields = ws.auto_yields(len(sizes))[:count]
     fixed, tables = [], {name: {size: [] for size in sizes} for name in ("per_size", "tree", "probe")}
-    bar = tqdm(total=len(contexts) * len(sizes), desc="calibrating round costs", unit="size", file=sys.stderr)
+    bar = tqdm(total=len(contexts) * len(sizes), desc=f"calibrating round costs, batch {count}", unit="size",
+               file=sys.stderr)
     with torch.inference_mode():
         for context in contexts:
-            ws.load_prompt(prompt[:context])
-            stages.prefill(ws.prefill_rows(context), taps).run()
-            draft = stages.draft(1, ws.draft_attend(context), draft_depth, chain=False, tree=True)
+            for index in range(count):
+                ws.load_prompt(prompt[:context], index)
+                stages.prefill(ws.prefill_rows(context), taps, index).run()
+            draft = stages.draft(count, ws.draft_attend(context), draft_depth, chain=False, tree=True)
             fixed.append(time_stage(draft.run, device, repeats))
             for size in sizes:
-                tree, plan = ws.tree(1, size + 1), ws.plan(size)
-                probe = stages.tree(1, 0, "tree", plan, scored=True, probe=True)
-                tables["probe"][size].append(time_stage(lambda: (probe.run(), yields.tolist()), device, repeats))
-                build = time_stage(stages.tree(1, 0, "tree", plan, scored=True).run, device, repeats)
+                tree, plan = ws.tree(count, size + 1), ws.plan(size)
+                probes = [stages.tree(count, index, "tree", plan, scored=True, probe=True) for index in range(count)]
+                builds = [stages.tree(count, index, "tree", plan, scored=True) for index in range(count)]
+                tables["probe"][size].append(time_stage(lambda: (run_all(probes), yields.tolist()), device, repeats))
+                build = time_stage(lambda: run_all(builds), device, repeats)
                 verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
                 tables["tree"][size].append(build)
                 tables["per_size"][size].append(build + verify + commit_seconds(stages, tree, repeats))
                 bar.update(1)
     bar.close()
+    for index in range(count):
+        ws.free(index)
     return RoundCosts(sizes, contexts, fixed, tables["per_size"], tables["tree"], tables["probe"])
+
+
+def run_all(work: list) -> None:
+    """Stages one after another (a round's trees, one per sequence)."""
+    for stage in work:
+        stage.run()
 
 
 def commit_seconds(stages: Stages, tree, repeats: int) -> float:
@@ -125,35 +138,47 @@ def commit_seconds(stages: Stages, tree, repeats: int) -> float:
     return time_stage(run, ws.device, repeats)
 
 
-def load_or_calibrate(key: CalibrationKey, measure, force: bool = False) -> RoundCosts:
-    """The stored calibration for `key`; made by `measure()` (and stored) when missing, stale, corrupt or
-    `force`d. A cache that cannot be written costs a warning: the costs are used all the same."""
+def load_or_calibrate(key: CalibrationKey, measure, counts: list[int], force: bool = False) -> dict[int, RoundCosts]:
+    """The costs for `key` at each batch size in `counts`, stored or made by `measure(count)` (and stored
+    with the others) when missing, stale, corrupt or `force`d. A cache that cannot be written costs a
+    warning: the costs are used all the same."""
+    stored: dict[int, RoundCosts] = {}
     if not force:
         try:
-            with open(key.path) as f:
-                data = json.load(f)
-            if data.get("version") != CALIBRATION_VERSION or data.get("device") != key.device \
-                    or data.get("pair") != key.pair:
-                raise ValueError("made for another version, device or pair")
-            return RoundCosts.from_json(data["costs"])
+            stored = read(key)
         except FileNotFoundError:
             print("ddtree: first use of --budget auto on this device and model pair: calibrating", file=sys.stderr)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"ddtree: recalibrating: the stored calibration is unusable ({exc})", file=sys.stderr)
-    costs = measure()
+    missing = [count for count in counts if count not in stored]
+    if not missing:
+        return {count: stored[count] for count in counts}
+    stored.update({count: measure(count) for count in missing})
     try:
-        store(key, costs)
+        store(key, stored)
     except OSError as exc:
         print(f"ddtree: warning: the calibration could not be stored ({exc.strerror or exc}); it is kept for "
               "this process only", file=sys.stderr)
+    return {count: stored[count] for count in counts}
+
+
+def read(key: CalibrationKey) -> dict[int, RoundCosts]:
+    """The stored costs by batch size; raises ValueError on a file for another version, device or pair."""
+    with open(key.path) as f:
+        data = json.load(f)
+    if data.get("version") != CALIBRATION_VERSION or data.get("device") != key.device or data.get("pair") != key.pair:
+        raise ValueError("made for another version, device or pair")
+    costs = {int(count): RoundCosts.from_json(table) for count, table in data["batches"].items()}
+    if len({tuple(c.sizes) for c in costs.values()}) > 1:
+        raise ValueError("batch sizes calibrated for different tree sizes")
     return costs
 
 
-def store(key: CalibrationKey, costs: RoundCosts) -> None:
+def store(key: CalibrationKey, costs: dict[int, RoundCosts]) -> None:
     os.makedirs(os.path.dirname(key.path), exist_ok=True)
     temporary = f"{key.path}.{os.getpid()}.tmp"
     with open(temporary, "w") as f:
         json.dump({"version": CALIBRATION_VERSION, "device": key.device, "pair": key.pair,
-                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "costs": costs.to_json()}, f,
-                  indent=1)
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "batches": {str(count): table.to_json() for count, table in sorted(costs.items())}}, f, indent=1)
     os.replace(temporary, key.path)  # readers never see half a file

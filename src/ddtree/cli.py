@@ -500,8 +500,8 @@ def run_profile(args) -> None:
 
         if engine.drafter is None:
             raise DDTreeError("--calibrate measures drafting rounds and needs a drafter")
-        engine.use_costs(engine.calibration(force=True))
-        print(costs_table(engine.auto.costs))
+        engine.use_costs(engine.calibration([1], force=True), fresh=True)
+        print(costs_table(engine.autos.at(1).costs))
         print(f"stored in {engine.calibration_key().path}", file=sys.stderr)
     has_template = bool(getattr(engine.tokenizer, "chat_template", None))
     ids = engine.encode(args.prompt, chat=has_template)

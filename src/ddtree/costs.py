@@ -207,6 +207,37 @@ class AutoBudget:
         self.correction[size] += CORRECTION_RATE * (ratio - self.correction[size])
 
 
+class AutoBudgets:
+    """auto's choosers by batch size: each with the costs measured for rounds of that many sequences (a
+    round of eight costs what it costs, not eight rounds of one), all learning into one acceptance model
+    (a node's chance of acceptance does not depend on what it is batched with)."""
+
+    def __init__(self, acceptance: AcceptanceModel):
+        self.acceptance = acceptance
+        self.by_batch: dict[int, AutoBudget] = {}
+
+    def add(self, costs: dict[int, RoundCosts]) -> None:
+        """Choosers for the batch sizes not yet covered (those already there keep what they learned)."""
+        for count, table in sorted(costs.items()):
+            self.by_batch.setdefault(count, AutoBudget(table, self.acceptance))
+
+    def covers(self, counts: list[int]) -> bool:
+        return all(count in self.by_batch for count in counts)
+
+    def at(self, count: int) -> AutoBudget:
+        """The chooser for rounds of `count` sequences: the smallest calibrated batch size holding them (the
+        largest, past every one)."""
+        return self.by_batch[min((c for c in self.by_batch if c >= count), default=max(self.by_batch))]
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.acceptance.sizes
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes)
+
+
 def probe_above(sizes: list[int], size: int) -> int:
     """The size a probe builds while `size` is chosen: the next larger one (the largest, at the top)."""
     return sizes[min(sizes.index(size) + 1, len(sizes) - 1)]

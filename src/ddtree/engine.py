@@ -17,10 +17,10 @@ from jinja2 import TemplateError
 from .calibration import (
     CalibrationKey, calibrate, calibration_contexts, device_description, load_or_calibrate, pair_description,
 )
-from .costs import AcceptanceModel, AutoBudget, RoundCosts, candidate_sizes
+from .costs import AcceptanceModel, AutoBudgets, RoundCosts, candidate_sizes
 from .drafter import Drafter
 from .errors import DDTreeError
-from .generation import BatchRunner, Generation
+from .generation import BatchRunner, Generation, batch_sizes
 from .loading import Target
 from .methods import DecodingMethod, decoding_method, drafted_depths
 from .model import compile_mode
@@ -50,7 +50,7 @@ class Engine:
         self.workspace: Workspace | None = None
         self.stages: Stages | None = None
         self.acceptance: AcceptanceModel | None = None  # auto's, kept while graphs read it
-        self.auto: AutoBudget | None = None
+        self.autos: AutoBudgets | None = None
         self.tickets = 0  # generations started, numbered
         # Launch each round before reading the last one's outcome (`Generation.__iter__`): on a GPU the
         # host's work then overlaps the device's; on the CPU the host is the device, nothing overlaps.
@@ -87,18 +87,24 @@ class Engine:
         """The method object for one generation; auto's first use loads or makes the calibration."""
         if decoding.drafts and self.drafter is None:
             raise DDTreeError(f"method {decoding.method!r} needs a drafter")
-        auto = self.auto_budget() if decoding.budget == "auto" else None
-        return decoding_method(decoding, self.block, self.taps, self.model.cfg.vocab_size, auto)
+        autos = self.auto_budgets() if decoding.budget == "auto" else None
+        return decoding_method(decoding, self.block, self.taps, self.model.cfg.vocab_size, autos)
 
-    def auto_budget(self) -> AutoBudget:
-        """The per-round budget chooser, from this device's stored calibration (made on first use)."""
-        if self.auto is None:
-            self.use_costs(self.calibration(force=False))
-        return self.auto
+    def auto_budgets(self, batch: int = 1) -> AutoBudgets:
+        """auto's per-round budget choosers for rounds of up to `batch` sequences, from this device's stored
+        calibration (measured now where missing: it uses the workspace, so never while requests decode)."""
+        counts = batch_sizes(batch)
+        if self.autos is None or not self.autos.covers(counts):
+            self.use_costs(self.calibration(counts, force=False))
+        return self.autos
 
-    def calibration(self, force: bool) -> RoundCosts:
-        """This device's round costs for auto: stored, or measured now (and stored)."""
-        return load_or_calibrate(self.calibration_key(), self.measure_costs, force)
+    def auto_ready(self, decoding: Decoding, batch: int) -> bool:
+        """Whether requests of `decoding` can decode in batches of up to `batch` without calibrating first."""
+        return decoding.budget != "auto" or (self.autos is not None and self.autos.covers(batch_sizes(batch)))
+
+    def calibration(self, counts: list[int], force: bool) -> dict[int, RoundCosts]:
+        """This device's round costs for auto at each batch size: stored, or measured now (and stored)."""
+        return load_or_calibrate(self.calibration_key(), self.measure_costs, counts, force)
 
     def calibration_key(self) -> CalibrationKey:
         compiled = compile_mode() if self.model.compiled else None
@@ -106,21 +112,27 @@ class Engine:
         return CalibrationKey(device_description(self.device, self.dtype, self.graphs.enabled, compiled, kernel),
                               pair_description(self.target.name, self.model.cfg, self.drafter.cfg))
 
-    def measure_costs(self) -> RoundCosts:
-        """Times auto's stages on this device, in the engine's own workspace and graphs."""
+    def measure_costs(self, count: int = 1) -> RoundCosts:
+        """Times auto's stages for rounds of `count` sequences on this device, in the engine's own workspace
+        and graphs."""
         sizes = candidate_sizes(self.device.type, self.block - 1, self.model.cfg.vocab_size)
         contexts = calibration_contexts(self.device, 1 + max(sizes), self.block, self.context_limit)
-        self.workspace_for(self.tokens_held(max(contexts), 8, self.block), 1 + max(sizes))
+        ws = self.workspace_for(self.tokens_held(max(contexts), 8, self.block), 1 + max(sizes), count)
         self.use_acceptance(sizes)
-        self.workspace.sampling.set(SamplingParams(), 0)
+        for index in range(count):
+            ws.sampling.set(SamplingParams(), index)
         depth = drafted_depths(max(sizes), self.block, self.model.cfg.vocab_size)
-        return calibrate(self.stages, sizes, contexts, self.taps, depth)
+        return calibrate(self.stages, sizes, contexts, self.taps, depth, count)
 
-    def use_costs(self, costs: RoundCosts) -> None:
-        """A new calibration for `auto`, whose learned acceptance starts afresh."""
-        self.use_acceptance(costs.sizes)
-        self.acceptance.reset()
-        self.auto = AutoBudget(costs, self.acceptance)
+    def use_costs(self, costs: dict[int, RoundCosts], fresh: bool = False) -> None:
+        """Calibrated costs by batch size for `auto`: choosers for the batch sizes it had none for. New tree
+        sizes, or a calibration made again (`fresh`), replace them all, and learning starts afresh."""
+        sizes = next(iter(costs.values())).sizes
+        if fresh or self.autos is None or self.autos.sizes != sizes:
+            self.use_acceptance(sizes)
+            self.acceptance.reset()
+            self.autos = AutoBudgets(self.acceptance)
+        self.autos.add(costs)
 
     def use_acceptance(self, sizes: list[int]) -> None:
         """An acceptance model for these candidate sizes; graphs that read another one are dropped."""
@@ -194,7 +206,10 @@ class Engine:
 
     def runner(self, slots: int, context: int, rows: int) -> BatchRunner:
         """A batch of up to `slots` requests decoding at once in this engine's workspace (sized for `context`
-        tokens per sequence and trees of `rows` rows), as `generate_batch` and the server use it."""
+        tokens per sequence and trees of `rows` rows), as `generate_batch` and the server use it. Once auto
+        is in use, its costs at every batch size the runner's rounds can take are measured first, if new."""
+        if self.autos is not None:
+            self.auto_budgets(slots)
         return BatchRunner(self, slots, context, rows)
 
     def generate_batch(self, prompts: list, options: GenerationOptions | list[GenerationOptions] | None = None,
@@ -223,9 +238,13 @@ class Engine:
                 sampling: SamplingParams | None = None, batch: int = 1) -> int:
         """Allocates the buffers for up to `batch` requests of up to `context` tokens each (prompt and answer
         together) and captures every CUDA graph a request decoding alone can replay, as a server does at
-        start-up, so that no request pays for a capture mid-stream; auto's calibration is made here too.
+        start-up, so that no request pays for a capture mid-stream; auto's calibration (at every batch size up
+        to `batch`) is made here too.
         Returns how many graphs were new (0 without graphs)."""
-        method = self.method_for(decoding or Decoding())
+        decoding = decoding or Decoding()
+        method = self.method_for(decoding)
+        if decoding.budget == "auto":
+            self.auto_budgets(batch)
         context = self.tokens_held(1, max(1, min(context, self.context_limit) - 1), method.block)
         ws = self.workspace_for(context, method.rows, batch)
         if not self.graphs.enabled:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DDTreeError
-from .methods import DecodingMethod, Member, run_round
+from .methods import DecodingMethod, Member, Timing, run_round
 from .options import GenerationOptions
 from .results import GenerationResult, StreamChunk
 from .sampling import SamplingParams, choose_tokens, seed_key
@@ -117,11 +117,10 @@ class BatchRequest:
 @dataclass
 class Launched:
     """A round on its way: how to read its outcome, each request in it with the most tokens it can add, and
-    what auto learns from its time (a round of one request)."""
+    what auto learns from its time."""
     read: Callable[[], list[list[int]]]
     members: dict[BatchRequest, int]
-    nodes: int | None
-    probed: int | None
+    timing: Timing | None
     launched_at: float
 
 
@@ -244,22 +243,20 @@ class BatchRunner:
         self.clock.mark("round")
         launched_at = time.perf_counter()
         members = [Member(r.index, r.method, r.committed + self.unread(r)) for r in live]
-        tree, rows = run_round(self.stages, count, members, self.clock)
-        nodes = live[0].method.timed_nodes(rows[0]) if len(live) == 1 else None
+        tree, rows, timing = run_round(self.stages, count, members, self.clock)
         return Launched(self.reader.after(tree.out[:count]),
                         {request: min(self.ws.block, used) for request, used in zip(live, rows)},
-                        nodes, live[0].method.probed, launched_at)
+                        timing, launched_at)
 
     def read(self, launched: Launched) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """A round's outcome for each request still there: its tokens, streamed and checked for stops."""
         outcomes = launched.read()
         now = time.perf_counter()
+        if launched.timing is not None:  # (the device ran it from its launch, or from the last read if later)
+            launched.timing.observe(now - max(self.read_at, launched.launched_at))
         for request in launched.members:
             if request.left:  # (it finished in the round before; this one ran past its end)
                 continue
-            if launched.nodes is not None:
-                request.method.observe(launched.nodes, request.committed, now - max(self.read_at, launched.launched_at),
-                                       launched.probed)
             added, *tokens = outcomes[request.index]
             request.committed += added
             chunk = request.stopper.push(tokens[:added])
@@ -349,6 +346,11 @@ def batch_size(used: int, slots: int) -> int:
     """The batch size a round runs at when slots 0..used are in use: a power of two (a few graph shapes
     serve every batch), at most the slots there are."""
     return min(1 << (used - 1).bit_length(), slots)
+
+
+def batch_sizes(slots: int) -> list[int]:
+    """Every batch size that rounds over up to `slots` sequences run at."""
+    return sorted({batch_size(used, slots) for used in range(1, slots + 1)})
 
 
 def default_max_batch(engine, context: int, cap: int = 32) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .costs import AutoBudget
+from .costs import AutoBudget, AutoBudgets
 from .options import Decoding
 from .stages import Stage, Stages
 from .tree import frontier_widths, tree_size
@@ -29,12 +29,17 @@ class DecodingMethod:
         self.rows = 1  # the largest tree it verifies, root included
         self.draft_depth = block - 1  # depths each draft scores
         self.chosen: list[int] = []  # auto: the nodes each drafting round verified
-        self.probed: int | None = None  # auto: the size the last round probed at, if it probed
 
     def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
         """Launches the tree stage of sequence `index` (of `count`) after this round's draft; returns the
         rows of its tree."""
         raise NotImplementedError
+
+    @classmethod
+    def build_all(cls, stages: Stages, count: int, members: list["Member"]) -> tuple[list[int], "Timing | None"]:
+        """Launches the tree stages of this round's `members` (all of this method); returns each one's rows,
+        and what the round's wall time teaches (auto), if anything."""
+        return [member.method.build(stages, count, member.index, member.committed) for member in members], None
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         """The tree stages this method's rounds run alone (one sequence): what `Engine.prepare` captures."""
@@ -43,13 +48,6 @@ class DecodingMethod:
     def verified_rows(self) -> list[int]:
         """The tree sizes (rows) this method's rounds verify alone, root included."""
         return [1]
-
-    def observe(self, nodes: int, context: int, seconds: float, probed: int | None) -> None:
-        """A drafting round's wall time, for methods that learn from it (auto)."""
-
-    def timed_nodes(self, rows: int) -> int | None:
-        """The nodes of the round just launched (verifying `rows` rows), when its time teaches this method (auto)."""
-        return None
 
 
 class TargetOnly(DecodingMethod):
@@ -109,44 +107,64 @@ class AutoTree(DecodingMethod):
     at first, then one size above), read the expected tokens of every size it holds and choose the size
     with the most tokens per second; other rounds build the size chosen last (`costs.AutoBudget`). Every
     size's tree is the first rows of the larger ones (nodes come best first), so a probe's tree holds the
-    chosen one, and its nodes' scores teach the acceptance model."""
+    chosen one, and its nodes' scores teach the acceptance model.
+
+    The sequences of a batch that use auto choose together, once a round: one size for all (the verify's
+    cost follows its widest tree), the one with the most tokens per second summed over them, at the costs
+    measured for the round's batch size."""
 
     drafts, scored = True, True
 
-    def __init__(self, block: int, taps: tuple[int, ...], vocab: int, auto: AutoBudget):
+    def __init__(self, block: int, taps: tuple[int, ...], vocab: int, autos: AutoBudgets):
         super().__init__(block, taps)
-        self.auto = auto
-        self.rows = 1 + auto.largest
-        self.draft_depth = drafted_depths(auto.largest, block, vocab)
+        self.autos = autos
+        self.rows = 1 + autos.largest
+        self.draft_depth = drafted_depths(autos.largest, block, vocab)
 
-    def build(self, stages: Stages, count: int, index: int, committed: int) -> int:
-        auto, ws = self.auto, stages.ws
-        yields = ws.auto_yields(len(auto.costs.sizes))  # (made here, not inside the probe's graph capture)
-        self.probed = auto.probe_size()
-        if self.probed is not None:
-            stages.tree(count, index, "tree", ws.plan(self.probed), scored=True, probe=True).run()
-            size = auto.choose(yields[index].tolist(), committed, self.probed)
-            ws.tree(count, ws.max_rows).used[index].fill_(size + 1)  # the probe built more (a second host read above)
+    @classmethod
+    def build_all(cls, stages: Stages, count: int, members: list["Member"]) -> tuple[list[int], "Timing"]:
+        ws, auto = stages.ws, members[0].method.autos.at(count)
+        sizes = auto.costs.sizes
+        yields = ws.auto_yields(len(sizes))  # (made here, not inside the probe's graph capture)
+        context = max(member.committed for member in members)
+        probed = auto.probe_size()
+        if probed is not None:
+            for member in members:
+                stages.tree(count, member.index, "tree", ws.plan(probed), scored=True, probe=True).run()
+            read = yields[:count].tolist()  # (one host read for the batch)
+            size = auto.choose([sum(read[m.index][k] for m in members) for k in range(len(sizes))], context, probed)
+            used = ws.tree(count, ws.max_rows).used
+            for member in members:
+                used[member.index].fill_(size + 1)  # the probe built more
         else:
             size = auto.current
-            stages.tree(count, index, "tree", ws.plan(size), scored=True).run()
-        self.chosen.append(size)
-        return size + 1
+            for member in members:
+                stages.tree(count, member.index, "tree", ws.plan(size), scored=True).run()
+        for member in members:
+            member.method.chosen.append(size)
+        return [size + 1] * len(members), Timing(auto, size, context, probed)
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        ws, sizes = stages.ws, self.auto.costs.sizes
+        ws, sizes = stages.ws, self.autos.sizes
         ws.auto_yields(len(sizes))
         return [*super().tree_stages(stages),
                 *(stages.tree(1, 0, "tree", ws.plan(size), True, probe) for size in sizes for probe in (False, True))]
 
     def verified_rows(self) -> list[int]:
-        return [size + 1 for size in self.auto.costs.sizes] + [1]
+        return [size + 1 for size in self.autos.sizes] + [1]
 
-    def observe(self, nodes: int, context: int, seconds: float, probed: int | None) -> None:
-        self.auto.observe(nodes, context, seconds, probed)
 
-    def timed_nodes(self, rows: int) -> int | None:
-        return rows - 1 if rows > 1 else None  # (a round near the context's end drafts nothing)
+@dataclass
+class Timing:
+    """What a round's wall time teaches auto: its chooser (of the round's batch size), the size the round
+    verified, the context it ran at, and the size it probed at, if it probed."""
+    auto: AutoBudget
+    size: int
+    context: int
+    probed: int | None
+
+    def observe(self, seconds: float) -> None:
+        self.auto.observe(self.size, self.context, seconds, self.probed)
 
 
 @dataclass
@@ -158,29 +176,38 @@ class Member:
     committed: int
 
 
-def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple[TreeBuffers, list[int]]:
+def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple[TreeBuffers, list[int], Timing | None]:
     """Launches one round over the first `count` sequences of the workspace: one draft for all, each
     member's tree, one verify, one commit. `members` are the live sequences among them (every live one).
-    Returns the trees, whose `out` will hold each sequence's [count, tokens added...], and each member's
-    rows."""
+    Returns the trees, whose `out` will hold each sequence's [count, tokens added...], each member's rows,
+    and what the round's time teaches auto (when its trees set the verify's width)."""
     ws = stages.ws
     drafting = [m for m in members if m.method.drafts and m.committed + ws.block + 1 <= ws.context_limit]
-    drafts = {m.index for m in drafting}
     if drafting:
         chains = [m.method.chain for m in drafting]
         stages.draft(count, ws.draft_attend(max(m.committed for m in drafting)),
                      max(m.method.draft_depth for m in drafting), any(chains), not all(chains)).run()
         clock.mark("draft")
-    rows = [m.method.build(stages, count, m.index, m.committed) if m.index in drafts else bonus_only(stages, count, m)
-            for m in members]
+    rows, timing = {}, None
+    for kind in dict.fromkeys(type(m.method) for m in drafting):  # (each method once, in members' order)
+        group = [m for m in drafting if type(m.method) is kind]
+        built, timed = kind.build_all(stages, count, group)
+        rows.update(zip((m.index for m in group), built))
+        timing = timed or timing
+    for member in members:
+        if member.index not in rows:
+            rows[member.index] = bonus_only(stages, count, member)
     clock.mark("tree")
-    tree = ws.tree(count, max(rows))
+    widest = max(rows.values())
+    tree = ws.tree(count, widest)
     taps = next((m.method.taps for m in members if m.method.taps), ())
     stages.verify(tree, ws.attend(max(m.committed for m in members) + tree.rows), taps).run()
     clock.mark("verify")
     stages.commit(tree, any(m.method.scored for m in members)).run()
     clock.mark("commit")
-    return tree, rows
+    if timing is not None and timing.size + 1 != widest:
+        timing = None  # another member's tree set the round's cost
+    return tree, [rows[m.index] for m in members], timing
 
 
 def bonus_only(stages: Stages, count: int, member: Member) -> int:
@@ -191,12 +218,12 @@ def bonus_only(stages: Stages, count: int, member: Member) -> int:
 
 
 def decoding_method(decoding: Decoding, block: int, taps: tuple[int, ...], vocab: int,
-                    auto: AutoBudget | None = None) -> DecodingMethod:
-    """The method object for one generation: `auto` is the engine's chooser when the budget is 'auto'."""
+                    autos: AutoBudgets | None = None) -> DecodingMethod:
+    """The method object for one generation: `autos` are the engine's choosers when the budget is 'auto'."""
     if decoding.method == "ar":
         return TargetOnly()
     if decoding.method == "dflash":
         return ChainDraft(block, taps)
     if decoding.budget == "auto":
-        return AutoTree(block, taps, vocab, auto)
+        return AutoTree(block, taps, vocab, autos)
     return TreeDraft(block, taps, vocab, decoding.budget)

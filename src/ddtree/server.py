@@ -228,7 +228,10 @@ class Scheduler:
             job.send("error", APIError(400, str(exc)))
 
     def runner_for(self, job: Job) -> BatchRunner | None:
-        if self.runner is not None and self.runner.owns and self.runner.fits(job.ids, job.options):
+        """The batch the job joins: the running one if it has room (and auto, if asked for, is calibrated for
+        it), else a new one once the running one is empty (None until then)."""
+        ready = self.engine.auto_ready(job.options.decoding, self.max_batch)
+        if self.runner is not None and self.runner.owns and ready and self.runner.fits(job.ids, job.options):
             return self.runner
         if self.running:
             return None
