@@ -27,7 +27,7 @@ def test_tree_kernel_in_triton_interpreter():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", __file__],
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "13 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
+    assert "15 passed, 1 skipped" in result.stdout, result.stdout[-2000:]  # every kernel test ran
 
 
 def kernel_tree(log_probs: torch.Tensor, budget: int):
@@ -57,6 +57,29 @@ def test_kernel_tree_equals_the_heap(vocab, depth, seed):
         prefixes = check_structure(tree, log_probs)
         assert set(prefixes) == set(node_prefixes(best_first_tree(log_probs, budget)))
         assert tree.scores == sorted(tree.scores, reverse=True)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
+@pytest.mark.parametrize("budget", [5, 40])
+def test_a_batch_of_trees_in_one_launch_equals_each_tree_alone(budget):
+    """Three sequences' trees from their own log-probs, one program each, written into the first rows of
+    larger strided buffers (as a round's trees are): each equals the tree built alone."""
+    depth, vocab, batch, max_rows = 6, 50, 3, 64
+    log_probs = torch.stack([random_log_probs(depth + 2, vocab, seed) for seed in range(batch)])[:, :depth]
+    plan = FrontierPlan(budget, depth, vocab)
+    rows = plan.size + 1
+    ids, parents, depths = (torch.full((batch + 1, max_rows), -7, dtype=torch.long) for _ in range(3))
+    scores = torch.full((batch + 1, max_rows - 1), float("nan"))
+    mask = torch.ones(batch + 1, max_rows, max_rows, dtype=torch.bool)
+    tree_kernel.build(log_probs, tree_kernel.KernelPlan(plan, log_probs.device, batch=batch + 1), ids[:batch, :rows],
+                      parents[:batch, :rows], depths[:batch, :rows], scores[:batch, :plan.size], mask[:batch, :rows, :rows])
+    for b in range(batch):
+        alone = kernel_tree(log_probs[b], budget)
+        assert ids[b, 1:rows].tolist() == alone.tokens and parents[b, 1:rows].tolist() == alone.parents
+        assert depths[b, 1:rows].tolist() == alone.depths and scores[b, :plan.size].tolist() == alone.scores
+        assert torch.equal(mask[b, :rows, :rows], brute_ancestors([0] + alone.parents))
+        assert ids[b, 0] == -7 and (ids[b, rows:] == -7).all() and mask[b, rows:].all()  # nothing else written
+    assert (ids[batch] == -7).all() and scores[batch].isnan().all() and mask[batch].all()  # the sequence not asked for
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreter's process (the launcher above)")
@@ -93,6 +116,8 @@ def test_engine_rounds_with_the_kernel_match_the_pytorch_path(make_engine, monke
             runs[mode, budget] = [(r.token_ids, r.acceptance_lengths) for r in results]
             assert [r.token_ids for r in results] == [t[:new_tokens] for t in truth]
     assert engine.workspace.tree_kernel is tree_kernel
+    together = engine.generate_batch(prompts, method="ddtree", budget=8, max_new_tokens=new_tokens)  # one launch a round
+    assert [(r.token_ids, r.acceptance_lengths) for r in together] == runs["cpu", 8]
     for budget in (8, 32):
         assert runs["cpu", budget] == runs["0", budget]
         assert max(max(lengths) for _, lengths in runs["cpu", budget]) > 3  # long paths were accepted

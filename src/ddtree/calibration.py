@@ -104,10 +104,9 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
             fixed.append(time_stage(draft.run, device, repeats))
             for size in sizes:
                 tree, plan = ws.tree(count, size + 1), ws.plan(size)
-                probes = [stages.tree(count, index, "tree", plan, scored=True, probe=True) for index in range(count)]
-                builds = [stages.tree(count, index, "tree", plan, scored=True) for index in range(count)]
-                tables["probe"][size].append(time_stage(lambda: (run_all(probes), yields.tolist()), device, repeats))
-                build = time_stage(lambda: run_all(builds), device, repeats)
+                probe = stages.tree(count, None, "tree", plan, scored=True, probe=True)
+                tables["probe"][size].append(time_stage(lambda: (probe.run(), yields.tolist()), device, repeats))
+                build = time_stage(stages.tree(count, None, "tree", plan, scored=True).run, device, repeats)
                 verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
                 tables["tree"][size].append(build)
                 tables["per_size"][size].append(build + verify + commit_seconds(stages, tree, repeats))
@@ -116,12 +115,6 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
     for index in range(count):
         ws.free(index)
     return RoundCosts(sizes, contexts, fixed, tables["per_size"], tables["tree"], tables["probe"])
-
-
-def run_all(work: list) -> None:
-    """Stages one after another (a round's trees, one per sequence)."""
-    for stage in work:
-        stage.run()
 
 
 def commit_seconds(stages: Stages, tree, repeats: int) -> float:

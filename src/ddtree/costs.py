@@ -138,9 +138,10 @@ class AcceptanceModel:
 
     def expected_yields(self, scores: torch.Tensor) -> torch.Tensor:
         """1 + the calibrated expected accepted nodes among the best n, at each candidate size n;
-        `scores`: the tree's node path log-probabilities, best first (sizes past its nodes get its total)."""
+        `scores`: the tree's node path log-probabilities, best first (sizes past its nodes get its total),
+        or [sequences, nodes], a tree each."""
         chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)]
-        return 1 + chance.cumsum(0)[self.index.clamp(max=len(scores) - 1)]
+        return 1 + chance.cumsum(-1)[..., self.index.clamp(max=scores.shape[-1] - 1)]
 
     def learn(self, scores: torch.Tensor, accepted: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """One verified round: the nodes' path log-probabilities and which of them were accepted (any shape,

@@ -36,14 +36,15 @@ class DecodingMethod:
         raise NotImplementedError
 
     @classmethod
-    def build_all(cls, stages: Stages, count: int, members: list["Member"]) -> tuple[list[int], "Timing | None"]:
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], "Timing | None"]:
         """Launches the tree stages of this round's `members` (all of this method); returns each one's rows,
-        and what the round's wall time teaches (auto), if anything."""
+        and what the round's wall time teaches (auto), if anything. `whole`: no other method drafts this
+        round, so one stage may build every sequence's tree at once (those that do not draft get theirs after)."""
         return [member.method.build(stages, count, member.index, member.committed) for member in members], None
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         """The tree stages this method's rounds run alone (one sequence): what `Engine.prepare` captures."""
-        return [stages.tree(1, 0, "bonus")]
+        return [stages.tree(1, None, "bonus")]
 
     def verified_rows(self) -> list[int]:
         """The tree sizes (rows) this method's rounds verify alone, root included."""
@@ -67,8 +68,15 @@ class ChainDraft(DecodingMethod):
         stages.tree(count, index, "chain").run()
         return self.rows
 
+    @classmethod
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], None]:
+        if not whole:
+            return super().build_all(stages, count, members, whole)
+        stages.tree(count, None, "chain").run()
+        return [member.method.rows for member in members], None
+
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        return [*super().tree_stages(stages), stages.tree(1, 0, "chain")]
+        return [*super().tree_stages(stages), stages.tree(1, None, "chain")]
 
     def verified_rows(self) -> list[int]:
         return [self.rows, 1]
@@ -89,8 +97,16 @@ class TreeDraft(DecodingMethod):
         stages.tree(count, index, "tree", stages.ws.plan(self.budget)).run()
         return self.rows
 
+    @classmethod
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], None]:
+        budgets = {member.method.budget for member in members}
+        if not whole or len(budgets) > 1:
+            return super().build_all(stages, count, members, whole)
+        stages.tree(count, None, "tree", stages.ws.plan(budgets.pop())).run()
+        return [member.method.rows for member in members], None
+
     def tree_stages(self, stages: Stages) -> list[Stage]:
-        return [*super().tree_stages(stages), stages.tree(1, 0, "tree", stages.ws.plan(self.budget))]
+        return [*super().tree_stages(stages), stages.tree(1, None, "tree", stages.ws.plan(self.budget))]
 
     def verified_rows(self) -> list[int]:
         return [self.rows, 1]
@@ -122,24 +138,25 @@ class AutoTree(DecodingMethod):
         self.draft_depth = drafted_depths(autos.largest, block, vocab)
 
     @classmethod
-    def build_all(cls, stages: Stages, count: int, members: list["Member"]) -> tuple[list[int], "Timing"]:
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], "Timing"]:
         ws, auto = stages.ws, members[0].method.autos.at(count)
         sizes = auto.costs.sizes
         yields = ws.auto_yields(len(sizes))  # (made here, not inside the probe's graph capture)
         context = max(member.committed for member in members)
+        indices = [None] if whole else [member.index for member in members]  # (None: every sequence at once)
         probed = auto.probe_size()
         if probed is not None:
-            for member in members:
-                stages.tree(count, member.index, "tree", ws.plan(probed), scored=True, probe=True).run()
+            for index in indices:
+                stages.tree(count, index, "tree", ws.plan(probed), scored=True, probe=True).run()
             read = yields[:count].tolist()  # (one host read for the batch)
             size = auto.choose([sum(read[m.index][k] for m in members) for k in range(len(sizes))], context, probed)
             used = ws.tree(count, ws.max_rows).used
-            for member in members:
-                used[member.index].fill_(size + 1)  # the probe built more
+            for index in indices:  # the probe built more
+                (used if index is None else used[index]).fill_(size + 1)
         else:
             size = auto.current
-            for member in members:
-                stages.tree(count, member.index, "tree", ws.plan(size), scored=True).run()
+            for index in indices:
+                stages.tree(count, index, "tree", ws.plan(size), scored=True).run()
         for member in members:
             member.method.chosen.append(size)
         return [size + 1] * len(members), Timing(auto, size, context, probed)
@@ -148,7 +165,7 @@ class AutoTree(DecodingMethod):
         ws, sizes = stages.ws, self.autos.sizes
         ws.auto_yields(len(sizes))
         return [*super().tree_stages(stages),
-                *(stages.tree(1, 0, "tree", ws.plan(size), True, probe) for size in sizes for probe in (False, True))]
+                *(stages.tree(1, None, "tree", ws.plan(size), True, probe) for size in sizes for probe in (False, True))]
 
     def verified_rows(self) -> list[int]:
         return [size + 1 for size in self.autos.sizes] + [1]
@@ -189,14 +206,17 @@ def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple
                      max(m.method.draft_depth for m in drafting), any(chains), not all(chains)).run()
         clock.mark("draft")
     rows, timing = {}, None
-    for kind in dict.fromkeys(type(m.method) for m in drafting):  # (each method once, in members' order)
+    kinds = list(dict.fromkeys(type(m.method) for m in drafting))  # (each method once, in members' order)
+    for kind in kinds:
         group = [m for m in drafting if type(m.method) is kind]
-        built, timed = kind.build_all(stages, count, group)
+        built, timed = kind.build_all(stages, count, group, whole=len(kinds) == 1)
         rows.update(zip((m.index for m in group), built))
         timing = timed or timing
+    if not drafting:  # the bonus tokens alone, every sequence's at once
+        stages.tree(count, None, "bonus").run()
     for member in members:
         if member.index not in rows:
-            rows[member.index] = bonus_only(stages, count, member)
+            rows[member.index] = bonus_only(stages, count, member) if drafting else 1
     clock.mark("tree")
     widest = max(rows.values())
     tree = ws.tree(count, widest)

@@ -83,11 +83,12 @@ class Stages:
         return Stage(("draft", count, attend, depth, chain, tree),
                      lambda: self.run_draft(count, attend, depth, chain, tree), self.graphs)
 
-    def tree(self, count: int, index: int, kind: str, plan: FrontierPlan | None = None, scored: bool = False,
+    def tree(self, count: int, index: int | None, kind: str, plan: FrontierPlan | None = None, scored: bool = False,
              probe: bool = False) -> Stage:
-        """Sequence `index`'s tree of this round, in the trees of `count` sequences: `kind` "bonus" (the
-        bonus token alone), "chain" (the draft's likeliest tokens) or "tree" (the best-first tree of `plan`,
-        its nodes' scores kept when `scored`, and with `probe` the expected tokens of every auto size)."""
+        """This round's tree of sequence `index`, or of every one (None), in the trees of `count` sequences:
+        `kind` "bonus" (the bonus token alone), "chain" (the draft's likeliest tokens) or "tree" (the
+        best-first tree of `plan`, its nodes' scores kept when `scored`, and with `probe` the expected
+        tokens of every auto size). Every sequence's at once is one launch of each kernel for the batch."""
         key = ("tree", count, index, kind, plan.budget if plan is not None else None, scored, probe)
         return Stage(key, lambda: self.build_tree(count, index, kind, plan, scored, probe), self.graphs)
 
@@ -147,38 +148,44 @@ class Stages:
         if tree:
             torch.log_softmax(logits, dim=-1, out=seqs.log_probs[:, :depth])
 
-    def build_tree(self, count: int, index: int, kind: str, plan: FrontierPlan | None, scored: bool,
+    def build_tree(self, count: int, index: int | None, kind: str, plan: FrontierPlan | None, scored: bool,
                    probe: bool) -> None:
         ws = self.ws
         trees = ws.tree(count, ws.max_rows)
-        ids, parents, depths, mask = trees.ids[index], trees.parents[index], trees.depths[index], trees.mask[index]
-        ids[0] = ws.bonus[index]
-        trees.learns[index].fill_(scored)  # (fill_: a scalar copied in would be a host copy, refused in a capture)
+        part = slice(0, count) if index is None else slice(index, index + 1)
+        ids, parents, depths, mask = trees.ids[part], trees.parents[part], trees.depths[part], trees.mask[part]
+        used = trees.used[part]
+        ids[:, 0].copy_(ws.bonus[part])
+        if scored:  # (a free slot's tree teaches nothing)
+            trees.learns[part].copy_(ws.live[part])
+        else:  # (fill_: a scalar copied in would be a host copy, refused in a capture)
+            trees.learns[part].fill_(False)
         if kind == "bonus":
-            trees.used[index].fill_(1)
+            used.fill_(1)
             depths.zero_()  # a batch verifies more rows than the root: near the context's end, none past it
             return
         if kind == "chain":  # its shape is fixed, its tokens each depth's argmax
             rows = ws.block
-            ids[1:rows] = ws.chain_tokens[index]
-            for buffer, structure in zip((parents[:rows], depths[:rows], mask[:rows, :rows]), ws.chain):
+            ids[:, 1:rows].copy_(ws.chain_tokens[part])
+            for buffer, structure in zip((parents[:, :rows], depths[:, :rows], mask[:, :rows, :rows]), ws.chain):
                 buffer.copy_(structure)
-            trees.used[index].fill_(rows)
+            used.fill_(rows)
             return
-        rows, log_probs = plan.size + 1, ws.log_probs[index, :plan.depth]
-        scores = trees.scores[index, :plan.size]
-        if ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one kernel
-            ws.tree_kernel.build(log_probs, ws.kernel_plan(plan), ids[:rows], parents[:rows], depths[:rows],
-                                 scores if scored else None, mask[:rows, :rows])
+        rows, log_probs = plan.size + 1, ws.log_probs[part, :plan.depth]
+        scores = trees.scores[part, :plan.size]
+        if ws.tree_kernel is not None and ws.tree_kernel.serves(plan):  # all in one launch of each kernel
+            ws.tree_kernel.build(log_probs, ws.kernel_plan(plan, len(ids)), ids[:, :rows], parents[:, :rows],
+                                 depths[:, :rows], scores if scored else None, mask[:, :rows, :rows])
         else:
-            tokens, node_parents, node_depths, node_scores = best_first_nodes(log_probs, plan)
-            if scored:
-                scores.copy_(node_scores)
-            ids[1:rows], parents[1:rows], depths[1:rows] = tokens, node_parents, node_depths
-            mask[:rows, :rows].copy_(ancestor_mask(parents[:rows], ws.block - 1))
-        trees.used[index].fill_(rows)
+            for b in range(len(ids)):  # the PyTorch path, a sequence at a time
+                tokens, node_parents, node_depths, node_scores = best_first_nodes(log_probs[b], plan)
+                if scored:
+                    scores[b].copy_(node_scores)
+                ids[b, 1:rows], parents[b, 1:rows], depths[b, 1:rows] = tokens, node_parents, node_depths
+                mask[b, :rows, :rows].copy_(ancestor_mask(parents[b, :rows], ws.block - 1))
+        used.fill_(rows)
         if probe:  # auto's trees are scored, so `scores` is set
-            ws.auto_yields(len(self.acceptance.sizes))[index].copy_(self.acceptance.expected_yields(scores))
+            ws.auto_yields(len(self.acceptance.sizes))[part].copy_(self.acceptance.expected_yields(scores))
 
     def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str, mixed: bool) -> None:
         """One target forward over every sequence's root and nodes: the target's choice at each, and its features."""

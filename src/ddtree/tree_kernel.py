@@ -65,14 +65,15 @@ TOP_CHUNK, BINS, BIN_SCALE = 4096, 512, 8.0
 
 
 class KernelPlan:
-    """A FrontierPlan's pair tables padded per depth, and the scratch the kernel writes between steps.
-    `num_warps`: the threads the one program sorts with (scripts/check-tree-kernel --warps times others);
-    by default 16 from 128 nodes, 8 below, the faster on the H200 (docs/performance.md)."""
+    """A FrontierPlan's pair tables padded per depth, and the scratch the kernels write between steps, for
+    trees of up to `batch` sequences at once (one program each). `num_warps`: the threads a program sorts
+    with (scripts/check-tree-kernel --warps times others); by default 16 from 128 nodes, 8 below, the
+    faster on the H200 (docs/performance.md)."""
 
-    def __init__(self, plan, device, num_warps: int | None = None):
+    def __init__(self, plan, device, num_warps: int | None = None, batch: int = 1):
         self.num_warps = num_warps or (16 if plan.size >= 128 else 8)
         depth = plan.depth
-        self.depth, self.size, self.tokens = depth, plan.size, plan.tokens
+        self.depth, self.size, self.tokens, self.batch = depth, plan.size, plan.tokens, batch
         self.width_pad = power_of_two(max(plan.widths))
         spans = plan.spans or [(0, 0)]
         self.pair_pad = power_of_two(max(end - start for start, end in spans))
@@ -87,48 +88,65 @@ class KernelPlan:
             count[level] = end - start
         self.left, self.token, self.pair_count = left.to(device), token.to(device), count.to(device)
         self.widths = torch.tensor(plan.widths, dtype=torch.int32, device=device)
-        self.scores = torch.empty(depth, self.width_pad, dtype=torch.float32, device=device)
-        self.pairs = torch.empty(depth, self.width_pad, dtype=torch.int32, device=device)
-        self.node_of = torch.empty(depth * self.width_pad, dtype=torch.int32, device=device)
-        self.node_scores = torch.empty(plan.size, dtype=torch.float32, device=device)
+        self.scores = torch.empty(batch, depth, self.width_pad, dtype=torch.float32, device=device)
+        self.pairs = torch.empty(batch, depth, self.width_pad, dtype=torch.int32, device=device)
+        self.node_of = torch.empty(batch, depth * self.width_pad, dtype=torch.int32, device=device)
+        self.node_scores = torch.empty(batch, plan.size, dtype=torch.float32, device=device)
         # the vocabulary top-k's scratch and results
         self.vocab = plan.vocab
         self.top_chunk = min(TOP_CHUNK, power_of_two(plan.vocab))
         self.chunks = -(-plan.vocab // self.top_chunk)
         self.slots = max(power_of_two(4 * self.tokens), 64)
-        self.histograms = torch.empty(depth, self.chunks, BINS, dtype=torch.int32, device=device)
-        self.filled = torch.empty(depth, 2, dtype=torch.int32, device=device)
-        self.candidates = torch.empty(depth, self.slots, dtype=torch.int64, device=device)
-        self.top_values = torch.empty(depth, self.tokens, dtype=torch.float32, device=device)
-        self.top_ids = torch.empty(depth, self.tokens, dtype=torch.int64, device=device)
+        rows = batch * depth
+        self.histograms = torch.empty(rows, self.chunks, BINS, dtype=torch.int32, device=device)
+        self.filled = torch.empty(rows, 2, dtype=torch.int32, device=device)
+        self.candidates = torch.empty(rows, self.slots, dtype=torch.int64, device=device)
+        self.top_values = torch.empty(batch, depth, self.tokens, dtype=torch.float32, device=device)
+        self.top_ids = torch.empty(batch, depth, self.tokens, dtype=torch.int64, device=device)
 
 
 def top_tokens(log_probs: torch.Tensor, kplan: KernelPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best `kplan.tokens` of each of the first `kplan.depth` rows of `log_probs` [rows, vocab]
-    (float32 log-probabilities), best first, and their token ids: `torch.topk`'s result but for the
-    order of exact ties, in kplan's buffers."""
-    depth, stride = kplan.depth, log_probs.stride(0)
-    common = dict(VOCAB=kplan.vocab, CHUNK=kplan.top_chunk, CHUNKS=kplan.chunks, BINS=BINS, BIN_SCALE=BIN_SCALE)
-    _top_histogram[(depth, kplan.chunks)](log_probs, stride, kplan.histograms, kplan.filled, kplan.candidates,
-                                          SLOTS=kplan.slots, **common, num_warps=4)
-    _top_collect[(depth, kplan.chunks)](log_probs, stride, kplan.histograms, kplan.filled, kplan.candidates,
-                                        K=kplan.tokens, SLOTS=kplan.slots, **common, num_warps=4)
-    _top_select[(depth,)](kplan.candidates, kplan.top_values, kplan.top_ids, K=kplan.tokens, SLOTS=kplan.slots,
-                          VOCAB=kplan.vocab, num_warps=4)
-    return kplan.top_values, kplan.top_ids
+    """The best `kplan.tokens` of each of the first `kplan.depth` rows of `log_probs` [rows, vocab], or of
+    each sequence's [batch, rows, vocab] (float32 log-probabilities), best first, and their token ids:
+    `torch.topk`'s result but for the order of exact ties, in kplan's buffers ([depth, tokens], or
+    [batch, depth, tokens])."""
+    batched = log_probs.dim() == 3
+    log_probs = log_probs if batched else log_probs[None]
+    batch, depth = log_probs.shape[0], kplan.depth
+    if batch > kplan.batch:
+        raise ValueError(f"a kernel plan for {kplan.batch} sequences got {batch}")
+    rows, strides = batch * depth, (log_probs.stride(0), log_probs.stride(1))
+    common = dict(VOCAB=kplan.vocab, CHUNK=kplan.top_chunk, CHUNKS=kplan.chunks, BINS=BINS, BIN_SCALE=BIN_SCALE,
+                  DEPTH=depth)
+    _top_histogram[(rows, kplan.chunks)](log_probs, *strides, kplan.histograms, kplan.filled, kplan.candidates,
+                                         SLOTS=kplan.slots, **common, num_warps=4)
+    _top_collect[(rows, kplan.chunks)](log_probs, *strides, kplan.histograms, kplan.filled, kplan.candidates,
+                                       K=kplan.tokens, SLOTS=kplan.slots, **common, num_warps=4)
+    _top_select[(rows,)](kplan.candidates, kplan.top_values, kplan.top_ids, K=kplan.tokens, SLOTS=kplan.slots,
+                         VOCAB=kplan.vocab, num_warps=4)
+    values, ids = kplan.top_values[:batch], kplan.top_ids[:batch]
+    return (values, ids) if batched else (values[0], ids[0])
 
 
 def build(log_probs: torch.Tensor, kplan: KernelPlan, ids: torch.Tensor, parents: torch.Tensor,
           depths: torch.Tensor, scores: torch.Tensor | None, mask: torch.Tensor) -> None:
-    """Fills nodes 1..size of `ids`, `parents` and `depths` (row 0, the root, is the caller's), the
-    nodes' path scores into `scores` [size] (when given), and the ancestor-or-self `mask`
-    [size+1, size+1] (rows may be strided)."""
+    """Fills nodes 1..size of `ids`, `parents` and `depths` [rows] (row 0, the root, is the caller's), the
+    nodes' path scores into `scores` [size] (when given), and the ancestor-or-self `mask` [size+1, size+1]
+    (rows may be strided), from `log_probs` [depth, vocab]; or every sequence's of a batch, each with a
+    leading batch axis, one program a sequence."""
+    if log_probs.dim() == 2:  # one sequence: a batch of one
+        ids, parents, depths, mask = ids[None], parents[None], depths[None], mask[None]
+        scores = scores[None] if scores is not None else None
     top_values, top_ids = top_tokens(log_probs.float(), kplan)
-    _best_first_tree[(1,)](
+    if scores is None:
+        scores = kplan.node_scores
+    if not ids.stride() == parents.stride() == depths.stride():
+        raise ValueError("ids, parents and depths must share their strides")
+    _best_first_tree[(ids.shape[0],)](
         top_values, top_ids, kplan.left, kplan.token, kplan.pair_count, kplan.widths,
         kplan.scores, kplan.pairs, kplan.node_of,
-        ids, parents, depths, kplan.node_scores if scores is None else scores, mask, mask.stride(0),
-        DEPTH=kplan.depth, SIZE=kplan.size, WIDTH_PAD=kplan.width_pad,
+        ids, parents, depths, ids.stride(0), scores, scores.stride(0), mask, mask.stride(0), mask.stride(1),
+        DEPTH=kplan.depth, TOKENS=kplan.tokens, SIZE=kplan.size, WIDTH_PAD=kplan.width_pad,
         PAIR_PAD=kplan.pair_pad, CANDIDATE_PAD=kplan.candidate_pad, NODE_PAD=kplan.node_pad,
         CLEAR_ROWS=max(1, 4096 // kplan.node_pad), num_warps=kplan.num_warps,
     )
@@ -159,21 +177,25 @@ if triton is not None:
         return tl.where(value == value, scaled, BINS - 1.0).to(tl.int32)
 
     @triton.jit
-    def _load_chunk(log_probs, stride, row, chunk, VOCAB: tl.constexpr, CHUNK: tl.constexpr):
-        """A chunk of one row's log-probs: the token ids, which are inside the vocabulary, and the values,
-        at most 0 and never NaN (NaN as -inf), so a child never outscores its parent whatever the input."""
+    def _load_chunk(log_probs, sequence_stride, stride, row, chunk, VOCAB: tl.constexpr, CHUNK: tl.constexpr,
+                    DEPTH: tl.constexpr):
+        """A chunk of one row's log-probs (row = sequence * DEPTH + depth): the token ids, which are inside
+        the vocabulary, and the values, at most 0 and never NaN (NaN as -inf), so a child never outscores
+        its parent whatever the input."""
         token = chunk * CHUNK + tl.arange(0, CHUNK)
         real = token < VOCAB
-        value = tl.load(log_probs + row * stride + token, mask=real, other=float("-inf"))
+        start = (row // DEPTH).to(tl.int64) * sequence_stride + (row % DEPTH) * stride
+        value = tl.load(log_probs + start + token, mask=real, other=float("-inf"))
         return token, real, tl.where(value == value, tl.minimum(value, 0.0), float("-inf"))
 
     @triton.jit
-    def _top_histogram(log_probs, stride, histograms, filled, candidates, SLOTS: tl.constexpr, VOCAB: tl.constexpr,
-                       CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr, BIN_SCALE: tl.constexpr):
+    def _top_histogram(log_probs, sequence_stride, stride, histograms, filled, candidates, SLOTS: tl.constexpr,
+                       VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr,
+                       BIN_SCALE: tl.constexpr, DEPTH: tl.constexpr):
         """Each chunk's histogram; a row's first chunk also empties the collect pass's counters and slots
         (the last round's select has read them: kernels run in order)."""
         row, chunk = tl.program_id(0), tl.program_id(1)
-        token, real, value = _load_chunk(log_probs, stride, row, chunk, VOCAB, CHUNK)
+        token, real, value = _load_chunk(log_probs, sequence_stride, stride, row, chunk, VOCAB, CHUNK, DEPTH)
         counts = tl.histogram(_bin_of(value, BINS, BIN_SCALE), BINS, mask=real)
         tl.store(histograms + (row * CHUNKS + chunk) * BINS + tl.arange(0, BINS), counts)
         if chunk == 0:
@@ -184,9 +206,9 @@ if triton is not None:
             tl.store(candidates + row * SLOTS + slot, lowest)
 
     @triton.jit
-    def _top_collect(log_probs, stride, histograms, filled, candidates, K: tl.constexpr, SLOTS: tl.constexpr,
-                     VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BINS: tl.constexpr,
-                     BIN_SCALE: tl.constexpr):
+    def _top_collect(log_probs, sequence_stride, stride, histograms, filled, candidates, K: tl.constexpr,
+                     SLOTS: tl.constexpr, VOCAB: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                     BINS: tl.constexpr, BIN_SCALE: tl.constexpr, DEPTH: tl.constexpr):
         """The bin of the row's k-th best token from all its chunks' histograms (every program sums them,
         which costs less than a launch); then every token of a better bin into slots 0..k-1 (there are
         fewer than k), the k-th's bin's into slots k.. while they last; atomic counters hand each
@@ -197,7 +219,7 @@ if triton is not None:
         for other in range(CHUNKS):
             counts += tl.load(histograms + (row * CHUNKS + other) * BINS + bins)
         edge = tl.min(tl.where(tl.cumsum(counts, 0) >= K, bins, BINS - 1))
-        token, real, value = _load_chunk(log_probs, stride, row, chunk, VOCAB, CHUNK)
+        token, real, value = _load_chunk(log_probs, sequence_stride, stride, row, chunk, VOCAB, CHUNK, DEPTH)
         where = _bin_of(value, BINS, BIN_SCALE)
         better = real & (where < edge)
         tied = real & (where == edge)
@@ -221,10 +243,23 @@ if triton is not None:
     @triton.jit
     def _best_first_tree(top_values, top_ids, left_table, token_table, pair_count, widths,
                          cand_scores, cand_pairs, node_of,
-                         out_ids, out_parents, out_depths, out_scores, mask, mask_stride,
-                         DEPTH: tl.constexpr, SIZE: tl.constexpr, WIDTH_PAD: tl.constexpr,
+                         out_ids, out_parents, out_depths, node_stride, out_scores, scores_stride,
+                         mask, mask_sequence_stride, mask_stride,
+                         DEPTH: tl.constexpr, TOKENS: tl.constexpr, SIZE: tl.constexpr, WIDTH_PAD: tl.constexpr,
                          PAIR_PAD: tl.constexpr, CANDIDATE_PAD: tl.constexpr, NODE_PAD: tl.constexpr,
                          CLEAR_ROWS: tl.constexpr):
+        # one program a sequence: its top tokens, scratch and outputs
+        sequence = tl.program_id(0).to(tl.int64)
+        top_values += sequence * DEPTH * TOKENS
+        top_ids += sequence * DEPTH * TOKENS
+        cand_scores += sequence * DEPTH * WIDTH_PAD
+        cand_pairs += sequence * DEPTH * WIDTH_PAD
+        node_of += sequence * DEPTH * WIDTH_PAD
+        out_ids += sequence * node_stride
+        out_parents += sequence * node_stride
+        out_depths += sequence * node_stride
+        out_scores += sequence * scores_stride
+        mask += sequence * mask_sequence_stride
         ranks = tl.arange(0, WIDTH_PAD)
         # depth 1: the best tokens themselves (already sorted by topk); each depth's kept scores stay in
         # registers for the next (a gather), and go to scratch only for the ranking of all depths below

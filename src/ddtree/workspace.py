@@ -168,11 +168,11 @@ class Workspace:
             self.plans[budget] = FrontierPlan(budget, min(depth, budget), vocab, self.device)
         return self.plans[budget]
 
-    def kernel_plan(self, plan: FrontierPlan):
-        """The Triton tree kernel's tables and scratch for `plan` (cached)."""
-        if plan.budget not in self.kernel_plans:
-            self.kernel_plans[plan.budget] = self.tree_kernel.KernelPlan(plan, self.device)
-        return self.kernel_plans[plan.budget]
+    def kernel_plan(self, plan: FrontierPlan, count: int):
+        """The Triton tree kernel's tables and scratch for `plan`, for trees of `count` sequences at once (cached)."""
+        if (plan.budget, count) not in self.kernel_plans:
+            self.kernel_plans[plan.budget, count] = self.tree_kernel.KernelPlan(plan, self.device, batch=count)
+        return self.kernel_plans[plan.budget, count]
 
     def auto_yields(self, sizes: int) -> torch.Tensor:
         """[batch, sizes]: where auto's probes write each candidate size's expected tokens, per sequence."""
