@@ -276,3 +276,36 @@ def test_running_rounds_ahead_changes_nothing(method, budget, make_engine, monke
     expected = generate(engine, prompt, method, budget, max_new_tokens=30, stop=[stop])
     monkeypatch.setattr(engine, "run_ahead", True)
     assert generate(engine, prompt, method, budget, max_new_tokens=30, stop=[stop]).token_ids == expected.token_ids
+
+
+def metaspace_tokenizer():
+    """Words with SentencePiece's leading-space marker, whose decoder drops the first token's space: the
+    case a windowed decode must not lose."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁the", "▁cat", "▁sat", "▁on", "▁mat", ".", ",", "▁a", "s", "▁", "<unk>"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_text_is_the_whole_decode_after_every_burst(tokenizer, kind):
+    """The checker decodes only each burst and a few tokens before it; after every burst its text is the
+    whole answer's decode, multi-byte characters arriving byte by byte included, and the chunks join to it."""
+    import random
+
+    tok = tokenizer if kind == "byte-level" else metaspace_tokenizer()
+    sample = "the cat sat, on a mat. " * 6 + ("Ünïcödé ✓ 猫 🐈 ok" if kind == "byte-level" else "")
+    ids = tok.encode(sample)
+    rng = random.Random(0)
+    for trial in range(5):
+        c, shown, at = checker(tok, max_new=len(ids)), "", 0
+        while at < len(ids):
+            burst = ids[at:at + rng.randint(1, 5)]
+            at += len(burst)
+            shown += c.push(burst).text
+            assert c.text() == tok.decode(ids[:at], skip_special_tokens=True)
+        assert shown == tok.decode(ids, skip_special_tokens=True)

@@ -10,6 +10,11 @@ from __future__ import annotations
 from .results import StreamChunk
 
 
+# Tokens before the new ones that the incremental decode reads again: enough for a tokenizer's clean-up or
+# a leading space to see what came before.
+WINDOW_TOKENS = 4
+
+
 class StopChecker:
     def __init__(self, tokenizer, eos_token_ids: set[int], stop_strings: list[str], max_new_tokens: int):
         self.tokenizer = tokenizer
@@ -18,6 +23,10 @@ class StopChecker:
         self.max_new_tokens = max_new_tokens
         self.tokens: list[int] = []
         self.shown = 0  # characters of text already returned
+        # decode(tokens), kept incrementally: tokens[:read] decode to `settled`, and new tokens are decoded
+        # in a window from `window` on (a few tokens before them, whose text the window's own decode
+        # shares), so a push costs its burst, not the whole answer (a server decodes many at once)
+        self.settled, self.read, self.window = "", 0, 0
 
     @property
     def remaining(self) -> int:
@@ -25,6 +34,24 @@ class StopChecker:
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def text(self) -> str:
+        """decode(self.tokens), decoding only the tokens since the last call and a few before them. The text
+        they add is the window's decode past the text it had before them; where that is not how the
+        window's text grew (a tokenizer that rewrote text before them), the whole answer is decoded."""
+        before = self.decode(self.tokens[self.window:self.read])
+        after = self.decode(self.tokens[self.window:])
+        if not after.startswith(before):
+            self.settled, self.read = self.decode(self.tokens), len(self.tokens)
+            self.window = max(0, self.read - WINDOW_TOKENS)
+            return self.settled
+        added = after[len(before):]
+        if added.endswith("\ufffd"):  # a character's bytes still arriving: decoded again next time
+            return self.settled + added
+        self.settled += added
+        self.read = len(self.tokens)
+        self.window = max(0, self.read - WINDOW_TOKENS)
+        return self.settled
 
     def push(self, new_tokens: list[int]) -> StreamChunk:
         """Takes a burst of generated tokens; returns those kept, the settled text and why it stopped."""
@@ -35,7 +62,7 @@ class StopChecker:
                 reason = "stop"
                 break
         self.tokens += kept
-        text = self.decode(self.tokens)
+        text = self.text()
         cut = self.find_stop(text)
         if cut is not None:
             reason = "stop"
@@ -43,6 +70,7 @@ class StopChecker:
             while kept and self.find_stop(self.decode(self.tokens[:-1])) is not None:
                 self.tokens.pop()
                 kept.pop()
+            self.settled, self.read, self.window = "", 0, 0  # (tokens went: decoded afresh if asked again)
             text = text[:cut]
         if reason is None and self.remaining <= 0:
             reason = "length"
@@ -50,7 +78,7 @@ class StopChecker:
 
     def finish(self, reason: str) -> StreamChunk:
         """Ends generation for a reason found outside the tokens (the context is full)."""
-        return StreamChunk([], self.settle(self.decode(self.tokens), final=True), reason)
+        return StreamChunk([], self.settle(self.text(), final=True), reason)
 
     def find_stop(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
