@@ -206,7 +206,10 @@ def test_concurrency_runs_decode_sets_several_at_a_time(small_run, tmp_path):
         assert run["token_agreement_with_ar"] == 1.0
         assert run["tokens_per_second"] == pytest.approx(run["new_tokens"] / run["seconds"])
         assert 0 < run["first_token_seconds"]["p50"] <= run["latency_seconds"]["p99"]
+        ms = run["stage_ms_per_round"]  # per round of the batch
+        assert ms["verify"] > 0 and (ms["draft"] > 0) == (run["method"] != "ar")
     prefix = os.path.splitext(out)[0]
-    assert "| concurrency |" in open(prefix + ".md").read()
+    table = open(prefix + ".md").read()
+    assert "| concurrency |" in table and "| ms per round: draft / tree / verify / commit + host |" in table
     assert open(f"{prefix}-concurrency-T0.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", *common, "--methods", "hf,ar", "--concurrency", "2", "--out", str(out)]) != 0  # (refused)

@@ -305,39 +305,47 @@ def concurrent_runs(engine, plan: BenchPlan, name: str, convs: list, temperature
             if engine.graphs.enabled:
                 run_batched(engine, convs, options, level)
             passes = [run_batched(engine, convs, options, level) for _ in range(plan.repeats)]
-            per_method[spec.label] = passes[0]["responses"], statistics.median(p["seconds"] for p in passes)
+            per_method[spec.label] = passes[0], statistics.median(p["seconds"] for p in passes)
             bar.update(len(convs))
         ar = per_method.get("ar")
         for spec in plan.specs:
-            responses, seconds = per_method[spec.label]
-            records.append(concurrent_record(spec, name, temperature, level, responses, seconds, ar))
+            first, seconds = per_method[spec.label]
+            records.append(concurrent_record(spec, name, temperature, level, first, seconds, ar))
     return records
 
 
 def run_batched(engine, convs: list, options: GenerationOptions, level: int) -> dict:
     """One pass over a set, `level` requests at a time: each turn of every conversation, with its own answers
-    to the earlier turns in the context. Returns the responses and the wall time."""
+    to the earlier turns in the context. Returns the responses, the wall time, and each stage's time per
+    round of the batch."""
     histories: list[list[dict]] = [[] for _ in convs]
-    responses = []
+    responses, stages, rounds = [], {}, 0
     started = time.perf_counter()
     for turn in range(max(len(turns) for turns in convs)):
         active = [i for i, turns in enumerate(convs) if turn < len(turns)]
         for i in active:
             histories[i].append({"role": "user", "content": convs[i][turn]})
         results = engine.generate_batch([list(histories[i]) for i in active], options, chat=True, slots=level)
+        rounds += results[0].batch_rounds
+        for stage, seconds in results[0].stage_seconds.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
         for i, result in zip(active, results):
             histories[i].append({"role": "assistant", "content": result.text})
             responses.append({"conversation": i, "token_ids": result.token_ids, "num_new_tokens": result.num_new_tokens,
                               "acceptance_lengths": result.acceptance_lengths, "mean_acceptance": result.mean_acceptance,
                               "seconds": result.seconds, "first_token_seconds": result.first_token_seconds,
                               "stage_seconds": {}, "chosen_budgets": result.chosen_budgets})
-    return {"responses": sorted(responses, key=lambda r: r["conversation"]), "seconds": time.perf_counter() - started}
+    return {"responses": sorted(responses, key=lambda r: r["conversation"]), "seconds": time.perf_counter() - started,
+            "stage_ms_per_round": {stage: 1000 * seconds / rounds for stage, seconds in stages.items()
+                                   if stage != "prefill"} if rounds else {}}
 
 
-def concurrent_record(spec, name: str, temperature: float, level: int, responses: list[dict], seconds: float,
-                      ar: tuple[list[dict], float] | None) -> dict:
-    """One method's results at one concurrency level, against `ar` at the same level."""
-    stats = summarise(responses)
+def concurrent_record(spec, name: str, temperature: float, level: int, first: dict, seconds: float,
+                      ar: tuple[dict, float] | None) -> dict:
+    """One method's results at one concurrency level (its first pass's responses and stage times, the median
+    pass's wall time), against `ar` at the same level."""
+    responses = first["responses"]
+    stats = summarise(responses) | {"stage_ms_per_round": first["stage_ms_per_round"]}
     throughput = stats["new_tokens"] / seconds if seconds else 0.0
     return {"dataset": dataset_label(name), "method": spec.method, "budget": spec.budget, "temperature": temperature,
             "concurrency": level, "num_prompts": len({r["conversation"] for r in responses}),
@@ -347,9 +355,10 @@ def concurrent_record(spec, name: str, temperature: float, level: int, responses
                                                       if r["seconds"] > 0]),
             "first_token_seconds": percentiles([r["first_token_seconds"] for r in responses]),
             "latency_seconds": percentiles([r["seconds"] for r in responses]),
-            "speedup_vs_ar": throughput / (sum(r["num_new_tokens"] for r in ar[0]) / ar[1]) if ar and ar[1] else None,
+            "speedup_vs_ar": (throughput / (sum(r["num_new_tokens"] for r in ar[0]["responses"]) / ar[1])
+                              if ar and ar[1] else None),
             "speedup_vs_hf": None,
-            "token_agreement_with_ar": agreement(responses, ar[0]) if ar else None,
+            "token_agreement_with_ar": agreement(responses, ar[0]["responses"]) if ar else None,
             "divergences": [], "responses": responses}
 
 
@@ -420,17 +429,21 @@ def markdown_table(result: dict) -> str:
             continue
         label = method_label(run)
         margins = [d["margin"] for d in run.get("divergences", [])]
-        ms = run.get("stage_ms_per_round", {})
-        stages = (f"{ms.get('draft', 0):.2f} / {ms.get('tree', 0):.2f} / {ms.get('verify', 0):.2f} / "
-                  f"{ms.get('commit', 0) + ms.get('host', 0):.2f}") if ms else ""
         lines.append(f"| {run['dataset']} | {run['temperature']:g} | {label} | {run['num_prompts']} | "
                      f"{run['mean_acceptance']:.2f} | {run['tokens_per_second']:.1f} | "
                      f"{cell(run['speedup_vs_ar'], '.2f')} | {cell(run['speedup_vs_hf'], '.2f')} | "
                      f"{cell(run['token_agreement_with_ar'], '.3f')} | {cell(max(margins, default=None), '.3f')} | "
-                     f"{stages} |")
+                     f"{stage_cell(run)} |")
     if batched:
         lines = lines[:1] + concurrency_table(batched) if len(lines) == 3 else lines + [""] + concurrency_table(batched)
     return "\n".join(lines) + "\n"
+
+
+def stage_cell(run: dict) -> str:
+    """A run's milliseconds per round in each stage (a batch's rounds, for runs at a concurrency)."""
+    ms = run.get("stage_ms_per_round", {})
+    return (f"{ms.get('draft', 0):.2f} / {ms.get('tree', 0):.2f} / {ms.get('verify', 0):.2f} / "
+            f"{ms.get('commit', 0) + ms.get('host', 0):.2f}") if ms else ""
 
 
 def method_label(run: dict) -> str:
@@ -441,15 +454,16 @@ def concurrency_table(runs: list[dict]) -> list[str]:
     """Runs at several concurrency levels: throughput, and per request its speed, first token and latency."""
     spread = lambda p: f"{p['p50']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}" if p else ""  # noqa: E731
     lines = ["", "| dataset | T | method | concurrency | prompts | τ | throughput tok/s | vs ar | request tok/s p50 "
-                 "| first token s p50 / p90 / p99 | latency s p50 / p90 / p99 | agreement with ar |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "| first token s p50 / p90 / p99 | latency s p50 / p90 / p99 | agreement with ar "
+                 "| ms per round: draft / tree / verify / commit + host |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         vs_ar = "" if run["speedup_vs_ar"] is None else f"{run['speedup_vs_ar']:.2f}"
         agree = "" if run["token_agreement_with_ar"] is None else f"{run['token_agreement_with_ar']:.3f}"
         lines.append(f"| {run['dataset']} | {run['temperature']:g} | {method_label(run)} | {run['concurrency']} | "
                      f"{run['num_prompts']} | {run['mean_acceptance']:.2f} | {run['tokens_per_second']:.1f} | {vs_ar} | "
                      f"{run['request_tokens_per_second'].get('p50', 0.0):.1f} | {spread(run['first_token_seconds'])} | "
-                     f"{spread(run['latency_seconds'])} | {agree} |")
+                     f"{spread(run['latency_seconds'])} | {agree} | {stage_cell(run)} |")
     return lines
 
 

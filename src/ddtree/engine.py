@@ -232,7 +232,7 @@ class Engine:
         for _ in runner.run():
             pass
         stage_seconds = runner.stage_seconds()
-        return [request.result(stage_seconds) for request in requests]
+        return [request.result(stage_seconds, runner.rounds) for request in requests]
 
     def prepare(self, decoding: Decoding | None = None, context: int = 1024,
                 sampling: SamplingParams | None = None, batch: int = 1) -> int:

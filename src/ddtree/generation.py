@@ -101,7 +101,7 @@ class BatchRequest:
     seconds: float = 0.0  # from joining to leaving
     chunks: list[StreamChunk] = field(default_factory=list)
 
-    def result(self, stage_seconds: dict[str, float]) -> GenerationResult:
+    def result(self, stage_seconds: dict[str, float], batch_rounds: int | None = None) -> GenerationResult:
         lengths = [chunk.acceptance_length for chunk in self.chunks if chunk.acceptance_length is not None]
         decoding = self.options.decoding
         return GenerationResult(
@@ -111,7 +111,7 @@ class BatchRequest:
             stage_seconds=stage_seconds, finish_reason=next((c.finish_reason for c in self.chunks if c.finish_reason),
                                                             "length"),
             method=decoding.method, budget=decoding.budget, chosen_budgets=self.method.chosen,
-            first_token_seconds=self.first_token_seconds)
+            first_token_seconds=self.first_token_seconds, batch_rounds=batch_rounds)
 
 
 @dataclass
@@ -146,6 +146,7 @@ class BatchRunner:
         self.slots: list[BatchRequest | None] = [None] * slots
         self.waiting: deque[BatchRequest] = deque()
         self.pending: Launched | None = None
+        self.rounds = 0  # launched
         self.run_ahead = engine.run_ahead
         self.reader = OutcomeReader(self.ws.device, slots, self.ws.block + 1)
         self.clock = StageClock(self.ws.device)
@@ -244,6 +245,7 @@ class BatchRunner:
         launched_at = time.perf_counter()
         members = [Member(r.index, r.method, r.committed + self.unread(r)) for r in live]
         tree, rows, timing = run_round(self.stages, count, members, self.clock)
+        self.rounds += 1
         return Launched(self.reader.after(tree.out[:count]),
                         {request: min(self.ws.block, used) for request, used in zip(live, rows)},
                         timing, launched_at)

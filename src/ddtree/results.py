@@ -18,6 +18,7 @@ class GenerationResult:
     budget: int | str | None  # nodes per round, "auto", or None for ar and dflash
     chosen_budgets: list[int] = field(default_factory=list)  # with "auto": each round's choice
     first_token_seconds: float | None = None  # in a batch: from joining it to its first token
+    batch_rounds: int | None = None  # in a batch: the rounds of the whole batch, whose time `stage_seconds` is
 
     @property
     def num_new_tokens(self) -> int:
