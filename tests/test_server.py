@@ -311,13 +311,14 @@ def test_full_queue_answers_503_and_shutdown_finishes_requests_in_flight(engine)
     assert [r.json()["choices"][0]["message"]["content"] for r in results] == [want, want]
 
 
-def test_loadtest_reports_throughput_and_latency(server):
+def test_loadtest_reports_throughput_and_latency(server, engine):
     result = asyncio.run(run_loadtest(server.url, None, clients=3, seconds=2, prompt=PROMPTS[0], max_tokens=8,
                                       extra={}))
     assert result["requests"] >= 3 and result["errors"] == 0
     assert result["tokens_per_second"] > 0
     assert 0 < result["time_to_first_token"]["p50"] <= result["latency"]["p50"] <= result["latency"]["p99"]
     assert result["distinct_replies"] == 1  # one prompt at temperature 0
+    assert result["replies"] == {chat_reference(engine, PROMPTS[0], 8, budget=8).text: result["requests"]}  # its solo reply
 
 
 def test_loadtest_runs_several_client_counts(server, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 
 import httpx
 
@@ -61,13 +62,14 @@ async def run(url: str, model: str | None, clients: int, seconds: float, prompt:
         wall = time.perf_counter() - started
     done = [r for r in records if r["status"] == 200]
     return {
-        "url": url, "model": model, "clients": clients, "seconds": wall, "max_tokens": max_tokens,
+        "url": url, "model": model, "prompt": prompt, "clients": clients, "seconds": wall, "max_tokens": max_tokens,
         "requests": len(done), "errors": len(records) - len(done),
         "requests_per_second": len(done) / wall, "tokens_per_second": sum(r["tokens"] for r in done) / wall,
         "time_to_first_token": percentiles([r["ttft"] for r in done]),
         "latency": percentiles([r["total"] for r in done]),
         "statuses": sorted({str(r["status"]) for r in records}),
         "distinct_replies": len({r["text"] for r in done}),
+        "replies": dict(Counter(r["text"] for r in done).most_common()),  # each reply, with how many got it
     }
 
 
