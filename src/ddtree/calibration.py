@@ -144,14 +144,13 @@ def load_or_calibrate(key: CalibrationKey, measure, counts: list[int], force: bo
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"ddtree: recalibrating: the stored calibration is unusable ({exc})", file=sys.stderr)
     missing = [count for count in counts if count not in stored]
-    if not missing:
-        return {count: stored[count] for count in counts}
-    stored.update({count: measure(count) for count in missing})
-    try:
-        store(key, stored)
-    except OSError as exc:
-        print(f"ddtree: warning: the calibration could not be stored ({exc.strerror or exc}); it is kept for "
-              "this process only", file=sys.stderr)
+    if missing:
+        stored.update({count: measure(count) for count in missing})
+        try:
+            store(key, stored)
+        except OSError as exc:
+            print(f"ddtree: warning: the calibration could not be stored ({exc.strerror or exc}); it is kept for "
+                  "this process only", file=sys.stderr)
     return {count: stored[count] for count in counts}
 
 

@@ -93,14 +93,17 @@ class Engine:
     def auto_budgets(self, batch: int = 1) -> AutoBudgets:
         """auto's per-round budget choosers for rounds of up to `batch` sequences, from this device's stored
         calibration (measured now where missing: it uses the workspace, so never while requests decode)."""
-        counts = batch_sizes(batch)
-        if self.autos is None or not self.autos.covers(counts):
-            self.use_costs(self.calibration(counts, force=False))
+        if not self.auto_calibrated(batch):
+            self.use_costs(self.calibration(batch_sizes(batch), force=False))
         return self.autos
+
+    def auto_calibrated(self, batch: int) -> bool:
+        """Whether auto has choosers for every batch size of rounds over up to `batch` sequences."""
+        return self.autos is not None and self.autos.covers(batch_sizes(batch))
 
     def auto_ready(self, decoding: Decoding, batch: int) -> bool:
         """Whether requests of `decoding` can decode in batches of up to `batch` without calibrating first."""
-        return decoding.budget != "auto" or (self.autos is not None and self.autos.covers(batch_sizes(batch)))
+        return decoding.budget != "auto" or self.auto_calibrated(batch)
 
     def calibration(self, counts: list[int], force: bool) -> dict[int, RoundCosts]:
         """This device's round costs for auto at each batch size: stored, or measured now (and stored)."""
