@@ -295,16 +295,67 @@ class SparseMoE(nn.Module):
         return self.experts(rows, experts, weights.to(x.dtype)).view_as(x)
 
 
+class PackedSlots(NamedTuple):
+    """Where packed rows (several sequences' rows one after another, [1, P]) go in a cache of several
+    sequences: each row's sequence and slot, [P] each."""
+    sequence: torch.Tensor
+    slot: torch.Tensor
+
+
+class Packing(NamedTuple):
+    """Several sequences' new rows packed into one row axis of P (no padding between them) for the matrix
+    products, and their places in a padded [count, R] layout for the attention, which is per sequence:
+    `unpack` [count, R] is each padded place's packed row (any row, for places past a sequence's own),
+    `pack` [P] each packed row's place (flat, count * R), `slots` where each packed row goes in the cache,
+    and `positions` and `rows` ([count, R], the padded layout's positions and cache slots) for sliding windows."""
+    unpack: torch.Tensor
+    pack: torch.Tensor
+    slots: PackedSlots
+    positions: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, used: torch.Tensor, packed: int, positions: torch.Tensor, rows: torch.Tensor) -> "Packing":
+        """The first `used[b]` (at least 1) of each sequence's rows in the padded layout (`positions` and cache
+        slots `rows`, [count, R]) packed into `packed` rows (at least their sum). Packed rows past them are
+        padding: they repeat the first sequence's first row and write their keys and values one slot past its
+        padded rows, which nothing attends. Device operations of fixed shapes (CUDA graphs)."""
+        count, width = positions.shape
+        steps = torch.arange(width, device=used.device)
+        starts = used.cumsum(0) - used
+        real = steps < used[:, None]
+        unpack = torch.where(real, starts[:, None] + steps, starts[:, None])  # (past its rows: its first row)
+        places = torch.arange(count * width, device=used.device)
+        pack = torch.zeros(packed + 1, dtype=torch.long, device=used.device)  # (the last entry takes the padding places)
+        pack.scatter_(0, torch.where(real, unpack, packed).view(-1), places)
+        pack = pack[:packed]
+        padding = torch.arange(packed, device=used.device) >= used.sum()
+        sequence = torch.where(padding, 0, pack // width)
+        slot = torch.where(padding, rows[0, -1] + 1, rows.view(-1)[pack])
+        return cls(unpack, pack, PackedSlots(sequence, slot), positions, rows)
+
+    def packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """[count, R, ...] in the padded layout as [1, P, ...] packed rows."""
+        return padded.flatten(0, 1)[self.pack][None]
+
+    def padded(self, packed: torch.Tensor) -> torch.Tensor:
+        """[1, P, ...] packed rows as [count, R, ...] in the padded layout (places past a sequence's rows hold
+        another of its rows)."""
+        return packed[0, self.unpack]
+
+
 class LayerKV(NamedTuple):
     """One layer's part of a KVCache (a view): keys and values stacked, [2, batch, kv_heads, capacity, head_dim]."""
 
     kv: torch.Tensor
 
-    def store(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    def store(self, slots: "torch.Tensor | PackedSlots", kv: torch.Tensor) -> None:
         """Stores keys and values stacked [2, B, kv_heads, T, D] at `slots` (a tensor, which keeps shapes
         static for graph capture) in one copy: [1, T] slot indices shared by the batch, or [B, T], each
-        sequence's own."""
-        if slots.shape[0] == 1:  # (shared, or one sequence: the plain copy)
+        sequence's own, or packed rows ([2, 1, kv_heads, P, D]) at their sequences' slots."""
+        if isinstance(slots, PackedSlots):
+            self.kv[:, slots.sequence, :, slots.slot] = kv[:, 0].permute(2, 0, 1, 3)
+        elif slots.shape[0] == 1:  # (shared, or one sequence: the plain copy)
             self.kv.index_copy_(3, slots[0], kv)
         else:  # (indices on two axes apart put those axes first: [B, T, 2, kv_heads, D])
             self.kv[:, sequence_index(slots), :, slots] = kv.permute(1, 3, 0, 2, 4)
@@ -314,7 +365,7 @@ class LayerKV(NamedTuple):
         return self.kv[0, :, :, :length], self.kv[1, :, :, :length]
 
 
-def keep(kv: torch.Tensor, cache: LayerKV | None, slots: torch.Tensor | None) -> torch.Tensor | None:
+def keep(kv: torch.Tensor, cache: LayerKV | None, slots: "torch.Tensor | PackedSlots | None") -> torch.Tensor | None:
     """Where a layer's projection leaves its keys and values: in the cache at `slots` (then None is
     returned), or, without a cache, returned. Called inside the compiled projections, so that under
     --compile the copy into the cache fuses with the rotary that makes the keys: one kernel fewer a layer."""
@@ -381,6 +432,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     q = q.transpose(1, 2).reshape(batch, k.shape[1], groups * length, dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """`attention` for packed queries [1, P, H, D]: each sequence's, padded to [count, R], attend its own
+    keys and values; returns [1, P, H * D]."""
+    return packing.packed(attention(packing.padded(q), k, v, bias))
 
 
 class Attention(nn.Module):
@@ -496,6 +553,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         slots: int | torch.Tensor = 0,
         taps: tuple[int, ...] = (),
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Runs new tokens through the decoder.
 
@@ -506,18 +564,27 @@ class Decoder(nn.Module):
         take: an int there would compile once per value). Returns the final-normed hidden states [B, T, hidden]
         and the outputs of the decoder layers in `taps`, concatenated on the last axis
         ([B, T, len(taps) * hidden]).
+
+        With `packing`, input_ids and positions are [1, P], several sequences' rows packed one after another
+        (the matrix products run over their P rows alone), mask is [count, 1, R, L] in the packing's padded
+        layout (each sequence attends its own cache, of the `count` sequences the cache holds) and `slots`
+        is ignored (the packing's are used). The outputs are packed too.
         """
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        if isinstance(slots, int):
+        if packing is not None:
+            slots = packing.slots
+        elif isinstance(slots, int):
             slots = torch.arange(slots, slots + input_ids.shape[1], device=input_ids.device)
-        if slots.dim() == 1:  # (one form for the compiled layers: [1, T] is shared by the batch)
+        if isinstance(slots, torch.Tensor) and slots.dim() == 1:  # (one form for the compiled layers: [1, T] is shared)
             slots = slots[None]
         groups = self.cfg.num_heads // self.cfg.num_kv_heads
         biases = [attention_bias(mask, groups, x.dtype)]
         if self.cfg.sliding_layers:
-            window = mask & within_window(positions, slots, mask.shape[-1], self.cfg.sliding_window, cache is not None)
-            biases.append(attention_bias(window, groups, x.dtype))
+            near = (within_window(packing.positions, packing.rows, mask.shape[-1], self.cfg.sliding_window, True)
+                    if packing is not None else
+                    within_window(positions, slots, mask.shape[-1], self.cfg.sliding_window, cache is not None))
+            biases.append(attention_bias(mask & near, groups, x.dtype))
         tapped = {}
         last = len(self.layers) - 1
         caches = [cache.layer(i) if cache is not None else None for i in range(len(self.layers))]
@@ -525,7 +592,7 @@ class Decoder(nn.Module):
         for index, layer in enumerate(self.layers):
             bias = biases[index in self.cfg.sliding_layers]
             k, v = caches[index].read(bias.shape[-1]) if cache is not None else kv
-            attended = attention(q, k, v, bias)
+            attended = attention(q, k, v, bias) if packing is None else packed_attention(q, k, v, bias, packing)
             if index < last:
                 x, (q, kv) = layer.finish_and_project(self.layers[index + 1], x, attended, cos, sin,
                                                       caches[index + 1], slots)
