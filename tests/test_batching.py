@@ -239,3 +239,40 @@ def test_a_waiting_request_can_be_cancelled_before_it_joins(engine):
     runner.cancel(second)
     assert [r for r, _ in [*events, *runner.run()]] and not second.chunks and second.left
     assert first.result({}).token_ids == engine.generate([3, 4, 5], method="ar", max_new_tokens=6).token_ids
+
+
+def test_a_shared_budget_keeps_the_best_nodes_of_the_whole_batch(engine):
+    """`Stages.share`: the batch's best nodes by score, wherever they are (ties: first sequences first); a
+    free slot takes none and keeps its root."""
+    engine.generate_batch([[1, 2, 3]] * 3, method="ddtree", budget=4, max_new_tokens=2)  # (a workspace of 3)
+    ws, stages = engine.workspace, engine.stages
+    trees = ws.tree(3, ws.max_rows)
+
+    @torch.inference_mode()
+    def share(scores: list[list[float]], live: list[bool], nodes: int) -> list[int]:
+        trees.scores.fill_(0.0)
+        trees.scores[:, :4] = torch.tensor(scores)
+        trees.used.fill_(5)  # four nodes built in every tree
+        ws.live[:3] = torch.tensor(live)
+        stages.share(3, nodes).run()
+        return trees.used.tolist()
+
+    confident, unsure = [-0.1, -0.2, -0.3, -5.0], [-0.15, -3.0, -4.0, -6.0]
+    assert share([confident, unsure, [0.0] * 4], [True, True, False], 4) == [4, 2, 1]
+    assert share([confident, unsure, [0.0] * 4], [True, True, True], 4) == [1, 1, 5]  # live, its zeros are the best four
+    assert share([[-1.0] * 4, [-1.0, -1.0, -2.0, -2.0], [-1.0] * 4], [True, True, False], 3) == [4, 1, 1]
+    assert share([confident, unsure, [0.0] * 4], [True, True, False], 8) == [5, 5, 1]  # more than there are: all
+
+
+def test_pooled_yields_count_the_best_nodes_of_every_tree():
+    from ddtree.costs import AcceptanceModel
+
+    model = AcceptanceModel([1, 2, 3], torch.device("cpu"))
+    scores = torch.log(torch.tensor([[0.9, 0.5, 0.1], [0.8, 0.05, 0.01]]))
+    chance = (model.hits / model.seen)[torch.bucketize(scores, model.edges)]
+    best = chance.flatten().sort(descending=True).values.cumsum(0).tolist()
+    both = torch.ones(2, 3, dtype=torch.bool)
+    assert model.pooled_yields(scores, both, 2).tolist() == pytest.approx([2 + best[1], 2 + best[3], 2 + best[5]])
+    first = torch.tensor([[True] * 3, [False] * 3])  # the second sequence does not take part
+    alone = chance[0].sort(descending=True).values.cumsum(0).tolist()
+    assert model.pooled_yields(scores, first, 2).tolist() == pytest.approx([1 + alone[1], 1 + alone[2], 1 + alone[2]])

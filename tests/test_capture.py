@@ -129,6 +129,9 @@ def test_methods_sharing_an_engine_never_share_a_graph(engine):
                for m, b, t in (("dflash", None, 1.0), ("ddtree", "auto", 0.0), ("ar", None, 0.0), ("ddtree", 7, 0.0))]
     batch = engine.generate_batch([prompts[0], prompts[1], prompts[1], prompts[0]], options)
     assert [r.token_ids for r in batch][1:] == [expected[1], expected[1], expected[0]]
+    shared = engine.generate_batch([prompts[0], prompts[1], prompts[1]], method="ddtree", budget="auto",
+                                   max_new_tokens=20)  # one budget for the batch: its pool, share and packed verify
+    assert [r.token_ids for r in shared] == [expected[0], expected[1], expected[1]]
 
 
 def test_buckets_are_every_shape_between_the_ends():

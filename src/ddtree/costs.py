@@ -143,6 +143,15 @@ class AcceptanceModel:
         chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)]
         return 1 + chance.cumsum(-1)[..., self.index.clamp(max=scores.shape[-1] - 1)]
 
+    def pooled_yields(self, scores: torch.Tensor, eligible: torch.Tensor, count: int) -> torch.Tensor:
+        """The expected tokens of a round that verifies the best `count * n` nodes among every sequence's
+        tree, at each candidate size n: one per sequence taking part, plus the calibrated chances of those
+        nodes. `scores` [sequences, nodes]: each tree's path log-probabilities; `eligible`: which nodes
+        may be chosen (its sequence takes part, the node was built)."""
+        chance = (self.hits / self.seen)[torch.bucketize(scores, self.edges)] * eligible
+        pooled = chance.flatten().sort(descending=True).values.cumsum(0)
+        return eligible.any(dim=1).sum() + pooled[((self.index + 1) * count - 1).clamp(max=pooled.numel() - 1)]
+
     def learn(self, scores: torch.Tensor, accepted: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """One verified round: the nodes' path log-probabilities and which of them were accepted (any shape,
         a batch's trees included), of which only the `counted` nodes teach (all without it)."""

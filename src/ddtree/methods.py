@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .costs import AutoBudget, AutoBudgets
+from .costs import AutoBudget, AutoBudgets, probe_above
 from .options import Decoding
 from .stages import Stage, Stages
 from .tree import frontier_widths, tree_size
@@ -36,11 +36,11 @@ class DecodingMethod:
         raise NotImplementedError
 
     @classmethod
-    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], "Timing | None"]:
-        """Launches the tree stages of this round's `members` (all of this method); returns each one's rows,
-        and what the round's wall time teaches (auto), if anything. `whole`: no other method drafts this
-        round, so one stage may build every sequence's tree at once (those that do not draft get theirs after)."""
-        return [member.method.build(stages, count, member.index, member.committed) for member in members], None
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> "Built":
+        """Launches the tree stages of this round's `members` (all of this method). `whole`: no other method
+        drafts this round, so one stage may build every sequence's tree at once (those that do not draft
+        get theirs after)."""
+        return Built([member.method.build(stages, count, member.index, member.committed) for member in members])
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         """The tree stages this method's rounds run alone (one sequence): what `Engine.prepare` captures."""
@@ -69,11 +69,11 @@ class ChainDraft(DecodingMethod):
         return self.rows
 
     @classmethod
-    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], None]:
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> "Built":
         if not whole:
             return super().build_all(stages, count, members, whole)
         stages.tree(count, None, "chain").run()
-        return [member.method.rows for member in members], None
+        return Built([member.method.rows for member in members])
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         return [*super().tree_stages(stages), stages.tree(1, None, "chain")]
@@ -98,12 +98,12 @@ class TreeDraft(DecodingMethod):
         return self.rows
 
     @classmethod
-    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], None]:
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> "Built":
         budgets = {member.method.budget for member in members}
         if not whole or len(budgets) > 1:
             return super().build_all(stages, count, members, whole)
         stages.tree(count, None, "tree", stages.ws.plan(budgets.pop())).run()
-        return [member.method.rows for member in members], None
+        return Built([member.method.rows for member in members])
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         return [*super().tree_stages(stages), stages.tree(1, None, "tree", stages.ws.plan(self.budget))]
@@ -138,7 +138,9 @@ class AutoTree(DecodingMethod):
         self.draft_depth = drafted_depths(autos.largest, block, vocab)
 
     @classmethod
-    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> tuple[list[int], "Timing"]:
+    def build_all(cls, stages: Stages, count: int, members: list["Member"], whole: bool) -> "Built":
+        if whole and count > 1:
+            return cls.build_shared(stages, count, members)
         ws, auto = stages.ws, members[0].method.autos.at(count)
         sizes = auto.costs.sizes
         yields = ws.auto_yields(len(sizes))  # (made here, not inside the probe's graph capture)
@@ -159,7 +161,32 @@ class AutoTree(DecodingMethod):
                 stages.tree(count, index, "tree", ws.plan(size), scored=True).run()
         for member in members:
             member.method.chosen.append(size)
-        return [size + 1] * len(members), Timing(auto, size, context, probed)
+        return Built([size + 1] * len(members), Timing(auto, size, context, probed))
+
+    @classmethod
+    def build_shared(cls, stages: Stages, count: int, members: list["Member"]) -> "Built":
+        """A batch's trees under one budget of `count` times the chosen size: every sequence's tree is built a
+        size larger (the probe's size, on a probe round), the best nodes of all of them are kept
+        (`Stages.share`), and the verify runs the kept rows alone, packed. auto chooses the size from the
+        expected tokens of the batch's best nodes (`Stages.pool`) and the costs at this batch size."""
+        ws, auto = stages.ws, members[0].method.autos.at(count)
+        sizes = auto.costs.sizes
+        pooled = ws.pooled_yields(len(sizes))  # (made here, not inside a graph capture)
+        ws.auto_yields(len(sizes))
+        context = max(member.committed for member in members)
+        probed = auto.probe_size()
+        if probed is not None:
+            stages.tree(count, None, "tree", ws.plan(probed), scored=True, probe=True).run()
+            stages.pool(count).run()
+            size, built = auto.choose(pooled.tolist(), context, probed), probed  # (one host read)
+        else:
+            size = auto.current
+            built = probe_above(sizes, size)
+            stages.tree(count, None, "tree", ws.plan(built), scored=True).run()
+        stages.share(count, count * size).run()
+        for member in members:
+            member.method.chosen.append(size)
+        return Built([built + 1] * len(members), Timing(auto, size, context, probed), packed=count * (size + 1))
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         ws, sizes = stages.ws, self.autos.sizes
@@ -169,6 +196,15 @@ class AutoTree(DecodingMethod):
 
     def verified_rows(self) -> list[int]:
         return [size + 1 for size in self.autos.sizes] + [1]
+
+
+@dataclass
+class Built:
+    """A method's trees of a round: each member's rows (the most it may verify), what the round's wall time
+    teaches (auto), and the rows the verify packs the trees' used rows into (a shared budget), if it packs."""
+    rows: list[int]
+    timing: "Timing | None" = None
+    packed: int | None = None
 
 
 @dataclass
@@ -205,13 +241,13 @@ def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple
         stages.draft(count, ws.draft_attend(max(m.committed for m in drafting)),
                      max(m.method.draft_depth for m in drafting), any(chains), not all(chains)).run()
         clock.mark("draft")
-    rows, timing = {}, None
+    rows, timing, packed = {}, None, None
     kinds = list(dict.fromkeys(type(m.method) for m in drafting))  # (each method once, in members' order)
     for kind in kinds:
         group = [m for m in drafting if type(m.method) is kind]
-        built, timed = kind.build_all(stages, count, group, whole=len(kinds) == 1)
-        rows.update(zip((m.index for m in group), built))
-        timing = timed or timing
+        built = kind.build_all(stages, count, group, whole=len(kinds) == 1)
+        rows.update(zip((m.index for m in group), built.rows))
+        timing, packed = built.timing or timing, built.packed or packed
     if not drafting:  # the bonus tokens alone, every sequence's at once
         stages.tree(count, None, "bonus").run()
     for member in members:
@@ -221,11 +257,11 @@ def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple
     widest = max(rows.values())
     tree = ws.tree(count, widest)
     taps = next((m.method.taps for m in members if m.method.taps), ())
-    stages.verify(tree, ws.attend(max(m.committed for m in members) + tree.rows), taps).run()
+    stages.verify(tree, ws.attend(max(m.committed for m in members) + tree.rows), taps, packed).run()
     clock.mark("verify")
     stages.commit(tree, any(m.method.scored for m in members)).run()
     clock.mark("commit")
-    if timing is not None and timing.size + 1 != widest:
+    if timing is not None and packed is None and timing.size + 1 != widest:
         timing = None  # another member's tree set the round's cost
     return tree, [rows[m.index] for m in members], timing
 

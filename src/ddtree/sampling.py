@@ -92,6 +92,11 @@ class SamplingState:
         return RowSampling(mode, self.temperature[:count], self.top_k[:count], self.top_p[:count],
                            self.greedy[:count] if mixed else None)
 
+    def rows_of(self, sequences: torch.Tensor, mode: str, mixed: bool) -> "RowSampling":
+        """Values for logits [N, V] whose row i belongs to sequence `sequences[i]` (packed rows)."""
+        return RowSampling(mode, self.temperature[sequences], self.top_k[sequences], self.top_p[sequences],
+                           self.greedy[sequences] if mixed else None)
+
     def row(self, index: int) -> "RowSampling":
         """Sequence `index`'s values (views), for logits [N, V] of that sequence alone."""
         return RowSampling(self.modes[index], self.temperature[index], self.top_k[index], self.top_p[index])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .costs import AcceptanceModel
-from .model import causal_mask, sequence_index
+from .model import Packing, causal_mask, sequence_index
 from .sampling import choose_tokens
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes
 from .workspace import PREFILL_STEP, Graphs, Sequences, TreeBuffers, Workspace
@@ -92,11 +92,22 @@ class Stages:
         key = ("tree", count, index, kind, plan.budget if plan is not None else None, scored, probe)
         return Stage(key, lambda: self.build_tree(count, index, kind, plan, scored, probe), self.graphs)
 
-    def verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...]) -> Stage:
+    def pool(self, count: int) -> Stage:
+        """auto's expected tokens for every size of one global budget over the round's trees (`pooled_yields`)."""
+        return Stage(("pool", count), lambda: self.run_pool(count), self.graphs)
+
+    def share(self, count: int, nodes: int) -> Stage:
+        """The round's trees (every sequence's, built larger) cut to the `nodes` best nodes among all of them:
+        one best-first order over the batch, so a confident sequence keeps a deep tree, an unsure one a
+        shallow one. Each sequence keeps the first rows of its own tree (nodes come best first)."""
+        return Stage(("share", count, nodes), lambda: self.run_share(count, nodes), self.graphs)
+
+    def verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], packed: int | None = None) -> Stage:
+        """`packed`: the sequences' used rows run packed into this many rows (a shared budget's trees)."""
         sampling = self.ws.sampling
         mode, mixed = sampling.mode_of(tree.count), sampling.mixed(tree.count)
-        return Stage(("verify", tree.key, attend, mode, mixed, bool(taps)),
-                     lambda: self.run_verify(tree, attend, taps, mode, mixed), self.graphs)
+        return Stage(("verify", tree.key, attend, mode, mixed, bool(taps), packed),
+                     lambda: self.run_verify(tree, attend, taps, mode, mixed, packed), self.graphs)
 
     def commit(self, tree: TreeBuffers, learn: bool = False) -> Stage:
         """`learn`: some tree of the round is scored, and auto's acceptance model learns from it."""
@@ -187,24 +198,61 @@ class Stages:
         if probe:  # auto's trees are scored, so `scores` is set
             ws.auto_yields(len(self.acceptance.sizes))[part].copy_(self.acceptance.expected_yields(scores))
 
-    def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str, mixed: bool) -> None:
-        """One target forward over every sequence's root and nodes: the target's choice at each, and its features."""
+    def run_verify(self, tree: TreeBuffers, attend: int, taps: tuple[int, ...], mode: str, mixed: bool,
+                   packed: int | None) -> None:
+        """One target forward over every sequence's root and nodes: the target's choice at each, and its
+        features. Packed, only each sequence's used rows run (`Packing`), and the results are laid out as
+        the padded trees' again."""
         ws, count, rows = self.ws, tree.count, tree.rows
         seqs, steps = ws.sequences(count), ws.steps
         slots = seqs.committed[:, None] + steps[:rows]
+        positions = seqs.committed[:, None] + tree.depths
         mask = (steps[:attend] < seqs.committed[:, None])[:, None, :].expand(count, rows, attend).clone()
         mask.scatter_(2, slots[:, None, :].expand(count, rows, rows), tree.mask)
-        hidden, features = self.model(tree.ids, seqs.committed[:, None] + tree.depths, mask[:, None], seqs.cache,
-                                      slots, taps)
         noise = None
         if mode != "greedy":  # a node at depth d chooses the token at position committed + d + 1
             depths = min(rows, ws.block)
             noise = self.position_noise(seqs.seed[:, None], seqs.committed[:, None] + 1 + steps[:depths], ws.token_keys)
             noise = noise[sequence_index(tree.depths), tree.depths]
-        choices = choose_tokens(self.model.logits(hidden), ws.sampling.rows(count, mode, mixed), noise=noise)
+        if packed is None:
+            hidden, features = self.model(tree.ids, positions, mask[:, None], seqs.cache, slots, taps)
+            choices = choose_tokens(self.model.logits(hidden), ws.sampling.rows(count, mode, mixed), noise=noise)
+        else:
+            packing = Packing.of(tree.used, packed, positions, slots)
+            hidden, features = self.model(packing.packed(tree.ids), packing.packed(positions), mask[:, None], seqs.cache,
+                                          taps=taps, packing=packing)
+            sampling = ws.sampling.rows_of(packing.slots.sequence, mode, mixed)
+            choices = choose_tokens(self.model.logits(hidden[0]), sampling,
+                                    noise=packing.packed(noise)[0] if noise is not None else None)
+            choices, features = packing.padded(choices[None]), packing.padded(features) if features is not None else None
         tree.choices.copy_(choices)
         if features is not None:
             tree.features.copy_(features)
+
+    def run_pool(self, count: int) -> None:
+        ws = self.ws
+        trees = ws.tree(count, ws.max_rows)
+        sizes = len(self.acceptance.sizes)
+        ws.pooled_yields(sizes).copy_(self.acceptance.pooled_yields(trees.scores, self.shareable(trees), count))
+
+    def run_share(self, count: int, nodes: int) -> None:
+        """The `nodes` best scores of all the shareable nodes: every score above the `nodes`-th best's, and of
+        the nodes that tie with it as many as are left, first sequences first; a sequence keeps its root
+        and its chosen nodes (a sequence not taking part, its root alone)."""
+        ws = self.ws
+        trees = ws.tree(count, ws.max_rows)
+        shareable = self.shareable(trees)
+        scores = trees.scores.masked_fill(~shareable, float("-inf"))
+        threshold = scores.flatten().topk(nodes).values[-1]
+        above = (scores > threshold).sum(dim=1)
+        ties = ((scores == threshold) & (threshold > float("-inf"))).sum(dim=1)
+        extra = (nodes - above.sum() - (ties.cumsum(0) - ties)).clamp(min=0).minimum(ties)
+        trees.used.copy_(torch.where(shareable.any(dim=1), 1 + above + extra, 1))
+
+    def shareable(self, trees: TreeBuffers) -> torch.Tensor:
+        """[count, nodes]: the nodes a shared budget may choose: built this round, of a live sequence."""
+        built = self.ws.steps[:trees.scores.shape[1]] < trees.used[:, None] - 1
+        return built & self.ws.live[:trees.count, None]
 
     def run_commit(self, tree: TreeBuffers, learn: bool) -> None:
         """Per sequence, accepts the longest root path whose every token is the target's choice at its

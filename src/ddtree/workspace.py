@@ -121,6 +121,7 @@ class Workspace:
             self.prompt_features = self.features.new_zeros(1, context, width)  # a joining sequence's context
             self.chain = chain_structure(self.block, device)  # a chain's parents, depths and mask
         self.yields: torch.Tensor | None = None  # auto: where a probe writes each size's expected tokens
+        self.pooled: torch.Tensor | None = None  # auto: a shared budget's expected tokens at each size
         self.trees: dict[int, TreeBuffers] = {}
         self.prefixes: dict[tuple[int, int], TreeBuffers] = {}
         self.views: dict[int, Sequences] = {}
@@ -179,6 +180,12 @@ class Workspace:
         if self.yields is None or self.yields.shape[1] != sizes:
             self.yields = torch.zeros(self.batch, sizes, device=self.device)
         return self.yields
+
+    def pooled_yields(self, sizes: int) -> torch.Tensor:
+        """[sizes]: where auto writes a shared budget's expected tokens at each size (`Stages.pool`)."""
+        if self.pooled is None or self.pooled.shape[0] != sizes:
+            self.pooled = torch.zeros(sizes, device=self.device)
+        return self.pooled
 
     def sequences(self, count: int) -> "Sequences":
         """The first `count` sequences' state, caches and trees (a round over them runs at this batch size)."""
