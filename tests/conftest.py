@@ -222,7 +222,7 @@ class Oracle:
 
         def draft(stages, *args):
             real_draft(stages, *args)
-            for index, prefix in current["prefixes"].items():
+            for index, prefix in current.pop("prefixes", {}).items():  # (a calibration's drafts: none)
                 oracle.rewrite(stages.ws, index, prefix)
 
         monkeypatch.setattr(BatchRunner, "launch", launch)

@@ -276,3 +276,18 @@ def test_pooled_yields_count_the_best_nodes_of_every_tree():
     first = torch.tensor([[True] * 3, [False] * 3])  # the second sequence does not take part
     alone = chance[0].sort(descending=True).values.cumsum(0).tolist()
     assert model.pooled_yields(scores, first, 2).tolist() == pytest.approx([1 + alone[1], 1 + alone[2], 1 + alone[2]])
+
+
+def test_auto_requests_sharing_one_budget_equal_their_solo_runs(engine, monkeypatch, tmp_path):
+    """Greedy and seeded sampled auto requests (top-k too) in one batch, whose trees share one budget and
+    whose verify runs packed: each request's tokens are its solo run's, with an accepting drafter."""
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))
+    prompts = random_prompts(4, engine.model.cfg.vocab_size, seed=9, min_len=3, max_len=40)
+    references = [engine.generate(p, method="ar", max_new_tokens=40).token_ids for p in prompts]
+    Oracle(oracle_continuation(prompts, references), rank=second_rank_every_fourth).install(monkeypatch)
+    options = [GenerationOptions.of(method="ddtree", budget="auto", max_new_tokens=30, temperature=t, top_k=k, seed=5)
+               for t, k in ((0.0, 0), (1.0, 0), (0.7, 20), (0.0, 0))]
+    expected = solo(engine, prompts, options)
+    results = engine.generate_batch(prompts, options, slots=4)
+    assert [r.token_ids for r in results] == expected
+    assert max(max(r.acceptance_lengths) for r in results) >= 4
