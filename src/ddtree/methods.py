@@ -172,11 +172,10 @@ class AutoTree(DecodingMethod):
         ws, auto = stages.ws, members[0].method.autos.at(count)
         sizes = auto.costs.sizes
         pooled = ws.pooled_yields(len(sizes))  # (made here, not inside a graph capture)
-        ws.auto_yields(len(sizes))
         context = max(member.committed for member in members)
         probed = auto.probe_size()
-        if probed is not None:
-            stages.tree(count, None, "tree", ws.plan(probed), scored=True, probe=True).run()
+        if probed is not None:  # (the batch's expected tokens come from `pool`, not each tree's own)
+            stages.tree(count, None, "tree", ws.plan(probed), scored=True).run()
             stages.pool(count).run()
             size, built = auto.choose(pooled.tolist(), context, probed), probed  # (one host read)
         else:
