@@ -223,20 +223,23 @@ class Oracle:
         def draft(stages, *args):
             real_draft(stages, *args)
             for index, prefix in current.pop("prefixes", {}).items():  # (a calibration's drafts: none)
-                oracle.rewrite(stages.ws, index, prefix)
+                oracle.rewrite(stages.ws, index, prefix, stages.drafter.vocabulary)
 
         monkeypatch.setattr(BatchRunner, "launch", launch)
         monkeypatch.setattr(Stages, "run_draft", draft)
         return self
 
-    def rewrite(self, ws, index: int, prefix: list[int]) -> None:
+    def rewrite(self, ws, index: int, prefix: list[int], vocabulary: torch.Tensor | None) -> None:
+        """`vocabulary`: the drafter's (sorted) drafted tokens, whose indices the log-probs are over; a true
+        token outside it cannot be drafted, and its depth is left alone."""
         log_probs = ws.log_probs[index]  # edited in place: the tree stage reads it next
         self.calls += 1
         committed = int(ws.committed[index])
         assert prefix[-1] == int(ws.bonus[index]) and len(prefix) == committed + 1
         true = self.continuation(prefix, log_probs.shape[0])
-        for depth, token in enumerate(true or []):
+        for depth, true_id in enumerate(true or []):
             rank = self.rank(depth, committed + 1 + depth)
+            token = true_id if vocabulary is None else drafted_index(vocabulary, true_id)
             if token is None or rank is None:
                 continue
             # A confident drafter: the top two tokens hold `masses` (0.6 and 0.3) of the probability,
@@ -247,7 +250,14 @@ class Oracle:
             first, second = (token, wrong) if rank == 0 else (wrong, token)
             row[first], row[second] = math.log(self.masses[0]), math.log(self.masses[1])
             log_probs[depth] = torch.log_softmax(row, dim=-1)
-            ws.chain_tokens[index, depth] = first  # what a chain drafts: each depth's likeliest
+            # what a chain drafts: each depth's likeliest, as a token id
+            ws.chain_tokens[index, depth] = first if vocabulary is None else int(vocabulary[first])
+
+
+def drafted_index(vocabulary: torch.Tensor, token: int) -> int | None:
+    """Where `token` sits in a sorted drafted vocabulary, or None if it is not drafted."""
+    at = int(torch.searchsorted(vocabulary, token))
+    return at if at < len(vocabulary) and int(vocabulary[at]) == token else None
 
 
 @pytest.fixture(scope="session")

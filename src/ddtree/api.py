@@ -7,7 +7,9 @@ import sys
 
 import torch
 
-from .drafter import Drafter, DrafterConfig, build_drafter, default_target_layer_ids, load_drafter, save_drafter
+from .drafter import (
+    Drafter, DrafterConfig, build_drafter, default_target_layer_ids, frequent_tokens, load_drafter, save_drafter,
+)
 from .engine import Engine, check_pair
 from .errors import DDTreeError
 from .loading import SMOLLM2_ALIAS, Target, load_target, resolve_config_dir
@@ -101,7 +103,7 @@ def bundled_drafter(target_spec: str, target_name: str) -> str:
 
 def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True,
-         compile: bool = False, dummy_weights: bool = False) -> Engine:
+         compile: bool = False, dummy_weights: bool = False, draft_vocab: int | None = None) -> Engine:
     """An engine for a target and its drafter.
 
     target: a Hugging Face model directory or Hub id ('Qwen/Qwen3-8B'), a .gguf file, or
@@ -114,6 +116,8 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
     compile: torch.compile the target's and the drafter's layers (`compile_layer_functions`).
     dummy_weights: random weights of the configs' shapes, made on the device (target and drafter may be
     directories holding only a config.json, or names of configs shipped with ddtree): for timing.
+    draft_vocab: the drafter proposes only this many tokens, the most frequent in its training answers
+    (`frequent_tokens`); None: the whole vocabulary. Output is unchanged.
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -130,6 +134,10 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
         draft_model = load_drafter(resolve_config_dir(drafter, "drafter"), dev, dt, dummy=True)
     else:
         draft_model = load_drafter(drafter, dev, dt)
+    if draft_vocab is not None:  # (an untrained drafter's text is noise too: any tokens will do)
+        ids = frequent_tokens(draft_model, draft_vocab, loaded.model.cfg.vocab_size,
+                              dummy=dummy_weights or drafter == RANDOM_DRAFTER)
+        draft_model.restrict_vocabulary(ids, loaded.model.lm_head.weight)
     if compile:
         loaded.model.compile_layers()
         draft_model.compile_layers()

@@ -55,10 +55,12 @@ def device_description(device: torch.device, dtype: torch.dtype, graphs: bool, c
             f"{f'-compiled-{compiled}' if compiled else ''}{'-treekernel' if tree_kernel else ''}")
 
 
-def pair_description(target_name: str, model_cfg, drafter_cfg) -> str:
-    """The target's and drafter's shapes (not their weights' values), hashed."""
-    described = json.dumps([target_name, model_cfg.__dict__, drafter_cfg.to_json() if drafter_cfg else None],
-                           sort_keys=True, default=str)
+def pair_description(target_name: str, model_cfg, drafter_cfg, drafted_vocab: int | None = None) -> str:
+    """The target's and drafter's shapes (not their weights' values) and the drafted vocabulary's size, hashed."""
+    shapes = [target_name, model_cfg.__dict__, drafter_cfg.to_json() if drafter_cfg else None]
+    if drafted_vocab not in (None, model_cfg.vocab_size):  # (the whole vocabulary keeps the keys made before)
+        shapes.append(drafted_vocab)
+    described = json.dumps(shapes, sort_keys=True, default=str)
     return f"{target_name}-{hashlib.sha256(described.encode()).hexdigest()[:12]}"
 
 

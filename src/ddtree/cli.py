@@ -31,6 +31,11 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
                             help="torch.compile the target's and the drafter's layers (fuses the small kernels "
                                  "around each GEMM; the first use of each shape compiles, which takes seconds)")
         add_dummy_weights_option(parser)
+        parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                            help="the drafter proposes only the N tokens most frequent in its training answers "
+                                 "(token_counts.json beside it, written by train-drafter): a smaller vocabulary "
+                                 "GEMM and top-k every draft (Qwen3's head has 151,936 rows); output is unchanged, "
+                                 "a rarer token just ends the draft there (default: the whole vocabulary)")
 
 
 def add_dummy_weights_option(parser: argparse.ArgumentParser) -> None:
@@ -339,7 +344,8 @@ def load_engine(args, device: str | None = None, quiet: bool = False):
     from .api import load
 
     return load(args.target, args.drafter, device or args.device, args.dtype, quiet=quiet,
-                cuda_graphs=args.cuda_graphs, compile=args.compile, dummy_weights=args.dummy_weights)
+                cuda_graphs=args.cuda_graphs, compile=args.compile, dummy_weights=args.dummy_weights,
+                draft_vocab=args.draft_vocab)
 
 
 def read_prompt(args) -> str:

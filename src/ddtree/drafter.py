@@ -27,6 +27,7 @@ from .model import (
 )
 
 WEIGHTS_NAME = "model.safetensors"
+TOKEN_COUNTS_NAME = "token_counts.json"  # how often each token occurred in the training answers (train-drafter)
 # Published scalars that scale the drafter's input embeddings and its logits, with their neutral values.
 SCALE_FIELDS = {"input_embedding_scale": 1.0, "output_multiplier": 1.0, "final_logit_softcapping": None}
 
@@ -255,6 +256,28 @@ class Drafter(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         inv_freq, scaling = rope_inverse_frequencies(cfg.hf_config(), cfg.head_dim)
         self.rotary = Rotary(inv_freq, scaling, cfg.max_positions)
+        self.source: str | None = None  # the directory it was loaded from
+        # the tokens it may propose, and the target's LM-head rows of them (None: the whole vocabulary)
+        self.vocabulary: torch.Tensor | None = None
+        self.head: torch.Tensor | None = None
+
+    def restrict_vocabulary(self, token_ids: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Proposes only `token_ids` from now on: its logits are the target's head over those rows alone
+        (a smaller GEMM and top-k every draft). The verify still scores every token, so output is unchanged;
+        a token outside the set is never drafted, and the tree stops short of it."""
+        ids = torch.unique(token_ids.to(lm_head_weight.device))
+        self.vocabulary, self.head = ids, lm_head_weight.detach()[ids].contiguous()
+
+    def drafted_vocab_size(self, vocab_size: int) -> int:
+        return vocab_size if self.vocabulary is None else len(self.vocabulary)
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the block states `hidden` over the tokens it may propose (`token_ids` maps
+        their indices to token ids)."""
+        return self.scale_logits(model.logits(hidden, self.head))
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices if self.vocabulary is None else self.vocabulary[indices]
 
     def compile_layers(self) -> None:
         """torch.compile every layer's `project` and `finish`, as the target's (`compile_layer_functions`)."""
@@ -336,7 +359,35 @@ def load_drafter(spec: str, device="cpu", dtype=torch.float32, dummy: bool = Fal
         initialise(drafter)
     else:
         load_checkpoint(drafter, [weights_path], "drafter")
+    drafter.source = path
     return drafter.eval()
+
+
+def frequent_tokens(drafter: Drafter, count: int, vocab_size: int, dummy: bool = False) -> torch.Tensor:
+    """The `count` tokens that occurred most in the drafter's training answers (its token_counts.json); for
+    a drafter of dummy weights, whose text is noise, the first `count` ids."""
+    if not 0 < count <= vocab_size:
+        raise DDTreeError(f"--draft-vocab must be between 1 and the vocabulary's {vocab_size} tokens, got {count}")
+    if dummy:
+        return torch.arange(count)
+    path = os.path.join(drafter.source or "", TOKEN_COUNTS_NAME)
+    if not os.path.isfile(path):
+        raise DDTreeError(f"--draft-vocab needs the drafter's token counts, {path}: ddtree train-drafter writes it, "
+                          "or drop the option to draft over the whole vocabulary")
+    with open(path, encoding="utf-8") as f:
+        counts = torch.tensor(json.load(f)["counts"], dtype=torch.float64)
+    if len(counts) != vocab_size:
+        raise DDTreeError(f"{path} counts {len(counts)} tokens, but the vocabulary has {vocab_size}")
+    return torch.argsort(counts, descending=True, stable=True)[:count]
+
+
+def write_token_counts(path: str, sequences, response_starts, vocab_size: int) -> None:
+    """How often each token occurs in the answers (the tokens after each sequence's response start)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for tokens, start in zip(sequences, response_starts):
+        counts += torch.bincount(torch.as_tensor(tokens[start:], dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    with open(os.path.join(path, TOKEN_COUNTS_NAME), "w") as f:
+        json.dump({"counts": counts.tolist()}, f)
 
 
 def build_drafter(cfg: DrafterConfig, device, dtype: torch.dtype) -> Drafter:

@@ -88,7 +88,7 @@ class Engine:
         if decoding.drafts and self.drafter is None:
             raise DDTreeError(f"method {decoding.method!r} needs a drafter")
         autos = self.auto_budgets() if decoding.budget == "auto" else None
-        return decoding_method(decoding, self.block, self.taps, self.model.cfg.vocab_size, autos)
+        return decoding_method(decoding, self.block, self.taps, self.drafted_vocab, autos)
 
     def auto_budgets(self, batch: int = 1) -> AutoBudgets:
         """auto's per-round budget choosers for rounds of up to `batch` sequences, from this device's stored
@@ -113,18 +113,24 @@ class Engine:
         compiled = compile_mode() if self.model.compiled else None
         kernel = tree_kernel_for(self.device) is not None
         return CalibrationKey(device_description(self.device, self.dtype, self.graphs.enabled, compiled, kernel),
-                              pair_description(self.target.name, self.model.cfg, self.drafter.cfg))
+                              pair_description(self.target.name, self.model.cfg, self.drafter.cfg, self.drafted_vocab))
+
+    @property
+    def drafted_vocab(self) -> int:
+        """How many tokens the drafter may propose (`--draft-vocab`; else the whole vocabulary)."""
+        vocab = self.model.cfg.vocab_size
+        return self.drafter.drafted_vocab_size(vocab) if self.drafter is not None else vocab
 
     def measure_costs(self, count: int = 1) -> RoundCosts:
         """Times auto's stages for rounds of `count` sequences on this device, in the engine's own workspace
         and graphs."""
-        sizes = candidate_sizes(self.device.type, self.block - 1, self.model.cfg.vocab_size)
+        sizes = candidate_sizes(self.device.type, self.block - 1, self.drafted_vocab)
         contexts = calibration_contexts(self.device, 1 + max(sizes), self.block, self.context_limit)
         ws = self.workspace_for(self.tokens_held(max(contexts), 8, self.block), 1 + max(sizes), count)
         self.use_acceptance(sizes)
         for index in range(count):
             ws.sampling.set(SamplingParams(), index)
-        depth = drafted_depths(max(sizes), self.block, self.model.cfg.vocab_size)
+        depth = drafted_depths(max(sizes), self.block, self.drafted_vocab)
         return calibrate(self.stages, sizes, contexts, self.taps, depth, count)
 
     def use_costs(self, costs: dict[int, RoundCosts], fresh: bool = False) -> None:

@@ -609,11 +609,11 @@ class Decoder(nn.Module):
         compile_layer_functions(self.layers, ("project", "finish", "finish_and_project"))
         self.compiled = True
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits, never rounded to a bf16/fp16 model's dtype: rounded logits tie often (steps
         of 0.125 between 16 and 32), and a tie that a differently shaped forward breaks the other way
-        makes a speculative method leave the target-alone output."""
-        weight = self.lm_head.weight
+        makes a speculative method leave the target-alone output. `weight`: some rows of the head only."""
+        weight = self.lm_head.weight if weight is None else weight
         if weight.dtype == torch.float32:
             return F.linear(hidden, weight)
         if hidden.is_cuda and mm_out_dtype_works(hidden.device):  # a bf16 GEMM that writes float32

@@ -155,9 +155,12 @@ class Stages:
                               mask[:, None, None], seqs.draft_cache, slots)
         # (from the block's first row on, whose logits go unused: 16 rows rather than 15 run the CPU's GEMM
         # over the vocabulary twice as fast, and a GPU's as fast)
-        logits = self.drafter.scale_logits(model.logits(hidden[:, :depth + 1]))[:, 1:]
+        logits = self.drafter.logits(model, hidden[:, :depth + 1])[:, 1:]
         if chain:  # a chain takes each depth's argmax, which the logits give as well
-            torch.argmax(logits, dim=-1, out=seqs.chain_tokens[:, :depth])
+            chain_tokens = seqs.chain_tokens[:, :depth]
+            torch.argmax(logits, dim=-1, out=chain_tokens)
+            if self.drafter.vocabulary is not None:
+                chain_tokens.copy_(self.drafter.token_ids(chain_tokens))
         if tree:
             torch.log_softmax(logits, dim=-1, out=seqs.log_probs[:, :depth])
 
@@ -196,6 +199,8 @@ class Stages:
                     scores[b].copy_(node_scores)
                 ids[b, 1:rows], parents[b, 1:rows], depths[b, 1:rows] = tokens, node_parents, node_depths
                 mask[b, :rows, :rows].copy_(ancestor_mask(parents[b, :rows], ws.block - 1))
+        if self.drafter.vocabulary is not None:  # (the trees hold indices into the drafted vocabulary)
+            ids[:, 1:rows].copy_(self.drafter.token_ids(ids[:, 1:rows]))
         used.fill_(rows)
         if probe:  # auto's trees are scored, so `scores` is set
             ws.auto_yields(len(self.acceptance.sizes))[part].copy_(self.acceptance.expected_yields(scores))

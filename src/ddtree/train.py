@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .drafter import Drafter, save_drafter
+from .drafter import Drafter, save_drafter, write_token_counts
 from .errors import DDTreeError
 from .loading import Target
 from .model import causal_mask
@@ -278,6 +278,8 @@ def train(target: Target, drafter: Drafter, sequences, response_starts, out: str
     target.model.requires_grad_(False)
     drafter.train().requires_grad_(True)
     os.makedirs(out, exist_ok=True)
+    if rank == 0:  # (what --draft-vocab picks the drafted tokens by)
+        write_token_counts(out, sequences, response_starts, target.model.cfg.vocab_size)
     data = TrainingData.split(sequences, response_starts, cfg)
     total, warmup_steps = data.total_steps, max(1, int(cfg.warmup * data.total_steps))
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))

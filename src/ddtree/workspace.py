@@ -115,7 +115,8 @@ class Workspace:
         if drafter is not None:
             width = len(taps) * model.cfg.hidden_size
             self.features = torch.zeros(batch, self.block, width, device=device, dtype=dtype)
-            self.log_probs = torch.zeros(batch, self.block - 1, model.cfg.vocab_size, device=device)
+            drafted = drafter.drafted_vocab_size(model.cfg.vocab_size)
+            self.log_probs = torch.zeros(batch, self.block - 1, drafted, device=device)
             self.chain_tokens = torch.zeros(batch, self.block - 1, dtype=torch.long, device=device)
             self.block_tail = torch.full((self.block - 1,), drafter.cfg.mask_token_id, device=device)
             self.prompt_features = self.features.new_zeros(1, context, width)  # a joining sequence's context
