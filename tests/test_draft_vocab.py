@@ -18,6 +18,7 @@ from ddtree.errors import DDTreeError
 from ddtree.stages import Stages
 
 from conftest import FAMILIES, Oracle, random_prompts
+from test_lossless import oracle_continuation
 
 FAMILY = "qwen3"
 NEW_TOKENS = 48
@@ -44,16 +45,6 @@ def case(targets):
     return prompts, longer, sorted({t for ids in longer for t in ids}), vocab
 
 
-def continuation_of(prompts, longer):
-    def continuation(prefix, n):
-        for prompt, ref in zip(prompts, longer):
-            done = len(prefix) - len(prompt)
-            if tuple(prefix[:len(prompt)]) == tuple(prompt) and list(prefix[len(prompt):]) == ref[:done]:
-                return ref[done:done + n]
-        return None
-    return continuation
-
-
 def mean_acceptance(results) -> float:
     return sum(sum(r.acceptance_lengths) for r in results) / sum(r.rounds for r in results)
 
@@ -66,7 +57,7 @@ def test_drafted_tokens_map_back_to_their_ids(case, targets, monkeypatch, method
     others = [t for t in range(vocab) if t not in used][::3]
     engine = restricted_engine(targets, used + others)
     assert engine.drafted_vocab == len(used) + len(others) < vocab
-    Oracle(continuation_of(prompts, longer)).install(monkeypatch)
+    Oracle(oracle_continuation(prompts, longer)).install(monkeypatch)
     results = generate_all(engine, prompts, method, budget)
     assert [r.token_ids for r in results] == [ids[:NEW_TOKENS] for ids in longer]
     assert mean_acceptance(results) > 3.0

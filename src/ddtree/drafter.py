@@ -272,12 +272,9 @@ class Drafter(nn.Module):
         return vocab_size if self.vocabulary is None else len(self.vocabulary)
 
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the block states `hidden` over the tokens it may propose (`token_ids` maps
-        their indices to token ids)."""
+        """float32 logits of the block states `hidden` over the tokens it may propose (restricted, index i
+        is token `vocabulary[i]`)."""
         return self.scale_logits(model.logits(hidden, self.head))
-
-    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
-        return indices if self.vocabulary is None else self.vocabulary[indices]
 
     def compile_layers(self) -> None:
         """torch.compile every layer's `project` and `finish`, as the target's (`compile_layer_functions`)."""
@@ -383,9 +380,8 @@ def frequent_tokens(drafter: Drafter, count: int, vocab_size: int, dummy: bool =
 
 def write_token_counts(path: str, sequences, response_starts, vocab_size: int) -> None:
     """How often each token occurs in the answers (the tokens after each sequence's response start)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for tokens, start in zip(sequences, response_starts):
-        counts += torch.bincount(torch.as_tensor(tokens[start:], dtype=torch.long), minlength=vocab_size)[:vocab_size]
+    answers = [torch.as_tensor(tokens[start:], dtype=torch.long) for tokens, start in zip(sequences, response_starts)]
+    counts = torch.bincount(torch.cat(answers), minlength=vocab_size)[:vocab_size]  # (one pass over all of them)
     with open(os.path.join(path, TOKEN_COUNTS_NAME), "w") as f:
         json.dump({"counts": counts.tolist()}, f)
 

@@ -160,7 +160,7 @@ class Stages:
             chain_tokens = seqs.chain_tokens[:, :depth]
             torch.argmax(logits, dim=-1, out=chain_tokens)
             if self.drafter.vocabulary is not None:
-                chain_tokens.copy_(self.drafter.token_ids(chain_tokens))
+                chain_tokens.copy_(self.drafter.vocabulary[chain_tokens])
         if tree:
             torch.log_softmax(logits, dim=-1, out=seqs.log_probs[:, :depth])
 
@@ -200,7 +200,7 @@ class Stages:
                 ids[b, 1:rows], parents[b, 1:rows], depths[b, 1:rows] = tokens, node_parents, node_depths
                 mask[b, :rows, :rows].copy_(ancestor_mask(parents[b, :rows], ws.block - 1))
         if self.drafter.vocabulary is not None:  # (the trees hold indices into the drafted vocabulary)
-            ids[:, 1:rows].copy_(self.drafter.token_ids(ids[:, 1:rows]))
+            ids[:, 1:rows].copy_(self.drafter.vocabulary[ids[:, 1:rows]])
         used.fill_(rows)
         if probe:  # auto's trees are scored, so `scores` is set
             ws.auto_yields(len(self.acceptance.sizes))[part].copy_(self.acceptance.expected_yields(scores))
