@@ -112,6 +112,32 @@ def test_auto_is_calibrated_at_every_batch_size_a_runner_can_take(engine, monkey
     assert sorted(map(int, stored["batches"])) == [1, 2, 3, 4, 8]
 
 
+def test_a_batch_is_calibrated_as_its_shared_budget_runs(engine, monkeypatch, tmp_path):
+    """At batch 2 every size n is timed as auto runs it there (`AutoTree.build_shared`): trees built a size
+    larger, cut to the batch's 2n best nodes, verified packed into 2(n + 1) rows; probes at n read the
+    pooled yields. Alone, the tree of n nodes, verified unpacked."""
+    from ddtree.costs import probe_above
+    from ddtree.stages import Stages
+
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))
+    calls = []
+    for name in ("tree", "share", "pool", "verify"):
+        def spy(self, *args, name=name, original=getattr(Stages, name), **kwargs):
+            calls.append((name, args, kwargs))
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(Stages, name, spy)
+    costs = engine.calibration([1, 2], force=True)
+    sizes = costs[2].sizes
+    trees = {(args[0], args[3].budget) for name, args, _ in calls if name == "tree" and args[2] == "tree"}
+    shares = {args for name, args, _ in calls if name == "share"}
+    verifies = {(args[0].count, args[0].rows, args[3]) for name, args, _ in calls if name == "verify"}
+    assert shares == {(2, 2 * n) for n in sizes}
+    assert {(2, probe_above(sizes, n)) for n in sizes} | {(2, n) for n in sizes} <= trees
+    assert {(2, probe_above(sizes, n) + 1, 2 * (n + 1)) for n in sizes} <= verifies
+    assert {(1, n + 1, None) for n in sizes} <= verifies and any(name == "pool" for name, *_ in calls)
+    assert all(x > 0 for table in (costs[2].per_size, costs[2].tree, costs[2].probe) for v in table.values() for x in v)
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     """The same sampled request, alone and beside different company, draws the same tokens."""
     prompt = [5, 9, 23, 4, 17]

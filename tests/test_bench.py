@@ -153,6 +153,7 @@ class RecordingEngine:
     device, dtype = torch.device("cpu"), torch.float32
     target = SimpleNamespace(name="recording")
     tokenizer = SimpleNamespace(decode=lambda ids, **_: "x")
+    autos = SimpleNamespace(report=dict)
 
     def __init__(self):
         self.events: list[tuple] = []
@@ -196,11 +197,21 @@ def test_concurrency_runs_decode_sets_several_at_a_time(small_run, tmp_path):
     equal to ar's at temperature 0 (two-turn conversations too), a table and a plot."""
     _, _, common = small_run
     out = tmp_path / "batched.json"
-    assert main(["bench", *common, "--methods", "ar,dflash,ddtree", "--budgets", "4", "--concurrency", "1,2",
+    assert main(["bench", *common, "--methods", "ar,dflash,ddtree", "--budgets", "4,auto", "--concurrency", "1,2",
                  "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert sorted((r["concurrency"], r["method"]) for r in runs) == [
-        (1, "ar"), (1, "ddtree"), (1, "dflash"), (2, "ar"), (2, "ddtree"), (2, "dflash")]
+    assert sorted((r["concurrency"], r["method"], str(r["budget"])) for r in runs) == [
+        (level, method, budget) for level in (1, 2)
+        for method, budget in (("ar", "None"), ("ddtree", "4"), ("ddtree", "auto"), ("dflash", "None"))]
+    for run in runs:  # what auto chose from: its costs per batch size, their corrections, what it learned
+        if run["budget"] == "auto":
+            batches, level = run["auto"]["batches"], str(run["concurrency"])
+            assert level in batches and run["chosen_budgets"]
+            assert all(ms > 0 for batch in batches.values() for costs in batch["ms_per_round"].values() for ms in costs)
+            assert set(run["chosen_budgets"]) <= set(batches[level]["correction"])
+            assert 0 < sum(run["auto"]["acceptance"]["seen"])
+        else:
+            assert run["auto"] is None
     for run in runs:
         assert run["num_prompts"] == 3 and len(run["responses"]) == 4  # the two-turn conversation twice
         assert run["token_agreement_with_ar"] == 1.0
@@ -211,5 +222,6 @@ def test_concurrency_runs_decode_sets_several_at_a_time(small_run, tmp_path):
     prefix = os.path.splitext(out)[0]
     table = open(prefix + ".md").read()
     assert "| concurrency |" in table and "| ms per round: draft / tree / verify / commit + host |" in table
+    assert "| tok/s |" not in table  # (no single-stream run, no empty table for them)
     assert open(f"{prefix}-concurrency-T0.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", *common, "--methods", "hf,ar", "--concurrency", "2", "--out", str(out)]) != 0  # (refused)

@@ -337,7 +337,8 @@ def run_batched(engine, convs: list, options: GenerationOptions, level: int) -> 
                               "stage_seconds": {}, "chosen_budgets": result.chosen_budgets})
     return {"responses": sorted(responses, key=lambda r: r["conversation"]), "seconds": time.perf_counter() - started,
             "stage_ms_per_round": {stage: 1000 * seconds / rounds for stage, seconds in stages.items()
-                                   if stage != "prefill"} if rounds else {}}
+                                   if stage != "prefill"} if rounds else {},
+            "auto": engine.autos.report() if options.decoding.budget == "auto" else None}
 
 
 def concurrent_record(spec, name: str, temperature: float, level: int, first: dict, seconds: float,
@@ -359,7 +360,7 @@ def concurrent_record(spec, name: str, temperature: float, level: int, first: di
                               if ar and ar[1] else None),
             "speedup_vs_hf": None,
             "token_agreement_with_ar": agreement(responses, ar[0]["responses"]) if ar else None,
-            "divergences": [], "responses": responses}
+            "divergences": [], "auto": first["auto"], "responses": responses}
 
 
 def method_generators(engine, specs: list) -> dict:
@@ -400,6 +401,7 @@ def run_record(engine, plan: BenchPlan, spec, name: str, convs: list, temperatur
                                         if ar and (temperature == 0 or spec is not HF) else None),
             "divergences": (divergences(engine, convs, responses, ar)
                             if ar and temperature == 0 and spec.method != "ar" else []),
+            "auto": engine.autos.report() if spec.budget == "auto" else None,
             "responses": responses}
 
 
@@ -424,9 +426,8 @@ def markdown_table(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cell = lambda value, fmt: "" if value is None else format(value, fmt)  # noqa: E731
     batched = [run for run in result["runs"] if "concurrency" in run]
-    for run in result["runs"]:
-        if "concurrency" in run:
-            continue
+    single = [run for run in result["runs"] if "concurrency" not in run]
+    for run in single:
         label = method_label(run)
         margins = [d["margin"] for d in run.get("divergences", [])]
         lines.append(f"| {run['dataset']} | {run['temperature']:g} | {label} | {run['num_prompts']} | "
@@ -434,8 +435,8 @@ def markdown_table(result: dict) -> str:
                      f"{cell(run['speedup_vs_ar'], '.2f')} | {cell(run['speedup_vs_hf'], '.2f')} | "
                      f"{cell(run['token_agreement_with_ar'], '.3f')} | {cell(max(margins, default=None), '.3f')} | "
                      f"{stage_cell(run)} |")
-    if batched:
-        lines = lines[:1] + concurrency_table(batched) if len(lines) == 3 else lines + [""] + concurrency_table(batched)
+    if batched:  # (with no single-stream run, its table is left out)
+        lines = (lines if single else lines[:1]) + concurrency_table(batched)
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@ Each stage of a ddtree round is timed at a few context lengths, and every candid
 (the sizes are graph shapes, and the cost is a step function of the size: measured, not fitted), for
 each batch size rounds run at (powers of two: a round of 8 sequences costs what it costs, not 8 times a
 round of one). The stages timed are exactly the ones `auto` replays: each size's tree, as the first rows
-of the largest, built plainly and as a probe.
+of the largest, built plainly and as a probe; in a batch, the shared budget's trees, cut and packed.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .costs import CALIBRATION_CONTEXTS, RoundCosts
+from .costs import CALIBRATION_CONTEXTS, RoundCosts, probe_above
 from .loading import cache_root
 from .stages import Stages
 
 # Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
 # 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included;
-# 6: a probe at every size, and each size's tree stage alone; 7: costs per batch size).
-CALIBRATION_VERSION = 7
+# 6: a probe at every size, and each size's tree stage alone; 7: costs per batch size; 8: a batch's costs
+# those of its shared budget).
+CALIBRATION_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,12 @@ def calibration_contexts(device: torch.device, largest_rows: int, block: int, co
 
 def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple[int, ...], draft_depth: int,
               count: int = 1, repeats: int = 5) -> RoundCosts:
-    """Times rounds of `count` sequences (each at the same context): the draft at each context length, and
-    for every size the sequences' trees, the same trees as probes (every size's expected tokens, read on
-    the host), their verify, and their commit and host read."""
+    """Times rounds of `count` sequences (each at the same context) as auto runs them (`auto_round`): the draft
+    at each context length, and for every size the trees, the same trees as probes (the expected tokens
+    read on the host), their verify, and their commit and host read."""
     ws, device = stages.ws, stages.ws.device
     vocab = ws.log_probs.shape[-1]
     prompt = torch.randint(vocab, (max(contexts),), generator=torch.Generator().manual_seed(0)).tolist()
-    yields = ws.auto_yields(len(sizes))[:count]
     fixed, tables = [], {name: {size: [] for size in sizes} for name in ("per_size", "tree", "probe")}
     bar = tqdm(total=len(contexts) * len(sizes), desc=f"calibrating round costs, batch {count}", unit="size",
                file=sys.stderr)
@@ -105,18 +105,34 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
             draft = stages.draft(count, ws.draft_attend(context), draft_depth, chain=False, tree=True)
             fixed.append(time_stage(draft.run, device, repeats))
             for size in sizes:
-                tree, plan = ws.tree(count, size + 1), ws.plan(size)
-                probe = stages.tree(count, None, "tree", plan, scored=True, probe=True)
-                tables["probe"][size].append(time_stage(lambda: (probe.run(), yields.tolist()), device, repeats))
-                build = time_stage(stages.tree(count, None, "tree", plan, scored=True).run, device, repeats)
-                verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps).run, device, repeats)
-                tables["tree"][size].append(build)
-                tables["per_size"][size].append(build + verify + commit_seconds(stages, tree, repeats))
+                tree, build, probe, packed = auto_round(stages, sizes, size, count)
+                tables["probe"][size].append(time_stage(probe, device, repeats))
+                tables["tree"][size].append(time_stage(build, device, repeats))  # (sets the rows the verify packs)
+                verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps, packed).run, device, repeats)
+                tables["per_size"][size].append(tables["tree"][size][-1] + verify + commit_seconds(stages, tree, repeats))
                 bar.update(1)
     bar.close()
     for index in range(count):
         ws.free(index)
     return RoundCosts(sizes, contexts, fixed, tables["per_size"], tables["tree"], tables["probe"])
+
+
+def auto_round(stages: Stages, sizes: list[int], size: int, count: int):
+    """What auto runs for `size` nodes a sequence in a round of `count` sequences (`methods.AutoTree`): the
+    trees it verifies, their tree stage, a probe at this size (its expected tokens read on the host), and the
+    rows the verify packs them into. Alone, the tree of `size` nodes; in a batch, one budget of `count * size`
+    nodes: every tree built a size larger, the best nodes of all kept, the kept rows verified packed."""
+    ws = stages.ws
+    if count == 1:
+        yields = ws.auto_yields(len(sizes))[:1]
+        tree_stage = stages.tree(1, None, "tree", ws.plan(size), scored=True)
+        probe = stages.tree(1, None, "tree", ws.plan(size), scored=True, probe=True)
+        return ws.tree(1, size + 1), tree_stage.run, lambda: (probe.run(), yields.tolist()), None
+    pooled, built = ws.pooled_yields(len(sizes)), probe_above(sizes, size)
+    tree_stage, share = stages.tree(count, None, "tree", ws.plan(built), scored=True), stages.share(count, count * size)
+    probe, pool = stages.tree(count, None, "tree", ws.plan(size), scored=True), stages.pool(count)
+    return (ws.tree(count, built + 1), lambda: (tree_stage.run(), share.run()),
+            lambda: (probe.run(), pool.run(), pooled.tolist()), count * (size + 1))
 
 
 def commit_seconds(stages: Stages, tree, repeats: int) -> float:

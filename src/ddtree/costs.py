@@ -152,6 +152,12 @@ class AcceptanceModel:
         pooled = chance.flatten().sort(descending=True).values.cumsum(0)
         return eligible.any(dim=1).sum() + pooled[((self.index + 1) * count - 1).clamp(max=pooled.numel() - 1)]
 
+    def report(self) -> dict:
+        """What it has learned (a host read): per path log-probability bin, from its upper edge down, the
+        nodes verified (with decay) and the share of them accepted."""
+        return {"bin_upper_edges": [*SCORE_EDGES, 0.0], "seen": self.seen.tolist(),
+                "chance": (self.hits / self.seen).tolist()}
+
     def learn(self, scores: torch.Tensor, accepted: torch.Tensor, counted: torch.Tensor | None = None) -> None:
         """One verified round: the nodes' path log-probabilities and which of them were accepted (any shape,
         a batch's trees included), of which only the `counted` nodes teach (all without it)."""
@@ -242,6 +248,17 @@ class AutoBudgets:
     @property
     def sizes(self) -> list[int]:
         return self.acceptance.sizes
+
+    def report(self) -> dict:
+        """What auto chooses from, for a results file: per batch size, each size's calibrated milliseconds a
+        round at each calibrated context and how much slower its real rounds ran (1: none ran); and the
+        learned acceptance."""
+        return {"batches": {count: {"contexts": auto.costs.contexts,
+                                    "ms_per_round": {size: [round(1000 * auto.costs.predict(size, c), 4)
+                                                            for c in auto.costs.contexts] for size in self.sizes},
+                                    "correction": {size: round(x, 4) for size, x in auto.correction.items()}}
+                            for count, auto in sorted(self.by_batch.items())},
+                "acceptance": self.acceptance.report()}
 
     @property
     def largest(self) -> int:
