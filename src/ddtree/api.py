@@ -47,6 +47,25 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     return DTYPES[dtype]
 
 
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles, on which bfloat16 matrix products run far faster than float32's."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def pick_matmul_dtype(matmul_dtype: str | None, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The weights' dtype in the layers' matrix products. 'auto': bfloat16 for a float32 model on a CPU with
+    AMX (`Decoder.use_bf16_products`), else the model's dtype, as is None."""
+    if matmul_dtype is None:
+        return dtype
+    if matmul_dtype == "auto":
+        return torch.bfloat16 if device.type == "cpu" and dtype == torch.float32 and amx_available() else dtype
+    chosen = pick_dtype(matmul_dtype, device)
+    if chosen != dtype and not (device.type == "cpu" and dtype == torch.float32 and chosen == torch.bfloat16):
+        raise DDTreeError(f"matmul dtype {matmul_dtype} with dtype {str(dtype).removeprefix('torch.')}: only a float32 "
+                          "model on the CPU takes bfloat16 products; elsewhere the products take the model's dtype")
+    return chosen
+
+
 def random_drafter(target: Target, num_layers: int = 1, block_size: int = 16, mask_token_id: int | None = None,
                    target_layer_ids: list[int] | None = None, seed: int = 0) -> Drafter:
     """A randomly initialised drafter shaped for `target` (the start of training, and a test fixture)."""
@@ -103,7 +122,8 @@ def bundled_drafter(target_spec: str, target_name: str) -> str:
 
 def load(target: str | None = None, drafter: str | None = None, device: str | None = None,
          dtype: str | torch.dtype | None = None, quiet: bool = False, cuda_graphs: bool = True,
-         compile: bool = False, dummy_weights: bool = False, draft_vocab: int | None = None) -> Engine:
+         compile: bool = False, dummy_weights: bool = False, draft_vocab: int | None = None,
+         matmul_dtype: str | None = "auto") -> Engine:
     """An engine for a target and its drafter.
 
     target: a Hugging Face model directory or Hub id ('Qwen/Qwen3-8B'), a .gguf file, or
@@ -118,6 +138,10 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
     directories holding only a config.json, or names of configs shipped with ddtree): for timing.
     draft_vocab: the drafter proposes only this many tokens, the most frequent in its training answers
     (`frequent_tokens`); None: the whole vocabulary. Output is unchanged.
+    matmul_dtype: the weights' dtype in the layers' matrix products ('auto', a dtype name, or None: the model's
+    dtype; `pick_matmul_dtype`). On a CPU with AMX, 'auto' keeps float32 activations, norms, attention and
+    logits and gives the layers bfloat16 weights: a tree's rows cost about one row's. Output is then that of the
+    target with bfloat16 products, which a differently shaped product may round differently at a near-tie.
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -138,6 +162,9 @@ def load(target: str | None = None, drafter: str | None = None, device: str | No
         ids = frequent_tokens(draft_model, draft_vocab, loaded.model.cfg.vocab_size,
                               dummy=dummy_weights or drafter == RANDOM_DRAFTER)
         draft_model.restrict_vocabulary(ids, loaded.model.lm_head.weight)
+    if pick_matmul_dtype(matmul_dtype, dev, dt) != dt:
+        loaded.model.use_bf16_products()
+        draft_model.use_bf16_products(loaded.model.lm_head.weight)
     if compile:
         loaded.model.compile_layers()
         draft_model.compile_layers()

@@ -222,7 +222,8 @@ def environment(engine) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "git_commit": commit, "command": " ".join(sys.argv),
-            "dtype": str(engine.dtype).removeprefix("torch."), "target": engine.target.name}
+            "dtype": str(engine.dtype).removeprefix("torch."), "bf16_products": engine.model.bf16_products,
+            "target": engine.target.name}
 
 
 def gather(responses: list[dict]) -> list[dict]:

@@ -46,14 +46,16 @@ class CalibrationKey:
 
 
 def device_description(device: torch.device, dtype: torch.dtype, graphs: bool, compiled: str | None,
-                       tree_kernel: bool) -> str:
-    """The device and the engine's settings that change round costs (`compiled`: the compile mode)."""
+                       tree_kernel: bool, bf16_products: bool = False) -> str:
+    """The device and the engine's settings that change round costs (`compiled`: the compile mode;
+    `bf16_products`: the layers' products with bfloat16 weights)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
     return (f"{name}-torch{torch.__version__}-{str(dtype).removeprefix('torch.')}-{'graphs' if graphs else 'eager'}"
-            f"{f'-compiled-{compiled}' if compiled else ''}{'-treekernel' if tree_kernel else ''}")
+            f"{f'-compiled-{compiled}' if compiled else ''}{'-treekernel' if tree_kernel else ''}"
+            f"{'-bf16products' if bf16_products else ''}")
 
 
 def pair_description(target_name: str, model_cfg, drafter_cfg, drafted_vocab: int | None = None) -> str:

@@ -31,6 +31,12 @@ def add_model_options(parser: argparse.ArgumentParser, decoding: bool = False) -
                             help="torch.compile the target's and the drafter's layers (fuses the small kernels "
                                  "around each GEMM; the first use of each shape compiles, which takes seconds)")
         add_dummy_weights_option(parser)
+        parser.add_argument("--matmul-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                            help="the weights' dtype in the layers' matrix products. auto (default): bfloat16 for a "
+                                 "float32 model on a CPU with AMX, where a tree's rows then cost about what one "
+                                 "row does; activations, attention and the target's logits stay float32, so output "
+                                 "is the target's with bfloat16 products (float32: exactly the float32 target's); "
+                                 "elsewhere the model's dtype")
         parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                             help="the drafter proposes only the N tokens most frequent in its training answers "
                                  "(token_counts.json beside it, written by train-drafter): a smaller vocabulary "
@@ -345,7 +351,7 @@ def load_engine(args, device: str | None = None, quiet: bool = False):
 
     return load(args.target, args.drafter, device or args.device, args.dtype, quiet=quiet,
                 cuda_graphs=args.cuda_graphs, compile=args.compile, dummy_weights=args.dummy_weights,
-                draft_vocab=args.draft_vocab)
+                draft_vocab=args.draft_vocab, matmul_dtype=args.matmul_dtype)
 
 
 def read_prompt(args) -> str:
@@ -600,7 +606,8 @@ def run_regenerate(args) -> None:
     if not rows:
         raise DDTreeError(f"no prompts in {args.prompts}")
     with data_parallel(args.device) as (rank, device):
-        engine = load(args.target, "random", device, args.dtype, quiet=True, dummy_weights=args.dummy_weights)
+        engine = load(args.target, "random", device, args.dtype, quiet=True, dummy_weights=args.dummy_weights,
+                      matmul_dtype=None)  # (training answers from the target as stored)
         summary = regenerate_file(engine, rows, args.out, args.max_new_tokens, args.batch_size, args.temperature,
                                   args.seed, rank)
         if rank == 0:
@@ -638,7 +645,8 @@ def run_train_recipe(args) -> None:
         raise DDTreeError("under torchrun, train-drafter needs --data (the one-command recipe runs in one process)")
     if not 0 <= args.sampled_share <= 1:
         raise DDTreeError(f"--sampled-share is a share of the prompts, between 0 and 1 (got {args.sampled_share})")
-    engine = load(args.target, "random", args.device, args.dtype, quiet=True, dummy_weights=args.dummy_weights)
+    engine = load(args.target, "random", args.device, args.dtype, quiet=True, dummy_weights=args.dummy_weights,
+                  matmul_dtype=None)  # (training answers and features from the target as stored)
     recipe = Recipe(args.target or "smollm2-135m-instruct", args.out, args.prompts, args.data_dir,
                     args.sampled_share, args.max_new_tokens, args.regenerate_batch_size,
                     shlex.join(args.command_line))

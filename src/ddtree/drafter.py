@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 from .checkpoints import load_checkpoint
 from .errors import DDTreeError
 from .hub import local_model_dir
 from .model import (
     MLP, KVCache, LayerKV, RMSNorm, Rotary, apply_rotary, attention, attention_bias, compile_layer_functions, keep,
-    initialise, rope_inverse_frequencies,
+    initialise, rope_inverse_frequencies, use_bf16_products,
 )
 
 WEIGHTS_NAME = "model.safetensors"
@@ -271,9 +272,18 @@ class Drafter(nn.Module):
     def drafted_vocab_size(self, vocab_size: int) -> int:
         return vocab_size if self.vocabulary is None else len(self.vocabulary)
 
+    def use_bf16_products(self, lm_head_weight: torch.Tensor) -> None:
+        """Its layers' matrix products with bfloat16 weights (`BF16Linear`), as the target's, and its logits
+        from a bfloat16 copy of the head rows it proposes from: a draft only proposes, so its logits need not
+        be the target's exact ones. `fc` keeps its weight, whose dtype the drafter cache takes."""
+        use_bf16_products(self.layers)
+        self.head = (lm_head_weight if self.head is None else self.head).detach().to(torch.bfloat16)
+
     def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of the block states `hidden` over the tokens it may propose (restricted, index i
         is token `vocabulary[i]`)."""
+        if self.head is not None and self.head.dtype != hidden.dtype:  # (a bfloat16 copy: `use_bf16_products`)
+            return self.scale_logits(F.linear(hidden.to(self.head.dtype), self.head).float())
         return self.scale_logits(model.logits(hidden, self.head))
 
     def compile_layers(self) -> None:

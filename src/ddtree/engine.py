@@ -112,7 +112,8 @@ class Engine:
     def calibration_key(self) -> CalibrationKey:
         compiled = compile_mode() if self.model.compiled else None
         kernel = tree_kernel_for(self.device) is not None
-        return CalibrationKey(device_description(self.device, self.dtype, self.graphs.enabled, compiled, kernel),
+        return CalibrationKey(device_description(self.device, self.dtype, self.graphs.enabled, compiled, kernel,
+                                                 self.model.bf16_products),
                               pair_description(self.target.name, self.model.cfg, self.drafter.cfg, self.drafted_vocab))
 
     @property

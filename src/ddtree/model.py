@@ -177,6 +177,30 @@ def store_as_parts(module: nn.Module, fused: str, parts: list[str], split, join)
     module.register_state_dict_post_hook(save)
 
 
+class BF16Linear(nn.Module):
+    """A linear map whose weight (and bias) is kept in bfloat16: the input is rounded to bfloat16 for the product
+    and the result returned in the input's dtype. On a CPU with AMX the product over a tree's rows then costs
+    about what one row's does, where float32's grows with the rows (docs/performance.md)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+def use_bf16_products(module: nn.Module) -> None:
+    """Every nn.Linear below `module` as a BF16Linear (for inference: the weights are frozen)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, BF16Linear(child))
+        else:
+            use_bf16_products(child)
+
+
 def fuse_linears(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]) -> None:
     """Keeps `parts` (e.g. q/k/v projections) as one stacked Linear `fused`, so one GEMM replaces several,
     while checkpoints keep transformers' separate names: stacked on load, split again on save."""
@@ -539,6 +563,13 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(inv_freq, rope_scaling, cfg.max_positions)
         self.compiled = False  # set by compile_layers; round costs differ, so calibrations are kept apart
+        self.bf16_products = False  # set by use_bf16_products; likewise
+
+    def use_bf16_products(self) -> None:
+        """The layers' matrix products with bfloat16 weights (`BF16Linear`), for a float32 model on a CPU with
+        AMX. The LM head keeps its weights, so the logits the target chooses by stay unrounded (`logits`)."""
+        use_bf16_products(self.layers)
+        self.bf16_products = True
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> KVCache:
         cfg, weight = self.cfg, self.embed_tokens.weight
