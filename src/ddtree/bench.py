@@ -421,7 +421,8 @@ def rotated(specs: list, index: int) -> list:
 
 def markdown_table(result: dict) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}; commit {result['git_commit'][:10]}; "
-             f"{result['max_new_tokens']} new tokens; median of {result['repeats']}",
+             f"{result['max_new_tokens']} new tokens; median of {result['repeats']}"
+             f"{'; bfloat16 products' if result.get('bf16_products') else ''}",
              "", "| dataset | T | method | prompts | τ | tok/s | speedup vs ar | speedup vs hf | agreement with ar "
                  "| largest margin at a divergence | ms per round: draft / tree / verify / commit + host |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
