@@ -154,6 +154,7 @@ class RecordingEngine:
     target = SimpleNamespace(name="recording")
     tokenizer = SimpleNamespace(decode=lambda ids, **_: "x")
     autos = SimpleNamespace(report=dict)
+    model = SimpleNamespace(bf16_products=False)
 
     def __init__(self):
         self.events: list[tuple] = []

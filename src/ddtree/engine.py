@@ -117,6 +117,11 @@ class Engine:
                               pair_description(self.target.name, self.model.cfg, self.drafter.cfg, self.drafted_vocab))
 
     @property
+    def exact(self) -> bool:
+        """float32 throughout (no bfloat16 products): every method then reproduces the target alone token for token."""
+        return self.dtype == torch.float32 and not self.model.bf16_products
+
+    @property
     def drafted_vocab(self) -> int:
         """How many tokens the drafter may propose (`--draft-vocab`; else the whole vocabulary)."""
         vocab = self.model.cfg.vocab_size
