@@ -63,13 +63,17 @@ def test_bf16_products_keep_the_targets_logits_float32_and_decode(model_dirs, mo
     assert torch.allclose(draft, F.linear(hidden, model.lm_head.weight[drafter.vocabulary]), atol=0.05)
     assert engine.calibration_key() != plain.calibration_key() and plain.exact and not engine.exact
     shared = total = 0
-    for prompt in random_prompts(4, model.cfg.vocab_size, seed=3, min_len=4, max_len=20):
+    prompts = random_prompts(4, model.cfg.vocab_size, seed=3, min_len=4, max_len=20)
+    for prompt in prompts:
         ar = engine.generate(prompt, method="ar", max_new_tokens=24).token_ids
         for method, budget in (("dflash", None), ("ddtree", 8)):
             out = engine.generate(prompt, method=method, budget=budget, max_new_tokens=24).token_ids
             shared += next((i for i, (a, b) in enumerate(zip(out, ar)) if a != b), min(len(out), len(ar)))
             total += len(ar)
     assert shared >= 0.75 * total
+    for budget in (8, "auto"):  # (batched: padded trees, and one shared budget verified packed)
+        batch = engine.generate_batch(prompts, method="ddtree", budget=budget, max_new_tokens=12, slots=2)
+        assert len(batch) == len(prompts) and all(0 < r.num_new_tokens <= 12 for r in batch)
 
 
 def test_matmul_dtype_option(model_dirs, capsys):
