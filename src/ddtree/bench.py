@@ -25,7 +25,7 @@ from .evalsets import load_dataset
 from .model import causal_mask
 from .options import Decoding, GenerationOptions
 from .parallel import gather_objects, world
-from .results import GenerationResult, percentiles
+from .results import GenerationResult, percentiles, shared_prefix
 from .sampling import SamplingParams
 
 def dataset_label(name: str) -> str:
@@ -153,8 +153,7 @@ def agreement(responses: list[dict], reference: list[dict]) -> float:
     same = total = 0
     for mine, ref in zip(responses, reference):
         a, b = mine["token_ids"], ref["token_ids"]
-        prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        same += prefix
+        same += shared_prefix(a, b)
         total += max(len(a), len(b))
     return same / total if total else 1.0
 
@@ -173,7 +172,7 @@ def divergences(engine, conversations: list[list[str]], responses: list[dict], r
             messages.append({"role": "user", "content": conversations[index][turn]})
             a, b = mine["token_ids"], ref["token_ids"]
             if a != b:
-                position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                position = shared_prefix(a, b)
                 found.append({"conversation": index, "turn": turn, "position": position,
                               "margin": logit_margin(engine, engine.encode(list(messages)) + b[:position])})
                 break

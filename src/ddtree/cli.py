@@ -8,6 +8,7 @@ import os
 import sys
 
 from .errors import DDTreeError
+from .results import shared_prefix
 
 # Optional dependencies, by the extra that installs them (the core install decodes; these serve and plot).
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve",
@@ -414,13 +415,12 @@ def print_generation(result, baseline, exact: bool) -> None:
           f"{result.num_new_tokens} tokens in {result.seconds:.2f} s = {result.tokens_per_second:.1f} tok/s, "
           f"mean acceptance {result.mean_acceptance:.2f} over {result.rounds} rounds", file=sys.stderr)
     if baseline is not None:
-        first = next((i for i, (a, b) in enumerate(zip(result.token_ids, baseline.token_ids)) if a != b),
-                     min(len(result.token_ids), len(baseline.token_ids)))
         if baseline.token_ids == result.token_ids:
             same = "identical output"
         elif exact:
             same = "OUTPUTS DIFFER"
         else:  # (bf16 rounds a wide verify and a one-row step differently; a near-tie can go either way)
+            first = shared_prefix(result.token_ids, baseline.token_ids)
             same = (f"outputs differ from token {first}: a near-tie rounded differently in bfloat16; "
                     "--dtype float32 --matmul-dtype float32 reproduces the target alone token for token")
         print(f"[ar] {baseline.num_new_tokens} tokens in {baseline.seconds:.2f} s = "

@@ -65,6 +65,11 @@ class StreamChunk:
     acceptance_length: int | None = None
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two answers share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50, p90 and p99 of a set of timings (none for an empty set)."""
     if not values:
