@@ -59,6 +59,19 @@ def test_probes_start_at_the_largest_then_look_one_size_above_the_choice():
     assert auto.current == 31 and auto.probe_size() == 31  # at the top, probes stay at the largest
 
 
+def test_the_round_after_a_probe_does_not_probe_again_before_the_probe_is_read():
+    """A probe's values reach the host with its round's outcome, after the next round was launched: that
+    round does not probe; a probe never read (its round abandoned) holds back one round only."""
+    auto = chooser(synthetic({3: 5, 7: 6, 15: 8, 31: 14}, fixed_ms=5, probe_ms=0.6, tree_ms=0.5))
+    assert auto.probe_size() == 31 and auto.choose([2.0, 2.5, 2.6, 2.7], 500, probed=31) == 7  # a probe every round
+    assert auto.probe_size() == 15
+    assert auto.probe_size() is None  # launched before the probe's round was read
+    assert auto.choose([2.0, 2.5, 2.6, 2.7], 500, probed=15) == 7
+    assert auto.probe_size() == 15  # read: probing resumes
+    assert auto.probe_size() is None  # never read ...
+    assert auto.probe_size() == 15  # ... and not waited for
+
+
 @pytest.mark.parametrize("probe_ms, every", [(0.6, 1), (0.8, 3), (1.5, 10), (100.0, 32)])
 def test_probes_come_as_often_as_one_percent_of_the_time_allows(probe_ms, every):
     auto = chooser(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms, tree_ms=0.5))
@@ -172,6 +185,39 @@ def test_auto_output_equals_ar_and_reports_its_choices(engine):
         assert result.token_ids == expected
         assert result.budget == "auto" and len(result.chosen_budgets) == result.rounds
         assert set(result.chosen_budgets) <= set(engine.autos.sizes)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_probe_round_verifies_the_current_choice_and_its_values_choose_for_the_rounds_after(engine, monkeypatch, ahead):
+    """Only the first round waits for its probe's choice; every later probe round verifies the size chosen
+    before it, and its values, read with its outcome, choose once (launched ahead: after the next round's
+    launch, which does not probe)."""
+    from conftest import random_prompts
+
+    monkeypatch.setattr(engine, "run_ahead", ahead)
+    engine.use_costs({1: synthetic({3: 5, 7: 5, 15: 6, 31: 6, 63: 7}, probe_ms=0.55)}, fresh=True)
+    auto, log = engine.autos.at(1), []
+    probe_size, choose = auto.probe_size, auto.choose
+
+    def logged_probe_size():
+        log.append(["probe", auto.current, probe_size()])
+        return log[-1][2]
+    monkeypatch.setattr(auto, "probe_size", logged_probe_size)
+    monkeypatch.setattr(auto, "choose", lambda *args: log.append(["choose", choose(*args)]) or log[-1][1])
+    prompt = random_prompts(1, engine.model.cfg.vocab_size, seed=4, min_len=5, max_len=20)[0]
+    result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=60)
+    assert result.token_ids == engine.generate(prompt, method="ar", max_new_tokens=60).token_ids
+    rounds = [k for k, entry in enumerate(log) if entry[0] == "probe"]  # (log positions, a round each)
+    assert log[0] == ["probe", None, 63] and log[1][0] == "choose"  # the first round's choice, at once
+    assert result.chosen_budgets[0] == log[1][1]
+    probes = [(r, k) for r, k in enumerate(rounds) if log[k][2] is not None][1:]
+    assert len(probes) >= 3 and sum(entry[0] == "choose" for entry in log) == len(probes) + 1
+    for r, k in probes:
+        assert result.chosen_budgets[r] == log[k][1]  # it verified the choice it probed above
+    followers = [log[k + 1] for _, k in probes if k + 1 < len(log)]
+    launched_before_read = [entry for entry in followers if entry[0] == "probe"]
+    assert all(entry[2] is None for entry in launched_before_read)
+    assert bool(launched_before_read) == ahead
 
 
 def test_generate_json_and_profile_calibrate(engine, capsys, model_dirs, tmp_path):

@@ -29,8 +29,8 @@ from .stages import Stages
 # Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
 # 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included;
 # 6: a probe at every size, and each size's tree stage alone; 7: costs per batch size; 8: a batch's costs
-# those of its shared budget).
-CALIBRATION_VERSION = 8
+# those of its shared budget; 9: a probe's expected tokens read after its round, not within it).
+CALIBRATION_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def calibration_contexts(device: torch.device, largest_rows: int, block: int, co
 def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple[int, ...], draft_depth: int,
               count: int = 1, repeats: int = 5) -> RoundCosts:
     """Times rounds of `count` sequences (each at the same context) as auto runs them (`auto_round`): the draft
-    at each context length, and for every size the trees, the same trees as probes (the expected tokens
-    read on the host), their verify, and their commit and host read."""
+    at each context length, and for every size the trees, the same trees as probes (with the expected tokens
+    of every smaller size), their verify, and their commit and host read."""
     ws, device = stages.ws, stages.ws.device
     vocab = ws.log_probs.shape[-1]
     prompt = torch.randint(vocab, (max(contexts),), generator=torch.Generator().manual_seed(0)).tolist()
@@ -122,20 +122,21 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
 
 def auto_round(stages: Stages, sizes: list[int], size: int, count: int):
     """What auto runs for `size` nodes a sequence in a round of `count` sequences (`methods.AutoTree`): the
-    trees it verifies, their tree stage, a probe at this size (its expected tokens read on the host), and the
+    trees it verifies, their tree stage, a probe at this size (with its expected tokens), and the
     rows the verify packs them into. Alone, the tree of `size` nodes; in a batch, one budget of `count * size`
     nodes: every tree built a size larger, the best nodes of all kept, the kept rows verified packed."""
     ws = stages.ws
     if count == 1:
-        yields = ws.auto_yields(len(sizes))[:1]
+        ws.auto_yields(len(sizes))  # (made before the probe's graph capture)
         tree_stage = stages.tree(1, None, "tree", ws.plan(size), scored=True)
         probe = stages.tree(1, None, "tree", ws.plan(size), scored=True, probe=True)
-        return ws.tree(1, size + 1), tree_stage.run, lambda: (probe.run(), yields.tolist()), None
-    pooled, built = ws.pooled_yields(len(sizes)), probe_above(sizes, size)
+        return ws.tree(1, size + 1), tree_stage.run, probe.run, None
+    ws.pooled_yields(len(sizes))
+    built = probe_above(sizes, size)
     tree_stage, share = stages.tree(count, None, "tree", ws.plan(built), scored=True), stages.share(count, count * size)
     probe, pool = stages.tree(count, None, "tree", ws.plan(size), scored=True), stages.pool(count)
     return (ws.tree(count, built + 1), lambda: (tree_stage.run(), share.run()),
-            lambda: (probe.run(), pool.run(), pooled.tolist()), count * (size + 1))
+            lambda: (probe.run(), pool.run()), count * (size + 1))
 
 
 def commit_seconds(stages: Stages, tree, repeats: int) -> float:

@@ -10,8 +10,10 @@ device at this context length, and takes the best n.
 Seeing a size's expected tokens needs the tree built at that size, which costs more than building a
 smaller one. So `auto` builds a larger tree only on probe rounds: the largest once, then one size above
 the current choice, which shows whether to grow by a step or to shrink to any smaller size. A probe
-costs little more than the round it replaces, so probes come often (as often as keeps their extra
-cost to 1% of the decoding time), and between probes rounds build and verify the size chosen.
+round still verifies the current choice, and its expected tokens reach the host with the round's
+outcome, so the choice is made without stalling the device (only the very first round waits for it).
+A probe costs little more than the round it replaces, so probes come often (as often as keeps their
+extra cost to 1% of the decoding time), and between probes rounds build and verify the size chosen.
 
 Costs come from a calibration stored per device and model pair: each stage of a round timed at a
 few context lengths, every candidate size measured (the sizes are graph shapes and the cost is a
@@ -41,7 +43,7 @@ class RoundCosts:
     """Seconds per round, measured at `contexts`: `fixed[c]` (the drafter pass), and for every size n
     `per_size[n][c]` (building, verifying and committing an n-node tree, and reading the result on the
     host), `tree[n][c]` (building it alone) and `probe[n][c]` (building it with every smaller size's
-    expected tokens, read on the host)."""
+    expected tokens)."""
 
     sizes: list[int]
     contexts: list[int]
@@ -178,6 +180,7 @@ class AutoBudget:
         self.costs, self.acceptance = costs, acceptance
         self.current: int | None = None  # the size chosen at the last probe
         self.until_probe = 0
+        self.unread = False  # a probe was launched and its expected tokens are not read yet
         # measured ÷ calibrated round time per size, learned from the rounds run
         self.correction = dict.fromkeys(costs.sizes, 1.0)
 
@@ -189,15 +192,21 @@ class AutoBudget:
 
     def probe_size(self) -> int | None:
         """The size this round's tree is built at to read expected tokens (the largest at first, then one
-        above the current choice), or None when no probe is due."""
+        above the current choice), or None when no probe is due. The round after a probe, launched before
+        the probe is read, does not probe again."""
         self.until_probe -= 1
         if self.current is None:
             return self.largest
-        return probe_above(self.costs.sizes, self.current) if self.until_probe < 0 else None
+        if self.unread or self.until_probe >= 0:
+            self.unread = False  # (a probe whose round was never read is not waited for past one round)
+            return None
+        self.unread = True
+        return probe_above(self.costs.sizes, self.current)
 
     def choose(self, yields: list[float], context: int, probed: int) -> int:
         """The size maximising expected tokens per second among those a probe at `probed` nodes saw;
         `yields[k]` is the expected tokens at sizes[k]."""
+        self.unread = False
         seen = [k for k, size in enumerate(self.costs.sizes) if size <= probed]
         self.current = self.costs.sizes[max(seen, key=lambda k: yields[k] / self.round_cost(self.costs.sizes[k], context))]
         above = probe_above(self.costs.sizes, self.current)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DDTreeError
-from .methods import DecodingMethod, Member, Timing, run_round
+from .methods import DecodingMethod, Member, Probe, Timing, run_round
 from .options import GenerationOptions
 from .results import GenerationResult, StreamChunk
 from .sampling import SamplingParams, choose_tokens, seed_key
@@ -58,32 +58,37 @@ class StageClock:
 
 
 class OutcomeReader:
-    """Reads each round's `out` ([sequences, 1 + tokens]: each sequence's count, then its tokens) without
-    stalling the device. On CUDA the copy goes into one of two pinned host buffers behind the round's
-    kernels (at most two rounds are unread: one running, one launched), and reading waits for that round
-    alone; elsewhere rounds run as they are launched, so the values are read at once (the next round
-    reuses the device buffer)."""
+    """Reads what a round leaves on the device (its `out`: [sequences, 1 + tokens], each sequence's count,
+    then its tokens; auto's probe values) without stalling the device. On CUDA the copies go into pinned
+    host buffers behind the round's kernels (two sets: at most two rounds are unread, one running, one
+    launched), and reading waits for that round alone; elsewhere rounds run as they are launched, so the
+    values are read at once (the next round reuses the device buffers)."""
 
-    def __init__(self, device: torch.device, sequences: int, length: int):
+    def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.buffers = ([torch.empty(sequences, length, dtype=torch.long, pin_memory=True) for _ in range(2)]
-                        if self.cuda else [])
+        self.buffers: dict[tuple, torch.Tensor] = {}
         self.turn = 0
 
-    def after(self, out: torch.Tensor) -> Callable[[], list[list[int]]]:
+    def after(self, *tensors: torch.Tensor) -> Callable[[], list[list]]:
+        """How to read `tensors`' values as the round launched last leaves them (as lists)."""
         if not self.cuda:
-            values = out.tolist()
+            values = [tensor.tolist() for tensor in tensors]
             return lambda: values
-        buffer = self.buffers[self.turn][:len(out)]
+        copies = [self.host_buffer(tensor).copy_(tensor, non_blocking=True) for tensor in tensors]
         self.turn ^= 1
-        buffer.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
 
-        def read() -> list[list[int]]:
+        def read() -> list[list]:
             done.synchronize()
-            return buffer.tolist()
+            return [copy.tolist() for copy in copies]
         return read
+
+    def host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (self.turn, tuple(tensor.shape), tensor.dtype)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return self.buffers[key]
 
 
 @dataclass(eq=False)  # (a request is itself: two asking the same are two)
@@ -116,11 +121,12 @@ class BatchRequest:
 
 @dataclass
 class Launched:
-    """A round on its way: how to read its outcome, each request in it with the most tokens it can add, and
-    what auto learns from its time."""
-    read: Callable[[], list[list[int]]]
+    """A round on its way: how to read its outcome (and auto's probe values), each request in it with the
+    most tokens it can add, what auto learns from its time, and its probe."""
+    read: Callable[[], list[list]]
     members: dict[BatchRequest, int]
     timing: Timing | None
+    probe: Probe | None
     launched_at: float
 
 
@@ -148,7 +154,7 @@ class BatchRunner:
         self.pending: Launched | None = None
         self.rounds = 0  # launched
         self.run_ahead = engine.run_ahead
-        self.reader = OutcomeReader(self.ws.device, slots, self.ws.block + 1)
+        self.reader = OutcomeReader(self.ws.device)
         self.clock = StageClock(self.ws.device)
         self.read_at = time.perf_counter()
         engine.tickets += 1
@@ -244,18 +250,21 @@ class BatchRunner:
         self.clock.mark("round")
         launched_at = time.perf_counter()
         members = [Member(r.index, r.method, r.committed + self.unread(r)) for r in live]
-        tree, rows, timing = run_round(self.stages, count, members, self.clock)
+        launch = run_round(self.stages, count, members, self.clock)
         self.rounds += 1
-        return Launched(self.reader.after(tree.out[:count]),
-                        {request: min(self.ws.block, used) for request, used in zip(live, rows)},
-                        timing, launched_at)
+        probed = [launch.probe.values] if launch.probe is not None else []
+        return Launched(self.reader.after(launch.tree.out[:count], *probed),
+                        {request: min(self.ws.block, used) for request, used in zip(live, launch.rows)},
+                        launch.timing, launch.probe, launched_at)
 
     def read(self, launched: Launched) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """A round's outcome for each request still there: its tokens, streamed and checked for stops."""
-        outcomes = launched.read()
+        outcomes, *probed = launched.read()
         now = time.perf_counter()
         if launched.timing is not None:  # (the device ran it from its launch, or from the last read if later)
             launched.timing.observe(now - max(self.read_at, launched.launched_at))
+        if launched.probe is not None:
+            launched.probe.choose(probed[0])
         for request in launched.members:
             if request.left:  # (it finished in the round before; this one ran past its end)
                 continue

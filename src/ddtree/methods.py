@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .costs import AutoBudget, AutoBudgets, probe_above
 from .options import Decoding
 from .stages import Stage, Stages
@@ -120,10 +122,12 @@ def drafted_depths(budget: int, block: int, vocab: int) -> int:
 
 class AutoTree(DecodingMethod):
     """DDTree with `--budget auto`: probe rounds build a larger tree than the current choice (the largest
-    at first, then one size above), read the expected tokens of every size it holds and choose the size
-    with the most tokens per second; other rounds build the size chosen last (`costs.AutoBudget`). Every
-    size's tree is the first rows of the larger ones (nodes come best first), so a probe's tree holds the
-    chosen one, and its nodes' scores teach the acceptance model.
+    at first, then one size above) and the expected tokens of every size it holds, which the host reads
+    with the round's outcome and chooses from the size with the most tokens per second for the rounds
+    after; other rounds build the size chosen (`costs.AutoBudget`). Every size's tree is the first rows of
+    the larger ones (nodes come best first), so a probe round verifies the chosen size from its tree, and
+    its nodes' scores teach the acceptance model. Only the first round, with nothing chosen yet, waits for
+    its probe's choice.
 
     The sequences of a batch that use auto choose together, once a round: one size for all (the verify's
     cost follows its widest tree), the one with the most tokens per second summed over them, at the costs
@@ -142,26 +146,23 @@ class AutoTree(DecodingMethod):
         if whole and count > 1:
             return cls.build_shared(stages, count, members)
         ws, auto = stages.ws, members[0].method.autos.at(count)
-        sizes = auto.costs.sizes
-        yields = ws.auto_yields(len(sizes))  # (made here, not inside the probe's graph capture)
+        yields = ws.auto_yields(len(auto.costs.sizes))  # (made here, not inside the probe's graph capture)
         context = max(member.committed for member in members)
         indices = [None] if whole else [member.index for member in members]  # (None: every sequence at once)
         probed = auto.probe_size()
+        for index in indices:
+            stages.tree(count, index, "tree", ws.plan(probed or auto.current), scored=True,
+                        probe=probed is not None).run()
+        probe = None
         if probed is not None:
-            for index in indices:
-                stages.tree(count, index, "tree", ws.plan(probed), scored=True, probe=True).run()
-            read = yields[:count].tolist()  # (one host read for the batch)
-            size = auto.choose([sum(read[m.index][k] for m in members) for k in range(len(sizes))], context, probed)
+            probe = Probe(auto, yields[:count], [member.index for member in members], context, probed).deferred()
             used = ws.tree(count, ws.max_rows).used
-            for index in indices:  # the probe built more
-                (used if index is None else used[index]).fill_(size + 1)
-        else:
-            size = auto.current
-            for index in indices:
-                stages.tree(count, index, "tree", ws.plan(size), scored=True).run()
+            for index in indices:  # the probe built more than the round verifies
+                (used if index is None else used[index]).fill_(auto.current + 1)
+        size = auto.current
         for member in members:
             member.method.chosen.append(size)
-        return Built([size + 1] * len(members), Timing(auto, size, context, probed))
+        return Built([size + 1] * len(members), Timing(auto, size, context, probed), probe=probe)
 
     @classmethod
     def build_shared(cls, stages: Stages, count: int, members: list["Member"]) -> "Built":
@@ -170,22 +171,21 @@ class AutoTree(DecodingMethod):
         (`Stages.share`), and the verify runs the kept rows alone, packed. auto chooses the size from the
         expected tokens of the batch's best nodes (`Stages.pool`) and the costs at this batch size."""
         ws, auto = stages.ws, members[0].method.autos.at(count)
-        sizes = auto.costs.sizes
-        pooled = ws.pooled_yields(len(sizes))  # (made here, not inside a graph capture)
+        pooled = ws.pooled_yields(len(auto.costs.sizes))  # (made here, not inside a graph capture)
         context = max(member.committed for member in members)
-        probed = auto.probe_size()
+        probed, probe = auto.probe_size(), None
         if probed is not None:  # (the batch's expected tokens come from `pool`, not each tree's own)
             stages.tree(count, None, "tree", ws.plan(probed), scored=True).run()
             stages.pool(count).run()
-            size, built = auto.choose(pooled.tolist(), context, probed), probed  # (one host read)
+            probe, built = Probe(auto, pooled, None, context, probed).deferred(), probed
         else:
-            size = auto.current
-            built = probe_above(sizes, size)
+            built = probe_above(auto.costs.sizes, auto.current)
             stages.tree(count, None, "tree", ws.plan(built), scored=True).run()
+        size = auto.current
         stages.share(count, count * size).run()
         for member in members:
             member.method.chosen.append(size)
-        return Built([built + 1] * len(members), Timing(auto, size, context, probed), packed=count * (size + 1))
+        return Built([built + 1] * len(members), Timing(auto, size, context, probed), count * (size + 1), probe)
 
     def tree_stages(self, stages: Stages) -> list[Stage]:
         ws, sizes = stages.ws, self.autos.sizes
@@ -200,10 +200,38 @@ class AutoTree(DecodingMethod):
 @dataclass
 class Built:
     """A method's trees of a round: each member's rows (the most it may verify), what the round's wall time
-    teaches (auto), and the rows the verify packs the trees' used rows into (a shared budget), if it packs."""
+    teaches (auto), the rows the verify packs the trees' used rows into (a shared budget), if it packs, and
+    auto's probe, if the round probed."""
     rows: list[int]
     timing: "Timing | None" = None
     packed: int | None = None
+    probe: "Probe | None" = None
+
+
+@dataclass
+class Probe:
+    """A probe round's expected tokens at each candidate size, on the device until the host reads them with
+    the round's outcome, and how auto chooses from them: `values` [sequences, sizes] summed over the rows
+    of `members`, or [sizes] for the whole batch (a shared budget's pool)."""
+    auto: AutoBudget
+    values: torch.Tensor
+    members: list[int] | None
+    context: int
+    probed: int
+
+    def choose(self, values: list) -> int:
+        """The size for the rounds after, from the values read."""
+        if self.members is not None:
+            values = [sum(values[m][k] for m in self.members) for k in range(len(values[0]))]
+        return self.auto.choose(values, self.context, self.probed)
+
+    def deferred(self) -> "Probe | None":
+        """This probe, to be read with its round's outcome; or, with nothing chosen yet (the first round), None
+        once it has chosen from the values now (waiting for the device)."""
+        if self.auto.current is not None:
+            return self
+        self.choose(self.values.tolist())
+        return None
 
 
 @dataclass
@@ -228,11 +256,20 @@ class Member:
     committed: int
 
 
-def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple[TreeBuffers, list[int], Timing | None]:
+@dataclass
+class RoundLaunch:
+    """A launched round: the trees, whose `out` will hold each sequence's [count, tokens added...], each
+    member's rows, what the round's time teaches auto (when its trees set the verify's width), and auto's
+    probe, read with the outcome."""
+    tree: TreeBuffers
+    rows: list[int]
+    timing: Timing | None
+    probe: Probe | None
+
+
+def run_round(stages: Stages, count: int, members: list[Member], clock) -> RoundLaunch:
     """Launches one round over the first `count` sequences of the workspace: one draft for all, each
-    member's tree, one verify, one commit. `members` are the live sequences among them (every live one).
-    Returns the trees, whose `out` will hold each sequence's [count, tokens added...], each member's rows,
-    and what the round's time teaches auto (when its trees set the verify's width)."""
+    member's tree, one verify, one commit. `members` are the live sequences among them (every live one)."""
     ws = stages.ws
     drafting = [m for m in members if m.method.drafts and m.committed + ws.block + 1 <= ws.context_limit]
     if drafting:
@@ -240,13 +277,13 @@ def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple
         stages.draft(count, ws.draft_attend(max(m.committed for m in drafting)),
                      max(m.method.draft_depth for m in drafting), any(chains), not all(chains)).run()
         clock.mark("draft")
-    rows, timing, packed = {}, None, None
+    rows, timing, packed, probe = {}, None, None, None
     kinds = list(dict.fromkeys(type(m.method) for m in drafting))  # (each method once, in members' order)
     for kind in kinds:
         group = [m for m in drafting if type(m.method) is kind]
         built = kind.build_all(stages, count, group, whole=len(kinds) == 1)
         rows.update(zip((m.index for m in group), built.rows))
-        timing, packed = built.timing or timing, built.packed or packed
+        timing, packed, probe = built.timing or timing, built.packed or packed, built.probe or probe
     if not drafting:  # the bonus tokens alone, every sequence's at once
         stages.tree(count, None, "bonus").run()
     for member in members:
@@ -262,7 +299,7 @@ def run_round(stages: Stages, count: int, members: list[Member], clock) -> tuple
     clock.mark("commit")
     if timing is not None and packed is None and timing.size + 1 != widest:
         timing = None  # another member's tree set the round's cost
-    return tree, [rows[m.index] for m in members], timing
+    return RoundLaunch(tree, [rows[m.index] for m in members], timing, probe)
 
 
 def bonus_only(stages: Stages, count: int, member: Member) -> int:
