@@ -246,9 +246,27 @@ def test_the_workspace_shrinks_after_an_outlier(engine, monkeypatch):
     import ddtree.engine as engine_module
 
     monkeypatch.setitem(engine_module.SHRINK_FLOOR, "rows", 32)
+    monkeypatch.setattr(engine, "prepared", (0, 0))  # (an engine other tests prepared)
     engine.workspace = engine.stages = None
     reference = engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6).token_ids
     engine.generate([5, 6, 7], method="ddtree", budget=200, max_new_tokens=6)  # an outlier: 201 rows
     assert engine.workspace.max_rows > 200
     assert engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6).token_ids == reference
     assert engine.workspace.max_rows < 50  # made again at the request's size
+
+
+def test_a_prepared_workspace_is_kept_for_smaller_requests(engine, monkeypatch):
+    """What `prepare` made room for stays: methods run in turns (a bench of budgets 16 to 1024) keep their
+    graphs instead of remaking the workspace at every turn."""
+    import ddtree.engine as engine_module
+    from ddtree.options import Decoding
+
+    monkeypatch.setitem(engine_module.SHRINK_FLOOR, "rows", 32)
+    engine.workspace = engine.stages = None
+    monkeypatch.setattr(engine, "prepared", (0, 0))  # (an engine other tests prepared)
+    engine.prepare(Decoding(method="ddtree", budget=200), context=64)
+    kept = engine.workspace
+    assert kept.max_rows > 200
+    engine.prepare(Decoding(method="ddtree", budget=8), context=64)
+    engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6)
+    assert engine.workspace is kept

@@ -51,6 +51,7 @@ class Engine:
         self.stages: Stages | None = None
         self.acceptance: AcceptanceModel | None = None  # auto's, kept while graphs read it
         self.autos: AutoBudgets | None = None
+        self.prepared = (0, 0)  # the context and tree rows `prepare` made room for: never shrunk below
         self.tickets = 0  # generations started, numbered
         # Launch each round before reading the last one's outcome (`Generation.__iter__`): on a GPU the
         # host's work then overlaps the device's; on the CPU the host is the device, nothing overlaps.
@@ -61,9 +62,10 @@ class Engine:
     def workspace_for(self, context: int, rows: int, batch: int = 1) -> Workspace:
         """The persistent buffers for `batch` sequences, grown (and graphs recaptured) when requests need more
         room than they have, and made again at the request's size after an outlier left them far larger
-        than it needs."""
+        than it needs (what `prepare` made room for is kept: methods run in turns, as `bench` runs them, would
+        otherwise remake it, and recapture every graph, at each turn)."""
         old = self.workspace
-        shrink = old is not None and outgrown(old, context, rows)
+        shrink = old is not None and outgrown(old, max(context, self.prepared[0]), max(rows, self.prepared[1]))
         if old is None or not old.fits(context, rows, batch) or shrink:
             if old is not None:
                 batch = max(batch, old.batch)
@@ -261,6 +263,7 @@ class Engine:
         if decoding.budget == "auto":
             self.auto_budgets(batch)
         context = self.tokens_held(1, max(1, min(context, self.context_limit) - 1), method.block)
+        self.prepared = (max(self.prepared[0], context), max(self.prepared[1], method.rows))
         ws = self.workspace_for(context, method.rows, batch)
         if not self.graphs.enabled:
             return 0
