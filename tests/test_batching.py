@@ -28,7 +28,7 @@ def mixed_requests(engine, count: int, seed: int) -> tuple[list[list[int]], list
     """Prompts of mixed lengths, each with its own method, budget, length, temperature, seed and stop rule."""
     rng = random.Random(seed)
     prompts = random_prompts(count, engine.model.cfg.vocab_size, seed=seed, min_len=2, max_len=60)
-    decodings = [("ar", None), ("dflash", None), ("ddtree", 4), ("ddtree", 12), ("ddtree", 30)]
+    decodings = [("ar", None), ("dflash", None), ("ddtree", 4), ("ddtree", 12), ("ddtree", 30), ("ddtree", "auto")]
     options = []
     for i in range(count):
         method, budget = decodings[i % len(decodings)]
@@ -45,11 +45,13 @@ def solo(engine, prompts, options) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("slots", [1, 3, 8])
-def test_each_request_of_a_mixed_batch_equals_its_solo_run(engine, slots, monkeypatch):
-    """Mixed prompt lengths, methods, budgets, temperatures, seeds, stop strings and lengths; with fewer slots
-    than requests they join as others leave. A drafter that often knows the answer (the target's own greedy
-    continuation at rank 0 or 1) makes rounds accept several tokens, so paths move rows per sequence."""
-    prompts, options = mixed_requests(engine, 10, seed=slots)
+def test_each_request_of_a_mixed_batch_equals_its_solo_run(engine, slots, monkeypatch, tmp_path):
+    """Mixed prompt lengths, methods, budgets (auto's probes per sequence among the others), temperatures,
+    seeds, stop strings and lengths; with fewer slots than requests they join as others leave. A drafter that
+    often knows the answer (the target's own greedy continuation at rank 0 or 1) makes rounds accept several
+    tokens, so paths move rows per sequence. (The oracle reads prefixes at launch: rounds are not run ahead.)"""
+    monkeypatch.setenv("DDTREE_CACHE", str(tmp_path))  # (auto's calibration)
+    prompts, options = mixed_requests(engine, 12, seed=slots)
     references = [engine.generate(p, method="ar", max_new_tokens=48).token_ids for p in prompts]
     Oracle(oracle_continuation(prompts, references), rank=second_rank_every_fourth).install(monkeypatch)
     expected = solo(engine, prompts, options)
