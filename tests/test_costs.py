@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ddtree.calibration import CALIBRATION_VERSION
+from ddtree.calibration import CALIBRATION_VERSION, time_stage, warm_up
 from ddtree.cli import main
 from ddtree.costs import AcceptanceModel, AutoBudget, RoundCosts, interpolate
 
@@ -115,6 +115,19 @@ def test_measured_round_times_correct_the_calibration():
     # a probe round is compared with its prediction plus the probe's extra (0.5 ms here), not counted as slow
     auto.observe(15, 500, costs.predict(15, 500) + 0.0005, probed=31)
     assert auto.correction[15] == pytest.approx(1.0)
+
+
+def test_a_stage_is_timed_by_its_least_repeat_after_two_untimed_calls(monkeypatch):
+    """Interference only adds: three slow calls of five (a busy host, a GPU clocking up) do not make a size
+    look dear, which auto would then never run to correct."""
+    import ddtree.calibration as calibration
+
+    ticks = iter([0, 9, 9, 18, 18, 20, 20, 29, 29, 38, 38, 40, 40, 49])  # untimed 9 and 9; then 2, 9, 9, 2, 9
+    monkeypatch.setattr(calibration.time, "perf_counter", lambda: next(ticks))
+    assert time_stage(lambda: None, torch.device("cpu"), repeats=5) == 2
+    calls = []
+    warm_up(lambda: calls.append(1), torch.device("cpu"))
+    assert not calls  # (on the CPU nothing clocks down between stages)
 
 
 def test_interpolation_in_context():

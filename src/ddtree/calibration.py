@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -29,8 +28,12 @@ from .stages import Stages
 # Bumped when round costs change under the same device key (3: the tree kernel's warp count by tree size;
 # 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included;
 # 6: a probe at every size, and each size's tree stage alone; 7: costs per batch size; 8: a batch's costs
-# those of its shared budget; 9: a probe's expected tokens read after its round, not within it).
-CALIBRATION_VERSION = 9
+# those of its shared budget; 9: a probe's expected tokens read after its round, not within it; 10: the least
+# of the repeats, after the device is warmed up).
+CALIBRATION_VERSION = 10
+# Seconds of drafting before anything is timed: a GPU left idle (graph captures, loading) clocks down, and
+# the first sizes timed read several times their cost (15 ms for a 2 ms round, H100, `h100-rotation`).
+WARM_UP_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,10 @@ def pair_description(target_name: str, model_cfg, drafter_cfg, drafted_vocab: in
 
 
 def time_stage(run, device: torch.device, repeats: int) -> float:
-    """Median seconds of one call of `run`, after two untimed calls (the first also captures the graph
-    on CUDA; a new shape's first runs pay one-off costs, on the CPU up to a third more)."""
+    """The least seconds of one call of `run` over `repeats`, after two untimed calls (the first also captures
+    the graph on CUDA; a new shape's first runs pay one-off costs, on the CPU up to a third more). The least:
+    interference only adds, and decoding corrects each size's cost by what its rounds really take, but a
+    size calibrated too dear would never be run to be corrected."""
     runs = []
     for _ in range(repeats + 2):
         if device.type == "cuda":
@@ -79,7 +84,18 @@ def time_stage(run, device: torch.device, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         runs.append(time.perf_counter() - started)
-    return statistics.median(runs[2:])
+    return min(runs[2:])
+
+
+def warm_up(run, device: torch.device, seconds: float = WARM_UP_SECONDS) -> None:
+    """On CUDA, calls `run` for `seconds`, so that the GPU runs at its working clocks when timing starts."""
+    if device.type != "cuda":
+        return
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def calibration_contexts(device: torch.device, largest_rows: int, block: int, context_limit: int) -> list[int]:
@@ -105,6 +121,7 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
                 ws.load_prompt(prompt[:context], index)
                 stages.prefill(ws.prefill_rows(context), taps, index).run()
             draft = stages.draft(count, ws.draft_attend(context), draft_depth, chain=False, tree=True)
+            warm_up(draft.run, device)
             fixed.append(time_stage(draft.run, device, repeats))
             for size in sizes:
                 tree, build, probe, packed = auto_round(stages, sizes, size, count)
