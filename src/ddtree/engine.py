@@ -52,6 +52,7 @@ class Engine:
         self.acceptance: AcceptanceModel | None = None  # auto's, kept while graphs read it
         self.autos: AutoBudgets | None = None
         self.prepared = (0, 0)  # the context and tree rows `prepare` made room for: never shrunk below
+        self.outgrown_in_a_row = 0  # workspace requests in a row that needed far less than it holds
         self.tickets = 0  # generations started, numbered
         # Launch each round before reading the last one's outcome (`Generation.__iter__`): on a GPU the
         # host's work then overlaps the device's; on the CPU the host is the device, nothing overlaps.
@@ -61,11 +62,14 @@ class Engine:
 
     def workspace_for(self, context: int, rows: int, batch: int = 1) -> Workspace:
         """The persistent buffers for `batch` sequences, grown (and graphs recaptured) when requests need more
-        room than they have, and made again at the request's size after an outlier left them far larger
-        than it needs (what `prepare` made room for is kept: methods run in turns, as `bench` runs them, would
-        otherwise remake it, and recapture every graph, at each turn)."""
+        room than they have, and made again at the request's size once SHRINK_AFTER requests in a row needed
+        far less than an outlier left them (what `prepare` made room for is kept: methods run in turns, as
+        `bench` runs them, would otherwise remake it, and recapture every graph, at each turn; so would
+        traffic that mixes long prompts with short ones, without the requests in a row)."""
         old = self.workspace
-        shrink = old is not None and outgrown(old, max(context, self.prepared[0]), max(rows, self.prepared[1]))
+        smaller = old is not None and outgrown(old, max(context, self.prepared[0]), max(rows, self.prepared[1]))
+        self.outgrown_in_a_row = self.outgrown_in_a_row + 1 if smaller else 0
+        shrink = self.outgrown_in_a_row >= SHRINK_AFTER
         if old is None or not old.fits(context, rows, batch) or shrink:
             if old is not None:
                 batch = max(batch, old.batch)
@@ -73,6 +77,7 @@ class Engine:
                     context, rows = max(context, old.context), max(rows, old.max_rows)
                 old.owner = -1  # a runner still decoding there stops at its next round
             self.graphs.captured.clear()  # they point into the old buffers
+            self.outgrown_in_a_row = 0
             self.workspace = self.stages = None  # let the old buffers go before the new ones are allocated
             self.workspace = Workspace(self.model, self.drafter, self.taps, self.dtype, round_up(context, 1024), rows,
                                        self.context_limit, self.graphs.enabled, batch)
@@ -278,8 +283,9 @@ class Engine:
 
 
 # A workspace SHRINK_FACTOR times the context (or the rows) a request needs, and over SHRINK_FLOOR of it,
-# was made for an outlier (one long prompt, one huge tree): it is made again at the request's size.
-SHRINK_FACTOR, SHRINK_FLOOR = 4, {"context": 16384, "rows": 1024}
+# was made for an outlier (one long prompt, one huge tree): after SHRINK_AFTER such requests in a row it is
+# made again at the request's size.
+SHRINK_FACTOR, SHRINK_FLOOR, SHRINK_AFTER = 4, {"context": 16384, "rows": 1024}, 4
 
 
 def outgrown(workspace: Workspace, context: int, rows: int) -> bool:
