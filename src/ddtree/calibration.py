@@ -94,8 +94,7 @@ def warm_up(run, device: torch.device, seconds: float = WARM_UP_SECONDS) -> None
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
 
 
 def calibration_contexts(device: torch.device, largest_rows: int, block: int, context_limit: int) -> list[int]:
