@@ -276,3 +276,7 @@ def test_a_prepared_workspace_is_kept_for_smaller_requests(engine, monkeypatch):
     engine.prepare(Decoding(method="ddtree", budget=8), context=64)
     engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6)
     assert engine.workspace is kept
+    engine.generate([5, 6, 7], method="ddtree", budget=1000, max_new_tokens=6)  # an outlier past it
+    for _ in range(engine_module.SHRINK_AFTER):
+        engine.generate([5, 6, 7], method="ddtree", budget=8, max_new_tokens=6)
+    assert 200 < engine.workspace.max_rows < 1000  # made again, at the prepared size, not the request's

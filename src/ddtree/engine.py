@@ -67,14 +67,13 @@ class Engine:
         `bench` runs them, would otherwise remake it, and recapture every graph, at each turn; so would
         traffic that mixes long prompts with short ones, without the requests in a row)."""
         old = self.workspace
-        smaller = old is not None and outgrown(old, max(context, self.prepared[0]), max(rows, self.prepared[1]))
-        self.outgrown_in_a_row = self.outgrown_in_a_row + 1 if smaller else 0
+        kept = max(context, self.prepared[0]), max(rows, self.prepared[1])  # (what a shrink makes it again at)
+        self.outgrown_in_a_row = self.outgrown_in_a_row + 1 if old is not None and outgrown(old, *kept) else 0
         shrink = self.outgrown_in_a_row >= SHRINK_AFTER
         if old is None or not old.fits(context, rows, batch) or shrink:
             if old is not None:
                 batch = max(batch, old.batch)
-                if not shrink:
-                    context, rows = max(context, old.context), max(rows, old.max_rows)
+                context, rows = kept if shrink else (max(context, old.context), max(rows, old.max_rows))
                 old.owner = -1  # a runner still decoding there stops at its next round
             self.graphs.captured.clear()  # they point into the old buffers
             self.outgrown_in_a_row = 0
