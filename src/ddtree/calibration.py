@@ -29,12 +29,16 @@ from .stages import Stages
 # 4: the tighter frontier and the histogram top-k; 5: the stages timed are auto's own, scoring included;
 # 6: a probe at every size, and each size's tree stage alone; 7: costs per batch size; 8: a batch's costs
 # those of its shared budget; 9: a probe's expected tokens read after its round, not within it; 10: the least
-# of the repeats, after the device is warmed up).
-CALIBRATION_VERSION = 10
-# Seconds of drafting before anything is timed: a GPU left idle (graph captures, loading) clocks down, and
-# the first sizes timed read several times their cost (15 ms for a 2 ms round, H100, `h100-rotation`).
+# of the repeats, after the device is warmed up; 11: sizes timed dearer than a larger one timed again).
+CALIBRATION_VERSION = 11
+# Seconds of drafting before anything is timed: a GPU left idle (graph captures, loading) clocks down.
 WARM_UP_SECONDS = 0.5
-
+# A larger tree holds every smaller one, so a size timed this much dearer than a larger one was likely
+# disturbed (another process on the device): it is timed again, at most RETIMES more times. (On the CPU a
+# 4-row round can really cost a tenth more than a 16-row one.) Still BUSY times dearer, the user is warned.
+DISTURBED = 1.15
+RETIMES = 2
+BUSY = 1.5
 
 @dataclass(frozen=True)
 class CalibrationKey:
@@ -122,18 +126,55 @@ def calibrate(stages: Stages, sizes: list[int], contexts: list[int], taps: tuple
             draft = stages.draft(count, ws.draft_attend(context), draft_depth, chain=False, tree=True)
             warm_up(draft.run, device)
             fixed.append(time_stage(draft.run, device, repeats))
+            measured = time_sizes(stages, sizes, context, taps, count, repeats, bar)
             for size in sizes:
-                tree, build, probe, packed = auto_round(stages, sizes, size, count)
-                tables["probe"][size].append(time_stage(probe, device, repeats))
-                built = time_stage(build, device, repeats)  # (before the verify: it sets the rows the verify packs)
-                verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps, packed).run, device, repeats)
-                tables["tree"][size].append(built)
-                tables["per_size"][size].append(built + verify + commit_seconds(stages, tree, repeats))
-                bar.update(1)
+                for name, seconds in zip(("probe", "tree", "per_size"), measured[size]):
+                    tables[name][size].append(seconds)
     bar.close()
     for index in range(count):
         ws.free(index)
     return RoundCosts(sizes, contexts, fixed, tables["per_size"], tables["tree"], tables["probe"])
+
+
+def time_sizes(stages: Stages, sizes: list[int], context: int, taps: tuple[int, ...], count: int, repeats: int,
+               bar: tqdm) -> dict[int, tuple[float, float, float]]:
+    """Each size's probe, tree stage and whole round at `context`, the sizes that read dearer than a larger
+    one timed again (the least of each kept); a warning if some still read far dearer."""
+    measured: dict[int, tuple[float, float, float]] = {}
+    pending = sizes
+    for attempt in range(1 + RETIMES):
+        if attempt:
+            bar.total += len(pending)
+        for size in pending:
+            times = time_size(stages, sizes, size, context, taps, count, repeats)
+            measured[size] = tuple(map(min, zip(measured[size], times))) if size in measured else times
+            bar.update(1)
+        rounds = {size: times[2] for size, times in measured.items()}
+        pending = disturbed(rounds, DISTURBED)
+        if not pending:
+            return measured
+    if busy := disturbed(rounds, BUSY):
+        print(f"ddtree: warning: calibrating at context {context}, rounds of {', '.join(map(str, busy))} nodes still "
+              "read far dearer than larger ones when timed again: the device looks busy, and auto's choices may be "
+              "off. Calibrate again when it is idle: ddtree profile --calibrate", file=sys.stderr)
+    return measured
+
+
+def disturbed(rounds: dict[int, float], factor: float) -> list[int]:
+    """The sizes whose round reads more than `factor` times a larger size's."""
+    sizes = sorted(rounds)
+    return [size for k, size in enumerate(sizes[:-1]) if rounds[size] > factor * min(rounds[s] for s in sizes[k + 1:])]
+
+
+def time_size(stages: Stages, sizes: list[int], size: int, context: int, taps: tuple[int, ...], count: int,
+              repeats: int) -> tuple[float, float, float]:
+    """Seconds of a size's probe, of its tree stage, and of its whole round (tree, verify, commit, host read)."""
+    ws, device = stages.ws, stages.ws.device
+    tree, build, probe, packed = auto_round(stages, sizes, size, count)
+    probed = time_stage(probe, device, repeats)
+    built = time_stage(build, device, repeats)  # (before the verify: it sets the rows the verify packs)
+    verify = time_stage(stages.verify(tree, ws.attend(context + tree.rows), taps, packed).run, device, repeats)
+    return probed, built, built + verify + commit_seconds(stages, tree, repeats)
 
 
 def auto_round(stages: Stages, sizes: list[int], size: int, count: int):
