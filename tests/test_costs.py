@@ -11,7 +11,7 @@ import torch
 
 from ddtree.calibration import CALIBRATION_VERSION, disturbed, time_stage, warm_up
 from ddtree.cli import main
-from ddtree.costs import AcceptanceModel, AutoBudget, RoundCosts, interpolate
+from ddtree.costs import EXPLORED, AcceptanceModel, AutoBudget, RoundCosts, interpolate
 
 TARGET = "llama"
 
@@ -115,6 +115,34 @@ def test_measured_round_times_correct_the_calibration():
     # a probe round is compared with its prediction plus the probe's extra (0.5 ms here), not counted as slow
     auto.observe(15, 500, costs.predict(15, 500) + 0.0005, probed=31)
     assert auto.correction[15] == pytest.approx(1.0)
+
+
+def test_a_size_calibrated_too_dear_is_tried_measured_and_then_chosen():
+    """15 nodes calibrated at three times their real cost (the calibration ran beside another process): auto
+    verifies each neighbour of its choice for a few rounds, learns what they really cost, and moves to 15."""
+    calibrated = synthetic({7: 5, 15: 18, 31: 8, 63: 14})  # with the drafter's 10 ms: 15, 28, 18, 24 ms
+    real = {7: 15.0, 15: 16.0, 31: 18.0, 63: 24.0}
+    yields = [2.0, 2.7, 2.9, 3.0]  # tokens per real ms: 0.133, 0.169, 0.161, 0.125
+    auto, verified = chooser(calibrated), []
+    for _ in range(200):
+        probed, size = auto.probe_size(), auto.round_size()
+        if probed is not None:
+            auto.choose(yields, 500, probed)
+            size = size or auto.current
+        verified.append(size)
+        auto.observe(size, 500, real[size] / 1000 + (calibrated.probe_extra(probed, size, 500) if probed else 0),
+                     probed)
+    assert auto.current == 15 and auto.correction[15] == pytest.approx(16 / 28, rel=0.01)
+    assert set(verified[-100:]) == {15}  # explored, then settled
+    assert verified.count(63) <= EXPLORED and verified.count(7) <= EXPLORED
+
+
+def test_the_first_rounds_of_a_size_set_its_correction_by_their_mean():
+    auto = chooser(synthetic({7: 5, 15: 6}))
+    predicted = auto.costs.predict(7, 500)
+    for ratio in (0.5, 0.7):
+        auto.observe(7, 500, ratio * predicted, probed=None)
+    assert auto.correction[7] == pytest.approx(0.6) and auto.runs == {7: 2, 15: 0}
 
 
 def test_a_stage_is_timed_by_its_least_repeat_after_two_untimed_calls(monkeypatch):
@@ -245,6 +273,7 @@ def test_a_probe_round_verifies_the_current_choice_and_its_values_choose_for_the
     monkeypatch.setattr(engine, "run_ahead", ahead)
     engine.use_costs({1: synthetic({3: 5, 7: 5, 15: 6, 31: 6, 63: 7}, probe_ms=0.55)}, fresh=True)
     auto, log = engine.autos.at(1), []
+    auto.runs = dict.fromkeys(auto.runs, EXPLORED)  # (no size beside the choice left to time)
     probe_size, choose = auto.probe_size, auto.choose
 
     def logged_probe_size():
@@ -266,6 +295,23 @@ def test_a_probe_round_verifies_the_current_choice_and_its_values_choose_for_the
     launched_before_read = [entry for entry in followers if entry[0] == "probe"]
     assert all(entry[2] is None for entry in launched_before_read)
     assert bool(launched_before_read) == ahead
+
+
+@pytest.mark.parametrize("timed", [False, True])
+def test_auto_verifies_the_sizes_beside_its_choice_and_stays_lossless(engine, timed):
+    """15 nodes calibrated far cheaper than the rest: auto's first choice. It then verifies 7 nodes in some
+    rounds to time them (and moves there: they cost as little here); with every size timed already
+    (`timed`), each round verifies 15. The output is `ar`'s either way."""
+    from conftest import random_prompts
+
+    engine.use_costs({1: synthetic({3: 90, 7: 90, 15: 1, 31: 90, 63: 90}, probe_ms=0.55)}, fresh=True)
+    if timed:
+        engine.autos.at(1).runs = dict.fromkeys(engine.autos.sizes, EXPLORED)
+    prompt = random_prompts(1, engine.model.cfg.vocab_size, seed=5, min_len=5, max_len=20)[0]
+    result = engine.generate(prompt, method="ddtree", budget="auto", max_new_tokens=60)
+    assert result.token_ids == engine.generate(prompt, method="ar", max_new_tokens=60).token_ids
+    assert result.chosen_budgets[0] == 15
+    assert (set(result.chosen_budgets) == {15}) == timed and (7 in result.chosen_budgets) != timed
 
 
 def test_generate_json_and_profile_calibrate(engine, capsys, model_dirs, tmp_path):

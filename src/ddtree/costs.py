@@ -18,7 +18,8 @@ extra cost to 1% of the decoding time), and between probes rounds build and veri
 Costs come from a calibration stored per device and model pair: each stage of a round timed at a
 few context lengths, every candidate size measured (the sizes are graph shapes and the cost is a
 step function of n: measured, not fitted). Decoding then corrects each size's cost by the wall time
-its rounds really take (the calibration times stages alone, on a quiet machine).
+its rounds really take (the calibration times stages alone, on a quiet machine), and the sizes beside
+the choice each verify a few rounds, so that a size calibrated too dear is measured rather than never run.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ MAX_PROBE_INTERVAL = 32
 SCORE_EDGES = tuple(x / 4 for x in range(-48, 1))
 PRIOR_NODES = 4.0  # each bin starts as if this many nodes had been accepted at the drafter's own probability
 DECAY = 0.99  # per round: what was learned 100 rounds ago weighs a third as much
-CORRECTION_RATE = 0.1  # how far one measured round moves its size's cost correction
+CORRECTION_RATE = 0.1  # how far one measured round moves its size's cost correction (the mean of fewer rounds)
+EXPLORED = 3  # rounds each neighbour of the choice runs once chosen beside, so its cost is measured, not assumed
 OUTLIER = 3.0  # a round this many times its predicted cost (a graph capture, a pause) is not learned from
 
 
@@ -181,8 +183,10 @@ class AutoBudget:
         self.current: int | None = None  # the size chosen at the last probe
         self.until_probe = 0
         self.unread = False  # a probe was launched and its expected tokens are not read yet
-        # measured ÷ calibrated round time per size, learned from the rounds run
+        # measured ÷ calibrated round time per size, learned from the rounds run, and how many rounds that is
         self.correction = dict.fromkeys(costs.sizes, 1.0)
+        self.runs = dict.fromkeys(costs.sizes, 0)
+        self.trying: int | None = None  # a neighbour of the choice, to verify for one round and time
 
     @property
     def largest(self) -> int:
@@ -208,10 +212,23 @@ class AutoBudget:
         `yields[k]` is the expected tokens at sizes[k]."""
         self.unread = False
         seen = [k for k, size in enumerate(self.costs.sizes) if size <= probed]
-        self.current = self.costs.sizes[max(seen, key=lambda k: yields[k] / self.round_cost(self.costs.sizes[k], context))]
+        best = max(seen, key=lambda k: yields[k] / self.round_cost(self.costs.sizes[k], context))
+        self.current = self.costs.sizes[best]
+        self.trying = next((self.costs.sizes[k] for k in (best - 1, best + 1)
+                            if k in seen and self.runs[self.costs.sizes[k]] < EXPLORED), None)
         above = probe_above(self.costs.sizes, self.current)
         self.until_probe = probe_interval(self.costs, above, self.current, context, self.correction[self.current]) - 1
         return self.current
+
+    def round_size(self) -> int | None:
+        """The size this round verifies: the choice (None before the first); or, in the round after a choice,
+        a neighbour of it that has run fewer than EXPLORED rounds (a probe holds it: it is at most one size
+        above). A size calibrated too dear (while the device was busy) would otherwise never run, and its
+        cost never be corrected."""
+        if self.trying is None:
+            return self.current
+        size, self.trying = self.trying, None
+        return size
 
     def round_cost(self, size: int, context: int) -> float:
         """Seconds a round of `size` nodes is expected to take: the calibration, times what rounds of that
@@ -229,7 +246,8 @@ class AutoBudget:
         ratio = seconds / predicted
         if ratio >= OUTLIER:
             return
-        self.correction[size] += CORRECTION_RATE * (ratio - self.correction[size])
+        self.runs[size] += 1
+        self.correction[size] += max(CORRECTION_RATE, 1 / self.runs[size]) * (ratio - self.correction[size])
 
 
 class AutoBudgets:

@@ -124,10 +124,10 @@ class AutoTree(DecodingMethod):
     """DDTree with `--budget auto`: probe rounds build a larger tree than the current choice (the largest
     at first, then one size above) and the expected tokens of every size it holds, which the host reads
     with the round's outcome and chooses from the size with the most tokens per second for the rounds
-    after; other rounds build the size chosen (`costs.AutoBudget`). Every size's tree is the first rows of
-    the larger ones (nodes come best first), so a probe round verifies the chosen size from its tree, and
-    its nodes' scores teach the acceptance model. Only the first round, with nothing chosen yet, waits for
-    its probe's choice.
+    after; other rounds build the size chosen, or now and then a size beside it, to time it
+    (`costs.AutoBudget`). Every size's tree is the first rows of the larger ones (nodes come best first),
+    so a probe round verifies the chosen size from its tree, and its nodes' scores teach the acceptance
+    model. Only the first round, with nothing chosen yet, waits for its probe's choice.
 
     The sequences of a batch that use auto choose together, once a round: one size for all (the verify's
     cost follows its widest tree), the one with the most tokens per second summed over them, at the costs
@@ -149,17 +149,16 @@ class AutoTree(DecodingMethod):
         yields = ws.auto_yields(len(auto.costs.sizes))  # (made here, not inside the probe's graph capture)
         context = max(member.committed for member in members)
         indices = [None] if whole else [member.index for member in members]  # (None: every sequence at once)
-        probed = auto.probe_size()
+        probed, size = auto.probe_size(), auto.round_size()
         for index in indices:
-            stages.tree(count, index, "tree", ws.plan(probed or auto.current), scored=True,
-                        probe=probed is not None).run()
+            stages.tree(count, index, "tree", ws.plan(probed or size), scored=True, probe=probed is not None).run()
         probe = None
         if probed is not None:
             probe = Probe(auto, yields[:count], [member.index for member in members], context, probed).deferred()
+            size = size or auto.current  # (the first round's probe has just chosen it)
             used = ws.tree(count, ws.max_rows).used
             for index in indices:  # the probe built more than the round verifies
-                (used if index is None else used[index]).fill_(auto.current + 1)
-        size = auto.current
+                (used if index is None else used[index]).fill_(size + 1)
         for member in members:
             member.method.chosen.append(size)
         return Built([size + 1] * len(members), Timing(auto, size, context, probed), probe=probe)
@@ -173,15 +172,15 @@ class AutoTree(DecodingMethod):
         ws, auto = stages.ws, members[0].method.autos.at(count)
         pooled = ws.pooled_yields(len(auto.costs.sizes))  # (made here, not inside a graph capture)
         context = max(member.committed for member in members)
-        probed, probe = auto.probe_size(), None
+        probed, size, probe = auto.probe_size(), auto.round_size(), None
         if probed is not None:  # (the batch's expected tokens come from `pool`, not each tree's own)
             stages.tree(count, None, "tree", ws.plan(probed), scored=True).run()
             stages.pool(count).run()
             probe, built = Probe(auto, pooled, None, context, probed).deferred(), probed
+            size = size or auto.current
         else:
-            built = probe_above(auto.costs.sizes, auto.current)
+            built = probe_above(auto.costs.sizes, size)
             stages.tree(count, None, "tree", ws.plan(built), scored=True).run()
-        size = auto.current
         stages.share(count, count * size).run()
         for member in members:
             member.method.chosen.append(size)
