@@ -164,8 +164,9 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
     functions for the target's layers (4 here) and two for the drafter's, each compiled at most three
     times with a cache (the first row count, then any, and one row, which the compiler always
     specialises) and twice without one (the benchmark's margin forwards), whatever the prompt lengths
-    and tree sizes; and the sampling noise, compiled too, draws what the eager one draws. (The
-    compiler's default limit is eight variants a function, past which a compiled forward fails.)"""
+    and tree sizes; the commit's path search (two graphs); and the sampling noise, compiled too, draws
+    what the eager one draws. (The compiler's default limit is eight variants a function, past which a
+    compiled forward fails.)"""
     import torch._dynamo
 
     from conftest import random_prompts
@@ -187,7 +188,7 @@ def test_compiled_layers_decode_as_the_eager_ones_and_share_their_code(model_dir
             assert (compiled.generate(prompt, method=method, budget=budget, max_new_tokens=10).token_ids
                     == plain.generate(prompt, method=method, budget=budget, max_new_tokens=10).token_ids)
         assert logit_margin(compiled, prompt) == pytest.approx(logit_margin(plain, prompt), abs=1e-4)
-    assert 5 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 18
+    assert 5 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 20
     for model, names in ((compiled.model, ("project", "finish", "finish_and_project")),
                          (compiled.drafter, ("project", "finish"))):
         for name in names:  # one compiled function, shared by the layers

@@ -65,6 +65,8 @@ class Stages:
                  acceptance: AcceptanceModel | None = None):
         self.model, self.drafter, self.ws, self.graphs = model, drafter, workspace, graphs
         self.position_noise, self.acceptance = position_noise, acceptance
+        # (compiled with the layers: its dozen small operations fused into a few kernels)
+        self.accept = torch.compile(accepted_paths, dynamic=True) if model.compiled else accepted_paths
 
     def prefill(self, rows: int, taps: tuple[int, ...], index: int = 0) -> Stage:
         """The prompt's first `rows` slots (padding included) through the target into sequence `index`'s
@@ -272,14 +274,8 @@ class Stages:
             self.advance(seqs, tree, tree.choices[:, :1], seqs.live.long(), features)
             return
         rows = tree.path_rows
-        matches = (tree.ids == tree.choices.gather(1, tree.parents)) | (steps[:tree.rows] == 0)
-        inside = steps[:tree.rows] < tree.used[:, None]
-        accepted = ~(tree.mask & ~matches[:, None, :]).any(dim=2) & inside  # every ancestor matches
-        count_accepted = accepted.sum(dim=1) * seqs.live
-        # path[b, d] = sequence b's accepted node at depth d; past the path's end, d itself (rows stay put)
-        path = steps[:rows + 1].repeat(count, 1)
-        path.scatter_(1, torch.where(accepted, tree.depths, rows), steps[:tree.rows].expand(count, -1))
-        path = path[:, :rows]
+        accepted, inside, count_accepted, path = self.accept(tree.ids, tree.choices, tree.parents, tree.mask, tree.used,
+                                                             tree.depths, seqs.live, steps[:rows + 1], steps[:tree.rows])
         seqs.cache.move_rows(seqs.committed[:, None] + path, seqs.committed[:, None] + steps[:rows])
         if learn:
             self.acceptance.learn(tree.scores, accepted[:, 1:], (inside & tree.learns[:, None])[:, 1:])
@@ -300,6 +296,23 @@ class Stages:
         seqs.committed.add_(count)
         tree.out[:, 0] = count
         tree.out[:, 1:1 + emitted.shape[1]] = emitted
+
+
+def accepted_paths(ids: torch.Tensor, choices: torch.Tensor, parents: torch.Tensor, mask: torch.Tensor,
+                   used: torch.Tensor, depths: torch.Tensor, live: torch.Tensor, depth_steps: torch.Tensor,
+                   row_steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per sequence, the nodes on the longest root path whose every token is the target's choice at its parent
+    (`accepted`), the rows its tree uses (`inside`), how many (0 for a free slot), and `path[b, d]`: the
+    accepted node at depth d, and past the path's end d itself (rows stay put). `*_steps`: 0, 1, ... of the
+    path's length plus one and of the tree's rows."""
+    matches = (ids == choices.gather(1, parents)) | (row_steps == 0)
+    inside = row_steps < used[:, None]
+    accepted = ~(mask & ~matches[:, None, :]).any(dim=2) & inside  # every ancestor matches
+    count = accepted.sum(dim=1) * live
+    rows = depth_steps.shape[0] - 1
+    path = depth_steps.repeat(ids.shape[0], 1)
+    path.scatter_(1, torch.where(accepted, depths, rows), row_steps.expand(ids.shape[0], -1))
+    return accepted, inside, count, path[:, :rows]
 
 
 def prefill_chunks(rows: int) -> list[tuple[int, int]]:
