@@ -40,6 +40,7 @@ DISTURBED = 1.15
 RETIMES = 2
 BUSY = 1.5
 
+
 @dataclass(frozen=True)
 class CalibrationKey:
     """What round costs depend on: the device and how the engine runs on it, and the models' shapes."""

@@ -114,7 +114,7 @@ SCORE_EDGES = tuple(x / 4 for x in range(-48, 1))
 PRIOR_NODES = 4.0  # each bin starts as if this many nodes had been accepted at the drafter's own probability
 DECAY = 0.99  # per round: what was learned 100 rounds ago weighs a third as much
 CORRECTION_RATE = 0.1  # how far one measured round moves its size's cost correction (the mean of fewer rounds)
-EXPLORED = 3  # rounds each neighbour of the choice runs once chosen beside, so its cost is measured, not assumed
+EXPLORED = 3  # rounds each size beside the choice verifies, so that its cost is measured, not assumed
 OUTLIER = 3.0  # a round this many times its predicted cost (a graph capture, a pause) is not learned from
 
 

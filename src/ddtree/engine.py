@@ -26,7 +26,7 @@ from .methods import DecodingMethod, decoding_method, drafted_depths
 from .model import compile_mode
 from .options import Decoding, GenerationOptions
 from .results import GenerationResult
-from .sampling import SamplingParams, position_noise
+from .sampling import SamplingParams
 from .stages import Stage, Stages
 from .workspace import Graphs, Workspace, buckets, round_up, tree_kernel_for
 
@@ -45,8 +45,6 @@ class Engine:
             self.context_limit = min(self.context_limit, drafter.cfg.max_positions - drafter.cfg.block_size)
             self.taps, self.block = tuple(drafter.cfg.target_layer_ids), drafter.cfg.block_size
         self.graphs = Graphs(device, cuda_graphs)
-        # sampling noise inside the verify stage: some twenty elementwise operations, fused when compiling
-        self.position_noise = torch.compile(position_noise) if self.model.compiled else position_noise
         self.workspace: Workspace | None = None
         self.stages: Stages | None = None
         self.acceptance: AcceptanceModel | None = None  # auto's, kept while graphs read it
@@ -80,8 +78,7 @@ class Engine:
             self.workspace = self.stages = None  # let the old buffers go before the new ones are allocated
             self.workspace = Workspace(self.model, self.drafter, self.taps, self.dtype, round_up(context, 1024), rows,
                                        self.context_limit, self.graphs.enabled, batch)
-            self.stages = Stages(self.model, self.drafter, self.workspace, self.graphs, self.position_noise,
-                                 self.acceptance)
+            self.stages = Stages(self.model, self.drafter, self.workspace, self.graphs, self.acceptance)
         return self.workspace
 
     def tokens_held(self, prompt_tokens: int, new_tokens: int, block: int) -> int:

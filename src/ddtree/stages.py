@@ -21,7 +21,7 @@ import torch
 
 from .costs import AcceptanceModel
 from .model import Packing, causal_mask, sequence_index
-from .sampling import choose_tokens
+from .sampling import choose_tokens, position_noise
 from .tree import FrontierPlan, ancestor_mask, best_first_nodes
 from .workspace import PREFILL_STEP, Graphs, Sequences, TreeBuffers, Workspace
 
@@ -61,11 +61,11 @@ class Stages:
     sequences (a batch size the caller picks); a prefill, and the drafter's first look at a prompt, run
     for one sequence (`index`) between rounds."""
 
-    def __init__(self, model, drafter, workspace: Workspace, graphs: Graphs, position_noise,
-                 acceptance: AcceptanceModel | None = None):
-        self.model, self.drafter, self.ws, self.graphs = model, drafter, workspace, graphs
-        self.position_noise, self.acceptance = position_noise, acceptance
-        # (compiled with the layers: its dozen small operations fused into a few kernels)
+    def __init__(self, model, drafter, workspace: Workspace, graphs: Graphs, acceptance: AcceptanceModel | None = None):
+        self.model, self.drafter, self.ws, self.graphs, self.acceptance = model, drafter, workspace, graphs, acceptance
+        # compiled with the layers: the sampling noise's twenty elementwise operations and the commit's path
+        # search's dozen, each fused into a few kernels
+        self.position_noise = torch.compile(position_noise) if model.compiled else position_noise
         self.accept = torch.compile(accepted_paths, dynamic=True) if model.compiled else accepted_paths
 
     def prefill(self, rows: int, taps: tuple[int, ...], index: int = 0) -> Stage:
