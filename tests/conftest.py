@@ -223,9 +223,10 @@ class Oracle:
         real_draft, real_launch = Stages.run_draft, BatchRunner.launch
         oracle, current = self, {}
 
-        def launch(runner):  # the requests whose round drafts next, each in its slot
-            current["prefixes"] = {r.index: list(r.ids) + list(r.stopper.tokens) for r in runner.live()}
-            return real_launch(runner)
+        def launch(runner, **options):  # the requests whose round drafts next, each in its slot (a first token unread yet included)
+            current["prefixes"] = {r.index: list(r.ids) + (r.first() if r.first else []) + list(r.stopper.tokens)
+                                   for r in runner.live()}
+            return real_launch(runner, **options)
 
         def draft(stages, *args):
             real_draft(stages, *args)

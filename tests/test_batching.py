@@ -165,6 +165,26 @@ def test_a_request_at_the_context_limit_finishes_by_length(make_engine):
     assert results[1].token_ids == engine.generate([3, 4, 5], method="ddtree", budget=12, max_new_tokens=50).token_ids
 
 
+def test_requests_ending_at_their_first_token_join_and_leave_among_longer_ones(engine, monkeypatch):
+    """A joining request's first token is read after the next round is launched (with it, as on a GPU, where
+    rounds run ahead): one that ends there (one token asked, its first token a stop string, a prompt one
+    token short of the context) gives just that token, and the others are untouched by the round that ran
+    past its end."""
+    monkeypatch.setattr(engine, "run_ahead", True)
+    limit = engine.context_limit
+    prompts = random_prompts(6, engine.model.cfg.vocab_size, seed=5, min_len=3, max_len=30)
+    prompts[4] = [i % engine.model.cfg.vocab_size for i in range(1, limit)]
+    first = engine.generate(prompts[3], method="ar", max_new_tokens=1).token_ids
+    options = [GenerationOptions.of(method=method, budget=budget, max_new_tokens=n, stop=stop) for method, budget, n, stop in (
+        ("ddtree", 12, 30, []), ("ar", None, 1, []), ("dflash", None, 25, []),
+        ("ddtree", 12, 20, [engine.tokenizer.decode(first)]), ("ddtree", 12, 9, []), ("ar", None, 1, []))]
+    expected = solo(engine, prompts, options)
+    results = engine.generate_batch(prompts, options, slots=2)
+    assert [r.token_ids for r in results] == expected
+    assert [len(results[i].token_ids) for i in (1, 4, 5)] == [1, 1, 1]
+    assert [results[i].finish_reason for i in (1, 3, 4, 5)] == ["length", "stop", "length", "length"]
+
+
 def test_batch_sizes_are_powers_of_two_up_to_the_slots():
     assert [batch_size(used, 8) for used in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert batch_size(5, 6) == 6

@@ -74,15 +74,32 @@ class OutcomeReader:
         if not self.cuda:
             values = [tensor.tolist() for tensor in tensors]
             return lambda: values
-        copies = [self.host_buffer(tensor).copy_(tensor, non_blocking=True) for tensor in tensors]
+        copies = [self.host_buffer(tensor) for tensor in tensors]
         self.turn ^= 1
-        done = torch.cuda.Event()
-        done.record()
+        return copied(copies, tensors)
 
-        def read() -> list[list]:
-            done.synchronize()
-            return [copy.tolist() for copy in copies]
-        return read
+    def alone(self, tensor: torch.Tensor) -> Callable[[], list]:
+        """How to read `tensor`'s values as the work launched so far leaves them, into a host buffer of its
+        own (a joining request's first token: several may join before any is read)."""
+        if not self.cuda:
+            values = tensor.tolist()
+            return lambda: values
+        read = copied([torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)], [tensor])
+        return lambda: read()[0]
+
+
+def copied(copies: list[torch.Tensor], tensors) -> Callable[[], list[list]]:
+    """`tensors` copied into the pinned `copies` behind the work launched so far; the returned function waits
+    for that work alone and reads them."""
+    for copy, tensor in zip(copies, tensors):
+        copy.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read() -> list[list]:
+        done.synchronize()
+        return [copy.tolist() for copy in copies]
+    return read
 
     def host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
         key = (self.turn, tuple(tensor.shape), tensor.dtype)
@@ -102,6 +119,7 @@ class BatchRequest:
     committed: int = 0  # tokens in its cache once every launched round is read
     left: bool = False  # finished or cancelled: no more chunks
     started: float = 0.0  # when it joined
+    first: Callable[[], list] | None = None  # how to read its first token, until it is read
     first_token_seconds: float = 0.0
     seconds: float = 0.0  # from joining to leaving
     chunks: list[StreamChunk] = field(default_factory=list)
@@ -202,34 +220,51 @@ class BatchRunner:
         with torch.inference_mode():
             if not self.owns:
                 raise DDTreeError("another generation started on this engine; finish one stream before the next")
-            yield from self.admit()
+            joined = self.admit()
             launched = None
             if any(self.slots) and (self.pending is None or self.may_run_ahead()):
                 if self.pending is None:  # counts are exact: who has no room left for a round finishes
                     for request in self.live():
                         if request.committed + 2 > self.ws.context_limit:
-                            yield from self.emit(request, request.stopper.finish("length"))
+                            yield from self.greet(request)
+                            if not request.left:
+                                yield from self.emit(request, request.stopper.finish("length"))
                 if any(self.slots):
-                    launched = self.launch()
+                    launched = self.launch(timed=not joined)
+            for request in self.live():  # (after the launch: the device runs the round while the host waits here)
+                yield from self.greet(request)
             if self.pending is not None:
                 yield from self.read(self.pending)
             self.pending = launched
 
-    def admit(self) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+    def admit(self) -> int:
         """Waiting requests into free slots (the lowest first, which keeps rounds' batches small). A round in
-        flight still computes for a slot it found free; the prefill runs after it on the device."""
+        flight still computes for a slot it found free; the prefill runs after it on the device, and its
+        first token is read after the next launch (`greet`), so the device never waits for the host here.
+        Returns how many joined."""
+        joined = 0
         while self.waiting and None in self.slots:
             request = self.waiting.popleft()
             request.index = self.slots.index(None)
             request.started = time.perf_counter()
             self.slots[request.index] = request
             self.clock.mark("round")
-            first = join(self.stages, request.index, request.ids, request.method, request.options.sampling,
-                         request_seed(request.options))
+            join(self.stages, request.index, request.ids, request.method, request.options.sampling,
+                 request_seed(request.options))
             self.clock.mark("prefill")
             request.committed = len(request.ids)
-            request.first_token_seconds = time.perf_counter() - request.started
-            yield from self.emit(request, request.stopper.push([first]))
+            request.first = self.reader.alone(self.ws.bonus[request.index:request.index + 1])
+            joined += 1
+        return joined
+
+    def greet(self, request: BatchRequest) -> Iterator[tuple[BatchRequest, StreamChunk]]:
+        """A joined request's first token, once (a round launched with it before then computed past its end
+        if that token ends it: its outcome is discarded as a run-ahead one is)."""
+        if request.first is None:
+            return
+        first, request.first = request.first(), None
+        request.first_token_seconds = time.perf_counter() - request.started
+        yield from self.emit(request, request.stopper.push(first))
 
     def unread(self, request: BatchRequest) -> int:
         """The most tokens the round in flight may still add to the request."""
@@ -243,8 +278,9 @@ class BatchRunner:
             and request.committed + self.unread(request) + request.method.block + 2 <= self.ws.context_limit
             for request in self.live())
 
-    def launch(self) -> Launched:
-        """Starts one round over every live request."""
+    def launch(self, timed: bool = True) -> Launched:
+        """Starts one round over every live request; `timed`: its wall time is the round's alone (no prefill
+        queued before it), so auto may learn from it."""
         live = self.live()
         count = batch_size(max(request.index for request in live) + 1, len(self.slots))
         self.clock.mark("round")
@@ -255,7 +291,7 @@ class BatchRunner:
         probed = [launch.probe.values] if launch.probe is not None else []
         return Launched(self.reader.after(launch.tree.out[:count], *probed),
                         {request: min(self.ws.block, used) for request, used in zip(live, launch.rows)},
-                        launch.timing, launch.probe, launched_at)
+                        launch.timing if timed else None, launch.probe, launched_at)
 
     def read(self, launched: Launched) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """A round's outcome for each request still there: its tokens, streamed and checked for stops."""
@@ -329,10 +365,10 @@ class Generation:
         self.stats["seconds"] = time.perf_counter() - started
 
 
-def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sampling: SamplingParams, seed: int) -> int:
+def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sampling: SamplingParams, seed: int) -> None:
     """A prompt into sequence `index`'s slot, between rounds: the prefill fills its cache, its last logits
-    choose the first new token (the first bonus, returned), and a drafting method's drafter reads the
-    prompt's features. Its sampling values and seed go where the rounds' verifies read them."""
+    choose the first new token (the first bonus, left on the device), and a drafting method's drafter reads
+    the prompt's features. Its sampling values and seed go where the rounds' verifies read them."""
     ws = stages.ws
     ws.sampling.set(sampling, index)
     ws.seed[index] = seed_key(seed) if not sampling.greedy else 0
@@ -345,7 +381,6 @@ def join(stages: Stages, index: int, ids: list[int], method: DecodingMethod, sam
     ws.bonus[index] = choose_tokens(ws.prompt_logits, ws.sampling.row(index), noise=noise)[0]
     if method.drafts:
         stages.absorb(ws.draft_attend(len(ids)), rows, index).run()
-    return int(ws.bonus[index])
 
 
 def request_seed(options: GenerationOptions) -> int | None:

@@ -136,7 +136,9 @@ class Workspace:
     def load_prompt(self, ids: list[int], index: int = 0) -> None:
         """A new prompt for sequence `index`: its ids into the prompt buffer, the committed count its length,
         nothing drafted yet."""
-        self.prompt[:len(ids)].copy_(torch.tensor(ids))
+        ids = torch.tensor(ids, dtype=self.prompt.dtype)
+        # (from pinned memory the copy queues behind the rounds in flight; from pageable memory it waits for them)
+        self.prompt[:len(ids)].copy_(ids.pin_memory() if self.device.type == "cuda" else ids, non_blocking=True)
         self.committed[index] = len(ids)
         self.pending_start[index] = 0
         self.live[index] = True
