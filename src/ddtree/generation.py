@@ -87,6 +87,12 @@ class OutcomeReader:
         read = copied([torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)], [tensor])
         return lambda: read()[0]
 
+    def host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = (self.turn, tuple(tensor.shape), tensor.dtype)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return self.buffers[key]
+
 
 def copied(copies: list[torch.Tensor], tensors) -> Callable[[], list[list]]:
     """`tensors` copied into the pinned `copies` behind the work launched so far; the returned function waits
@@ -100,12 +106,6 @@ def copied(copies: list[torch.Tensor], tensors) -> Callable[[], list[list]]:
         done.synchronize()
         return [copy.tolist() for copy in copies]
     return read
-
-    def host_buffer(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = (self.turn, tuple(tensor.shape), tensor.dtype)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return self.buffers[key]
 
 
 @dataclass(eq=False)  # (a request is itself: two asking the same are two)
