@@ -204,6 +204,12 @@ def random_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len:
 
 # ----- a drafter that knows the answer -------------------------------------------------------------
 
+def device_prefix(request) -> list[int]:
+    """A decoding request's tokens as its cache and bonus hold them at a launch: its prompt, its first token
+    (read or not yet) and the tokens read since."""
+    return list(request.ids) + (request.first() if request.first else []) + list(request.stopper.tokens)
+
+
 class Oracle:
     """Wraps the draft stage: the real drafter still runs (so its cache is exercised), then the
     target's true continuation is written into the log-probs at a chosen rank per depth.
@@ -223,9 +229,8 @@ class Oracle:
         real_draft, real_launch = Stages.run_draft, BatchRunner.launch
         oracle, current = self, {}
 
-        def launch(runner, **options):  # the requests whose round drafts next, each in its slot (a first token unread yet included)
-            current["prefixes"] = {r.index: list(r.ids) + (r.first() if r.first else []) + list(r.stopper.tokens)
-                                   for r in runner.live()}
+        def launch(runner, **options):  # the requests whose round drafts next, each in its slot
+            current["prefixes"] = {r.index: device_prefix(r) for r in runner.live()}
             return real_launch(runner, **options)
 
         def draft(stages, *args):

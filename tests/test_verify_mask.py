@@ -11,6 +11,7 @@ import torch
 from ddtree.model import causal_mask
 from ddtree.tree import DraftTree, ancestor_mask
 
+from conftest import device_prefix
 from test_tree import random_tree
 
 TAPS = (0, 2)
@@ -150,15 +151,15 @@ def test_drafted_log_probs_equal_a_fresh_drafter_pass(method, budget, make_engin
     real_draft, real_launch = Stages.run_draft, BatchRunner.launch
     checked, current = [], {}
 
-    def launch(runner):
+    def launch(runner, **options):
         current["generation"], = runner.live()  # (a request alone)
-        return real_launch(runner)
+        return real_launch(runner, **options)
 
     def draft(stages, count, attend, depth, chain, tree):
         real_draft(stages, count, attend, depth, chain, tree)
         ws, gen = stages.ws, current["generation"]
         committed = int(ws.committed[0])
-        prefix = list(gen.ids) + list(gen.stopper.tokens)
+        prefix = device_prefix(gen)
         assert len(prefix) == committed + 1 and prefix[-1] == int(ws.bonus[0])
         _, context = model(torch.tensor([prefix[:-1]]), torch.arange(committed)[None],
                            causal_mask(committed, 0, "cpu"), taps=engine.taps)
