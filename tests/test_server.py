@@ -321,6 +321,22 @@ def test_loadtest_reports_throughput_and_latency(server, engine):
     assert result["replies"] == {chat_reference(engine, PROMPTS[0], 8, budget=8).text: result["requests"]}  # its solo reply
 
 
+def test_a_failed_round_reaches_streaming_clients_and_the_loadtest_counts_it(server, monkeypatch):
+    """A round that fails after a stream began ends that stream with an error event, which the loadtest counts
+    as an error (not a reply of no text); the server answers the next request."""
+    from ddtree.generation import BatchRunner
+
+    def failing(runner, **options):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(BatchRunner, "launch", failing)
+    result = asyncio.run(run_loadtest(server.url, None, clients=2, seconds=1, prompt=PROMPTS[0], max_tokens=8, extra={}))
+    assert result["requests"] == 0 and result["errors"] >= 2 and result["statuses"] == ["error event: server_error"]
+    monkeypatch.undo()
+    result = asyncio.run(run_loadtest(server.url, None, clients=1, seconds=1, prompt=PROMPTS[0], max_tokens=8, extra={}))
+    assert result["requests"] >= 1 and result["errors"] == 0
+
+
 def test_loadtest_runs_several_client_counts(server, capsys):
     from ddtree.cli import main
 

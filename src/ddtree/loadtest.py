@@ -30,6 +30,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[len("data: "):])
+            if "error" in event:  # (a failure after the stream began: its status was already 200)
+                return {"status": f"error event: {event['error'].get('type')}"}
             content = "".join(c.get("delta", {}).get("content") or "" for c in event.get("choices", []))
             if content and first is None:
                 first = time.perf_counter()
