@@ -135,7 +135,7 @@ def test_kernel_tree_from_raw_logits_and_nans_is_still_a_tree():
     log_probs[3, :250] = float("nan")
     log_probs[5] = float("nan")
     sane = log_probs.nan_to_num(nan=float("-inf")).clamp(max=0.0)
-    for budget in (8, 33, 64, 130):
+    for budget in (8, 33, 64):  # (past 128 nodes, test_kernel_tree_equals_the_heap: a minute each here)
         tree = kernel_tree(log_probs, budget)
         assert len(tree) == tree_size(budget, 15, 500)
         check_structure(tree, sane)
