@@ -11,6 +11,7 @@ import torch
 
 from ddtree.calibration import CALIBRATION_VERSION, disturbed, time_stage, warm_up
 from ddtree.cli import main
+from ddtree import costs as costs_module
 from ddtree.costs import EXPLORED, AcceptanceModel, AutoBudget, RoundCosts, interpolate
 
 TARGET = "llama"
@@ -18,6 +19,12 @@ TARGET = "llama"
 
 def chooser(costs: RoundCosts) -> AutoBudget:
     return AutoBudget(costs, AcceptanceModel(costs.sizes, torch.device("cpu")))
+
+
+@pytest.fixture
+def unsmoothed(monkeypatch):
+    """Each probe alone decides (tests of what the choice weighs, not of its averaging over probes)."""
+    monkeypatch.setattr(costs_module, "YIELD_SMOOTHING", 1.0)
 
 
 def synthetic(round_ms: dict[int, float], fixed_ms: float = 10.0, probe_ms: float = 1.0, tree_ms: float = 0.5) -> RoundCosts:
@@ -36,9 +43,9 @@ CURVES = [
 
 @pytest.mark.parametrize("curve", CURVES)
 def test_choice_is_the_true_maximum_of_yield_per_second(curve):
-    auto = chooser(synthetic(curve))
-    sizes = auto.costs.sizes
     for yields in ([1.5, 1.9, 2.2, 2.4, 2.5], [2.9, 3.6, 4.4, 5.0, 5.3], [1.01, 1.02, 1.03, 1.04, 1.05]):
+        auto = chooser(synthetic(curve))  # (a first probe: nothing to average with)
+        sizes = auto.costs.sizes
         best = max(sizes, key=lambda s: yields[sizes.index(s)] / (0.010 + curve[s] / 1000))
         assert auto.choose(yields, 500, probed=63) == best
         # a probe at a smaller size saw only the sizes up to its own
@@ -46,12 +53,12 @@ def test_choice_is_the_true_maximum_of_yield_per_second(curve):
         assert auto.choose(yields, 500, probed=15) == max(seen, key=lambda s: yields[sizes.index(s)] / (0.010 + curve[s] / 1000))
 
 
-def test_probes_start_at_the_largest_then_look_one_size_above_the_choice():
-    auto = chooser(synthetic({3: 5, 7: 6, 15: 8, 31: 14}, fixed_ms=5, probe_ms=0.6, tree_ms=0.5))
+def test_probes_start_at_the_largest_then_look_one_size_above_the_choice(unsmoothed):
+    auto = chooser(synthetic({3: 5, 7: 6, 15: 8, 31: 14}, fixed_ms=5, probe_ms=0.55, tree_ms=0.5))
     assert auto.probe_size() == 31
     assert auto.choose([2.0, 2.5, 2.6, 2.7], 500, probed=31) == 7  # 2.5 tokens / 11 ms
     probes = [auto.probe_size() for _ in range(12)]
-    # a probe's extra is 0.1 ms, 1% of an 11 ms round is 0.11 ms: a probe every round, at 15 nodes
+    # a probe's extra is 0.05 ms, half a percent of an 11 ms round is 0.055 ms: a probe every round, at 15 nodes
     assert probes[0] == 15
     assert auto.choose([2.0, 2.5, 3.3, 2.7], 500, probed=15) == 15
     assert auto.probe_size() == 31
@@ -62,7 +69,7 @@ def test_probes_start_at_the_largest_then_look_one_size_above_the_choice():
 def test_the_round_after_a_probe_does_not_probe_again_before_the_probe_is_read():
     """A probe's values reach the host with its round's outcome, after the next round was launched: that
     round does not probe; a probe never read (its round abandoned) holds back one round only."""
-    auto = chooser(synthetic({3: 5, 7: 6, 15: 8, 31: 14}, fixed_ms=5, probe_ms=0.6, tree_ms=0.5))
+    auto = chooser(synthetic({3: 5, 7: 6, 15: 8, 31: 14}, fixed_ms=5, probe_ms=0.55, tree_ms=0.5))
     assert auto.probe_size() == 31 and auto.choose([2.0, 2.5, 2.6, 2.7], 500, probed=31) == 7  # a probe every round
     assert auto.probe_size() == 15
     assert auto.probe_size() is None  # launched before the probe's round was read
@@ -72,8 +79,8 @@ def test_the_round_after_a_probe_does_not_probe_again_before_the_probe_is_read()
     assert auto.probe_size() == 15  # ... and not waited for
 
 
-@pytest.mark.parametrize("probe_ms, every", [(0.6, 1), (0.8, 3), (1.5, 10), (100.0, 32)])
-def test_probes_come_as_often_as_one_percent_of_the_time_allows(probe_ms, every):
+@pytest.mark.parametrize("probe_ms, every", [(0.54, 1), (0.58, 2), (0.77, 6), (1.43, 19), (100.0, 32)])
+def test_probes_come_as_often_as_half_a_percent_of_the_time_allows(probe_ms, every):
     auto = chooser(synthetic({3: 5, 7: 6}, fixed_ms=5, probe_ms=probe_ms, tree_ms=0.5))
     probes = []
     for _ in range(3 * every + 1):
@@ -84,7 +91,7 @@ def test_probes_come_as_often_as_one_percent_of_the_time_allows(probe_ms, every)
     assert probes[0] == 7 and set(probes) <= {7, None}
 
 
-def test_expected_yields_learn_what_is_really_accepted():
+def test_expected_yields_learn_what_is_really_accepted(unsmoothed):
     """Nodes the drafter gives 0.9 are accepted half the time here: the calibrated yield follows, and
     a size chosen on the drafter's word alone stops paying."""
     auto = chooser(synthetic({3: 5, 7: 18}))
@@ -99,6 +106,20 @@ def test_expected_yields_learn_what_is_really_accepted():
     assert auto.choose(after.tolist(), 500, probed=7) == 3  # 2.5 tokens / 15 ms beats 4.5 / 28 ms
     lower = auto.acceptance.expected_yields(torch.full((7,), math.log(0.1)))  # another bin keeps its prior
     assert lower.tolist() == pytest.approx([1 + 3 * 0.1, 1 + 7 * 0.1], rel=0.15)
+
+
+def test_one_probe_moves_the_choice_only_part_of_the_way():
+    """Each size's expected tokens (over the smallest size's) are averaged over probes: one probe favouring a
+    larger tree moves the choice a step, a few in a row move it all the way; a batch's probe, summed over
+    eight sequences, chooses as one sequence's would."""
+    one, eight = chooser(synthetic({7: 5, 15: 6, 31: 8})), chooser(synthetic({7: 5, 15: 6, 31: 8}))  # 15, 16, 18 ms
+    choices = []
+    for yields in ([2.0, 2.1, 2.2], *[[2.0, 2.6, 3.2]] * 4):  # 31 nodes pay from the second probe on
+        choices.append(one.choose(yields, 500, probed=31))
+        assert eight.choose([8 * y for y in yields], 500, probed=31) == choices[-1]
+    assert choices == [7, 15, 31, 31, 31]
+    assert one.choose([0.0, 0.0, 0.0], 500, probed=31) == 31  # a batch's probe that no sequence took part in
+    assert chooser(synthetic({7: 5, 15: 6, 31: 8})).choose([0.0, 0.0, 0.0], 500, probed=31) == 7
 
 
 def test_measured_round_times_correct_the_calibration():

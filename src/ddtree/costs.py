@@ -13,12 +13,14 @@ the current choice, which shows whether to grow by a step or to shrink to any sm
 round still verifies the current choice, and its expected tokens reach the host with the round's
 outcome, so the choice is made without stalling the device (only the very first round waits for it).
 A probe costs little more than the round it replaces, so probes come often (as often as keeps their
-extra cost to 1% of the decoding time), and between probes rounds build and verify the size chosen.
+extra cost to half a percent of the decoding time), and between probes rounds build and verify the size
+chosen. One probe's tree is a noisy sample of the rounds after it, so each size's expected tokens are
+averaged over probes (the choice then follows the text's drift without jumping at every probe).
 
 Costs come from a calibration stored per device and model pair: each stage of a round timed at a
 few context lengths, every candidate size measured (the sizes are graph shapes and the cost is a
-step function of n: measured, not fitted). Decoding then corrects each size's cost by the wall time
-its rounds really take (the calibration times stages alone, on a quiet machine), and the sizes beside
+step function of n: measured, not fitted). Decoding then corrects each size's cost by the time
+its rounds really take on the device (the calibration times stages alone, on a quiet machine), and the sizes beside
 the choice each verify a few rounds, so that a size calibrated too dear is measured rather than never run.
 """
 
@@ -107,7 +109,7 @@ def costs_table(costs: RoundCosts) -> str:
 
 # ----- choosing ---------------------------------------------------------------------------------------
 
-PROBE_SHARE = 0.01  # the most of the decoding time that probe rounds may add
+PROBE_SHARE = 0.005  # the most of the decoding time that probe rounds may add
 MAX_PROBE_INTERVAL = 32
 # Path log-probability bins over which the acceptance of drafted nodes is learned (a quarter nat each).
 SCORE_EDGES = tuple(x / 4 for x in range(-48, 1))
@@ -115,6 +117,9 @@ PRIOR_NODES = 4.0  # each bin starts as if this many nodes had been accepted at 
 DECAY = 0.99  # per round: what was learned 100 rounds ago weighs a third as much
 CORRECTION_RATE = 0.1  # how far one measured round moves its size's cost correction (the mean of fewer rounds)
 EXPLORED = 3  # rounds each size beside the choice verifies, so that its cost is measured, not assumed
+# How far one probe moves each size's expected tokens (over the smallest size's): one round's tree is a noisy
+# sample of the rounds that follow it
+YIELD_SMOOTHING = 0.3
 OUTLIER = 3.0  # a round this many times its predicted cost (a graph capture, a pause) is not learned from
 
 
@@ -174,7 +179,7 @@ class AcceptanceModel:
 class AutoBudget:
     """Chooses the tree size on probe rounds, from the expected tokens the acceptance model gives each
     candidate size over what a round of that size costs here, and corrects each size's cost by the
-    wall time its rounds really take."""
+    time its rounds really take."""
 
     def __init__(self, costs: RoundCosts, acceptance: AcceptanceModel):
         if costs.sizes != acceptance.sizes:
@@ -186,6 +191,7 @@ class AutoBudget:
         # measured ÷ calibrated round time per size, learned from the rounds run, and how many rounds that is
         self.correction = dict.fromkeys(costs.sizes, 1.0)
         self.runs = dict.fromkeys(costs.sizes, 0)
+        self.expected: list[float | None] = [None] * len(costs.sizes)  # per size, as probes saw it (smoothed)
         self.trying: int | None = None  # a neighbour of the choice, to verify for one round and time
 
     @property
@@ -209,10 +215,14 @@ class AutoBudget:
 
     def choose(self, yields: list[float], context: int, probed: int) -> int:
         """The size maximising expected tokens per second among those a probe at `probed` nodes saw;
-        `yields[k]` is the expected tokens at sizes[k]."""
+        `yields[k]` is the expected tokens at sizes[k]. Each size's tokens count relative to the smallest
+        size's (a batch's probes sum over however many sequences take part), averaged over probes."""
         self.unread = False
         seen = [k for k, size in enumerate(self.costs.sizes) if size <= probed]
-        best = max(seen, key=lambda k: yields[k] / self.round_cost(self.costs.sizes[k], context))
+        for k in seen if yields[0] > 0 else []:  # (a probe no sequence took part in teaches nothing)
+            ratio, before = yields[k] / yields[0], self.expected[k]
+            self.expected[k] = ratio if before is None else before + YIELD_SMOOTHING * (ratio - before)
+        best = max(seen, key=lambda k: (self.expected[k] or 1.0) / self.round_cost(self.costs.sizes[k], context))
         self.current = self.costs.sizes[best]
         self.trying = next((self.costs.sizes[k] for k in (best - 1, best + 1)
                             if k in seen and self.runs[self.costs.sizes[k]] < EXPLORED), None)
@@ -237,9 +247,9 @@ class AutoBudget:
         return self.costs.predict(size, context) * self.correction[size]
 
     def observe(self, size: int, context: int, seconds: float, probed: int | None) -> None:
-        """A finished round's wall time (its host read waited for the device) corrects its size's cost:
-        the calibration can be off for the real decoding's cache state, load or context, on the CPU by
-        a fifth. A probe round is compared with its prediction plus the probe's extra."""
+        """A finished round's time (on the device, from its first kernel to its outcome's copy) corrects its
+        size's cost: the calibration can be off for the real decoding's cache state, load or context, on
+        the CPU by a fifth. A probe round is compared with its prediction plus the probe's extra."""
         predicted = self.costs.predict(size, context)
         if probed is not None:
             predicted += self.costs.probe_extra(probed, size, context)

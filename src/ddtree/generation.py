@@ -39,13 +39,25 @@ class StageClock:
         self.marks: list[tuple[str, object]] = []
         self.mark("start")
 
-    def mark(self, stage: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((stage, event))
-        else:
-            self.marks.append((stage, time.perf_counter()))
+    def mark(self, stage: str) -> object:
+        """Marks the end of `stage` (and the start of what follows); returns the mark, for `seconds`."""
+        self.marks.append((stage, self.stamp()))
+        return self.marks[-1][1]
+
+    def stamp(self) -> object:
+        """Now on the device: an event recorded on the stream (CUDA), else the wall clock."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        """The device's time from stamp `start` to stamp `end` (waits for `end`)."""
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
 
     def totals(self) -> dict[str, float]:
         seconds = dict.fromkeys(STAGES, 0.0)
@@ -140,12 +152,14 @@ class BatchRequest:
 @dataclass
 class Launched:
     """A round on its way: how to read its outcome (and auto's probe values), each request in it with the
-    most tokens it can add, what auto learns from its time, and its probe."""
+    most tokens it can add, what auto learns from its time (stamps at its start and end on the device: a
+    prefill queued before it, or the host's pace, do not count), and its probe."""
     read: Callable[[], list[list]]
     members: dict[BatchRequest, int]
     timing: Timing | None
     probe: Probe | None
-    launched_at: float
+    started: object
+    ended: object
 
 
 class BatchRunner:
@@ -174,7 +188,6 @@ class BatchRunner:
         self.run_ahead = engine.run_ahead
         self.reader = OutcomeReader(self.ws.device)
         self.clock = StageClock(self.ws.device)
-        self.read_at = time.perf_counter()
         engine.tickets += 1
         self.ticket = self.ws.owner = engine.tickets
         for index in range(slots):  # (a runner before this one may have left its slots marked live)
@@ -220,7 +233,7 @@ class BatchRunner:
         with torch.inference_mode():
             if not self.owns:
                 raise DDTreeError("another generation started on this engine; finish one stream before the next")
-            joined = self.admit()
+            self.admit()
             launched = None
             if any(self.slots) and (self.pending is None or self.may_run_ahead()):
                 if self.pending is None:  # counts are exact: who has no room left for a round finishes
@@ -230,19 +243,17 @@ class BatchRunner:
                             if not request.left:
                                 yield from self.emit(request, request.stopper.finish("length"))
                 if any(self.slots):
-                    launched = self.launch(timed=not joined)
+                    launched = self.launch()
             for request in self.live():  # (after the launch: the device runs the round while the host waits here)
                 yield from self.greet(request)
             if self.pending is not None:
                 yield from self.read(self.pending)
             self.pending = launched
 
-    def admit(self) -> int:
+    def admit(self) -> None:
         """Waiting requests into free slots (the lowest first, which keeps rounds' batches small). A round in
         flight still computes for a slot it found free; the prefill runs after it on the device, and its
-        first token is read after the next launch (`greet`), so the device never waits for the host here.
-        Returns how many joined."""
-        joined = 0
+        first token is read after the next launch (`greet`), so the device never waits for the host here."""
         while self.waiting and None in self.slots:
             request = self.waiting.popleft()
             request.index = self.slots.index(None)
@@ -254,8 +265,6 @@ class BatchRunner:
             self.clock.mark("prefill")
             request.committed = len(request.ids)
             request.first = self.reader.alone(self.ws.bonus[request.index:request.index + 1])
-            joined += 1
-        return joined
 
     def greet(self, request: BatchRequest) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """A joined request's first token, once (a round launched with it before then computed past its end
@@ -278,27 +287,24 @@ class BatchRunner:
             and request.committed + self.unread(request) + request.method.block + 2 <= self.ws.context_limit
             for request in self.live())
 
-    def launch(self, timed: bool = True) -> Launched:
-        """Starts one round over every live request; `timed`: its wall time is the round's alone (no prefill
-        queued before it), so auto may learn from it."""
+    def launch(self) -> Launched:
+        """Starts one round over every live request."""
         live = self.live()
         count = batch_size(max(request.index for request in live) + 1, len(self.slots))
-        self.clock.mark("round")
-        launched_at = time.perf_counter()
+        started = self.clock.mark("round")
         members = [Member(r.index, r.method, r.committed + self.unread(r)) for r in live]
         launch = run_round(self.stages, count, members, self.clock)
         self.rounds += 1
         probed = [launch.probe.values] if launch.probe is not None else []
-        return Launched(self.reader.after(launch.tree.out[:count], *probed),
-                        {request: min(self.ws.block, used) for request, used in zip(live, launch.rows)},
-                        launch.timing if timed else None, launch.probe, launched_at)
+        read = self.reader.after(launch.tree.out[:count], *probed)
+        return Launched(read, {request: min(self.ws.block, used) for request, used in zip(live, launch.rows)},
+                        launch.timing, launch.probe, started, self.clock.stamp())
 
     def read(self, launched: Launched) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         """A round's outcome for each request still there: its tokens, streamed and checked for stops."""
         outcomes, *probed = launched.read()
-        now = time.perf_counter()
-        if launched.timing is not None:  # (the device ran it from its launch, or from the last read if later)
-            launched.timing.observe(now - max(self.read_at, launched.launched_at))
+        if launched.timing is not None:
+            launched.timing.observe(self.clock.seconds(launched.started, launched.ended))
         if launched.probe is not None:
             launched.probe.choose(probed[0])
         for request in launched.members:
@@ -309,7 +315,6 @@ class BatchRunner:
             chunk = request.stopper.push(tokens[:added])
             chunk.acceptance_length = len(chunk.token_ids)
             yield from self.emit(request, chunk)
-        self.read_at = now
 
     def emit(self, request: BatchRequest, chunk: StreamChunk) -> Iterator[tuple[BatchRequest, StreamChunk]]:
         request.chunks.append(chunk)

@@ -198,7 +198,7 @@ class AutoTree(DecodingMethod):
 
 @dataclass
 class Built:
-    """A method's trees of a round: each member's rows (the most it may verify), what the round's wall time
+    """A method's trees of a round: each member's rows (the most it may verify), what the round's time
     teaches (auto), the rows the verify packs the trees' used rows into (a shared budget), if it packs, and
     auto's probe, if the round probed."""
     rows: list[int]
@@ -235,7 +235,7 @@ class Probe:
 
 @dataclass
 class Timing:
-    """What a round's wall time teaches auto: its chooser (of the round's batch size), the size the round
+    """What a round's time teaches auto: its chooser (of the round's batch size), the size the round
     verified, the context it ran at, and the size it probed at, if it probed."""
     auto: AutoBudget
     size: int
